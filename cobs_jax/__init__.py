@@ -1,0 +1,52 @@
+"""cobs_jax: one-shot second-order pruning (Combinatorial Brain Surgeon) for JAX and Flax.
+
+The public API is flat: ``cobs_jax.prune`` does everything in one call; the stages
+(``make_layout``, ``per_example_grads``, ``Fisher``, the selectors, ``cbs_update``/``obs_update``,
+``apply_masks``) are exposed for users who compose their own pipeline.
+"""
+
+from ._cbs import CBS as CBS
+from ._cbs import rmp_mask as rmp_mask
+from ._fisher import Fisher as Fisher
+from ._fisher import per_example_grads as per_example_grads
+from ._layout import Layout as Layout
+from ._layout import default_prunable as default_prunable
+from ._layout import make_layout as make_layout
+from ._masks import apply_masks as apply_masks
+from ._masks import sparsity_of as sparsity_of
+from ._prune import METHODS as METHODS
+from ._prune import PruneResult as PruneResult
+from ._prune import make_selector as make_selector
+from ._prune import prune as prune
+from ._selectors import LayerMagnitude as LayerMagnitude
+from ._selectors import Magnitude as Magnitude
+from ._selectors import Problem as Problem
+from ._selectors import WoodFisher as WoodFisher
+from ._selectors import smallest_k as smallest_k
+from ._update import cbs_update as cbs_update
+from ._update import obs_update as obs_update
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CBS",
+    "Fisher",
+    "LayerMagnitude",
+    "Layout",
+    "METHODS",
+    "Magnitude",
+    "Problem",
+    "PruneResult",
+    "WoodFisher",
+    "apply_masks",
+    "cbs_update",
+    "default_prunable",
+    "make_layout",
+    "make_selector",
+    "obs_update",
+    "per_example_grads",
+    "prune",
+    "rmp_mask",
+    "smallest_k",
+    "sparsity_of",
+]
