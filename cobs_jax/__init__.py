@@ -16,6 +16,7 @@ from ._masks import apply_masks as apply_masks
 from ._masks import sparsity_of as sparsity_of
 from ._prune import METHODS as METHODS
 from ._prune import PruneResult as PruneResult
+from ._prune import apply_update as apply_update
 from ._prune import make_selector as make_selector
 from ._prune import prune as prune
 from ._selectors import LayerMagnitude as LayerMagnitude
@@ -39,6 +40,7 @@ __all__ = [
     "PruneResult",
     "WoodFisher",
     "apply_masks",
+    "apply_update",
     "cbs_update",
     "default_prunable",
     "make_layout",

@@ -27,7 +27,18 @@ import numpy as np
 
 from ._selectors import Problem, smallest_k
 
-__all__ = ["CBS", "rmp_mask"]
+__all__ = ["CBS", "alpha_beta", "rmp_mask"]
+
+
+def alpha_beta(fisher, w: jax.Array, pruned: jax.Array):
+    """alpha (meaningful on P), beta (on the complement) and ``u = G_P w_P`` per block.
+
+    Paper App. B, eqs. (13)-(14) for symmetric F = G^T G / N (block-diagonal), in O(N D).
+    """
+    u = fisher.project(jnp.where(pruned, w, 0.0))  # (num_blocks, N)
+    c = fisher.back_project(u) / fisher.num_rows
+    d = fisher.diag()
+    return 2 * w * c - w * w * d, 2 * w * c + w * w * d, u
 
 
 def _num_buckets(d: int, num_buckets: Optional[int]) -> int:
@@ -47,8 +58,8 @@ def rmp_mask(absw: jax.Array, k, key: jax.Array, num_buckets: int) -> jax.Array:
     bucket = (jnp.arange(d) * num_buckets) // d  # bucket of each permuted position
     mags = absw[perm]
     order = jnp.lexsort((-mags, bucket))  # by bucket, then by descending magnitude
-    sizes = jnp.bincount(bucket, length=num_buckets)
-    starts = jnp.cumsum(sizes) - sizes
+    sizes = jnp.bincount(bucket, length=num_buckets).astype(jnp.int32)
+    starts = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
     rank = jnp.zeros(d, jnp.int32).at[order].set(jnp.arange(d, dtype=jnp.int32) - starts[bucket[order]])
     quantile = (rank + 0.5) / sizes[bucket]
     pruned_perm = smallest_k(-quantile, k)
@@ -68,6 +79,12 @@ class CBS:
       max_steps: maximum local-search passes (the paper's steps_max).
       noimp_max: stop after this many passes without a lower true loss.
       local_search: run Algorithm 1 after RMP (False gives RMP alone).
+      first_pair_stop: end the search when the best-ranked pair (pi_1, theta_1) fails to improve
+        by epsilon (Algorithm 1, line 8). The paper does this; it often stops the search while
+        improving swaps exist further down the window, so it is off by default: a pass then ends
+        only after ``tau`` failures, and the search when a pass makes no swap. On enumerable
+        random problems this raises the share of exact optima found from 40 % to 60 %
+        (``tests/test_cbs.py::test_cbs_vs_brute_force_on_enumerable_problems``).
 
     The paper's defaults (section 7.1): epsilon 1e-4, rho 10, tau 20, steps_max 50, noimp_max 5,
     S = 50. The window follows the paper (2 rho + 1 candidates); cbs.md 2.4 lists the code's
@@ -82,6 +99,7 @@ class CBS:
     max_steps: int = 50
     noimp_max: int = 5
     local_search: bool = True
+    first_pair_stop: bool = False
 
     def __post_init__(self):
         for name, lo in (("num_trials", 1), ("rho", 1), ("tau", 1), ("max_steps", 0), ("noimp_max", 0)):
@@ -116,13 +134,13 @@ class CBS:
         return trial(best)[0], losses
 
     # ---- Algorithm 1, one pass ------------------------------------------------------------------
-    def ls_pass(self, fisher, gt, w, d, pruned, k):
+    def ls_pass(self, fisher, gt, w, pruned, k):
         """One pass of Algorithm 1 from ``pruned``.
 
         Args:
           fisher: the Fisher (its blocks give the block structure of F; damping is not used).
           gt: G^T, (D, N) so that a column of G is a contiguous row.
-          w, d: (D,) weights and the diagonal of F.
+          w: (D,) weights.
           pruned: (D,) bool current P with k entries.
         Returns:
           (new_pruned, num_swaps, total_delta, stop) where stop says the first pair did not
@@ -130,16 +148,16 @@ class CBS:
         """
         dim, n = w.shape[0], fisher.num_rows
         blk = jnp.asarray(fisher.block_ids())
-        u = fisher.project(jnp.where(pruned, w, 0.0))  # (num_blocks, N)
-        c = fisher.back_project(u) / n
-        alpha, beta = 2 * w * c - w * w * d, 2 * w * c + w * w * d
+        alpha, beta, u = alpha_beta(fisher, w, pruned)
         pi = jnp.argsort(jnp.where(pruned, -alpha, jnp.inf), stable=True)  # P by alpha desc
         i1 = pi[0]
         gam1 = 2 * w[i1] * w * (gt @ gt[i1]) / n * (blk == blk[i1])
         theta = jnp.argsort(jnp.where(pruned, jnp.inf, beta - gam1), stable=True)  # P-bar asc
         n_rem = dim - k
         first = beta[theta[0]] - gam1[theta[0]] - alpha[i1]
-        stop0 = (first > -self.epsilon) | (k == 0) | (n_rem == 0)
+        stop0 = jnp.logical_or(k == 0, n_rem == 0)
+        if self.first_pair_stop:
+            stop0 = stop0 | (first > -self.epsilon)
         offs = jnp.arange(-self.rho, self.rho + 1)
 
         def cond(s):
@@ -193,7 +211,6 @@ class CBS:
         """Passes of Algorithm 1, returning the lowest-true-loss set seen (the start included)."""
         fisher, w = problem.fisher, problem.w
         gt = fisher.grads.T
-        d = fisher.diag()
         steps = self.max_steps
 
         def objective(pruned):
@@ -217,7 +234,7 @@ class CBS:
         def body(st):
             s, pruned, best, best_loss, s_imp, _, (h_obj, h_loss, h_sw) = st
             s = s + 1
-            new, swaps, _, stop = self.ls_pass(fisher, gt, w, d, pruned, k)
+            new, swaps, _, stop = self.ls_pass(fisher, gt, w, pruned, k)
             new_loss = jax.lax.cond(stop, lambda: jnp.asarray(jnp.inf, w.dtype), lambda: loss(new))
             better = ~stop & (new_loss < best_loss)
             h_obj = h_obj.at[s].set(jnp.where(stop, jnp.nan, objective(new)))

@@ -32,7 +32,7 @@ from ._layout import BlockSpec, Layout, Prunable, PyTree, make_layout
 from ._selectors import LayerMagnitude, Magnitude, Problem, WoodFisher
 from ._update import cbs_update, obs_update
 
-__all__ = ["prune", "PruneResult", "make_selector", "METHODS", "UPDATES"]
+__all__ = ["prune", "apply_update", "PruneResult", "make_selector", "METHODS", "UPDATES"]
 
 METHODS = {
     "magnitude": Magnitude,
@@ -242,3 +242,41 @@ def prune(
             + ", ".join(f"{name} {t:.3f}s" for name, t in timings.items())
         )
     return PruneResult(new_params, layout.to_masks(jnp.asarray(keep)), info)
+
+
+def apply_update(
+    params: PyTree,
+    masks: PyTree,
+    grads: jax.Array,
+    *,
+    update: str = "cbs",
+    damping: float = 1e-3,
+    blocks: BlockSpec = "model",
+    prunable: Prunable = None,
+    update_scale: float = 1.0,
+) -> PyTree:
+    """Apply a compensating update for a given keep-mask (e.g. MP + CBS-U, cbs.md Table 5).
+
+    Args:
+      params: the dense params.
+      masks: bool keep-mask pytree (True = kept) with the params' structure.
+      grads: (N, D) rows from :func:`cobs_jax.per_example_grads` for the same ``prunable`` choice.
+      update: ``"cbs"`` or ``"obs"``; damping, blocks, update_scale: as in :func:`prune`.
+
+    Returns:
+      params with masked weights exactly zero and the others updated.
+    """
+    if update not in ("cbs", "obs"):
+        raise ValueError(f"`update` must be 'cbs' or 'obs', got {update!r}")
+    if not (float(damping) > 0 and np.isfinite(damping)):
+        raise ValueError(f"`damping` must be a finite number > 0, got {damping!r}")
+    layout = make_layout(params, prunable)
+    pruned = ~layout.from_masks(masks)
+    grads = jnp.asarray(grads)
+    if grads.ndim != 2 or grads.shape[1] != layout.size:
+        raise ValueError(f"`grads` must have shape (N, {layout.size}), got {grads.shape}")
+    out, _ = _apply_update(
+        update, layout, None, layout.blocks(blocks), params, pruned, grads,
+        jnp.asarray(damping, layout.dtype), None, jnp.asarray(update_scale, layout.dtype),
+    )
+    return out

@@ -1,0 +1,167 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cobs_jax
+from cobs_jax._cbs import alpha_beta
+from helpers import brute_force_best, dense_f, random_fisher, selection_objective
+
+
+@functools.partial(jax.jit, static_argnames=("selector", "blocks"))
+def _run(selector, blocks, w, g, k, key):
+    """CBS on an exactly quadratic loss: loss(w') = 1/2 (w' - w)^T F (w' - w) (undamped F)."""
+    fisher = cobs_jax.Fisher(g, jnp.asarray(1e-3, g.dtype), blocks)
+    loss = lambda wn: 0.5 * fisher.quadratic(wn - w)
+    problem = cobs_jax.Problem(w, fisher, blocks, loss)
+    start, _ = selector.rmp(problem, k, key)
+    pruned, stats = selector.select(problem, k, key)
+    return start, pruned, stats
+
+
+def test_alpha_beta_match_paper_definitions():
+    w, fisher = random_fisher(d=12, n=5, blocks=((0, 5), (5, 12)), seed=4)
+    w = np.asarray(w)
+    pruned = np.arange(12) % 2 == 0
+    a_mat = w[:, None] * dense_f(fisher, damped=False) * w[None, :]  # A_km = w_k F_km w_m
+    alpha, beta, _ = alpha_beta(fisher, jnp.asarray(w), jnp.asarray(pruned))
+    p = np.flatnonzero(pruned)
+    for i in range(12):
+        others = p[p != i]
+        expected = a_mat[i, i] + np.sum(a_mat[i, others] + a_mat[others, i])
+        got = alpha[i] if pruned[i] else beta[i]
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("blocks", [((0, 40),), ((0, 15), (15, 40))])
+def test_incremental_pass_equals_dense_recomputation(blocks):
+    sel = cobs_jax.CBS(epsilon=1e-6, rho=3, tau=5)
+    w, fisher = random_fisher(d=40, n=8, blocks=blocks, seed=5)
+    f = dense_f(fisher, damped=False)
+    gt = fisher.grads.T
+    pass_fn = jax.jit(lambda p: sel.ls_pass(fisher, gt, w, p, 20))
+    pruned = cobs_jax.smallest_k(jnp.abs(w), 20)
+    swaps_seen = 0
+    for _ in range(10):
+        new, swaps, total, stop = pass_fn(pruned)
+        old_obj = selection_objective(f, np.asarray(w), np.asarray(pruned))
+        new_obj = selection_objective(f, np.asarray(w), np.asarray(new))
+        assert int(np.sum(new)) == 20
+        np.testing.assert_allclose(new_obj - old_obj, total, rtol=1e-9, atol=1e-12)
+        assert new_obj <= old_obj - int(swaps) * 1e-6 + 1e-12
+        swaps_seen += int(swaps)
+        if stop:
+            break
+        pruned = new
+    assert swaps_seen > 0
+
+
+@pytest.mark.parametrize("first_pair_stop,min_fraction", [(False, 0.5), (True, 0.3)])
+def test_cbs_vs_brute_force_on_enumerable_problems(first_pair_stop, min_fraction):
+    sel = cobs_jax.CBS(num_trials=8, epsilon=1e-9, first_pair_stop=first_pair_stop)
+    optimal, total = 0, 0
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        d = int(rng.integers(12, 17))
+        n = int(rng.integers(3, 9))
+        k = int(rng.integers(3, d - 2))
+        w, fisher = random_fisher(d=d, n=n, seed=100 + trial)
+        # zero rows pad G to 8 rows (rank n) so that only d changes the compiled shapes
+        g = jnp.zeros((8, d)).at[:n].set(fisher.grads)
+        fisher = cobs_jax.Fisher(g, fisher.damping, fisher.blocks)
+        f = dense_f(fisher, damped=False)
+        blocks = ((0, d),)
+        start, pruned, stats = _run(sel, blocks, w, fisher.grads, k, jax.random.key(trial))
+        start, pruned = np.asarray(start), np.asarray(pruned)
+        assert pruned.sum() == k
+        obj_start = selection_objective(f, np.asarray(w), start)
+        obj = selection_objective(f, np.asarray(w), pruned)
+        assert obj <= obj_start + 1e-12  # the loss is the objective / 2 here: never worse than start
+        objs = np.asarray(stats["ls_objective"])
+        objs = objs[~np.isnan(objs)]
+        assert np.all(np.diff(objs) <= 1e-12)  # no pass raises the objective
+        best, _ = brute_force_best(f, np.asarray(w), k)
+        assert obj >= best - 1e-9
+        optimal += obj <= best + 1e-9 * max(1.0, abs(best))
+        total += 1
+    fraction = optimal / total
+    print(f"CBS (first_pair_stop={first_pair_stop}) found the exact optimum in {optimal}/{total} = {fraction:.0%}")
+    assert fraction >= min_fraction
+
+
+def test_cancelling_pair_removed_together():
+    # Weights 0 and 1 have identical gradient columns and opposite signs: pruning both costs
+    # nothing, while magnitude pruning removes the two smallest weights (2 and 3). The loss is
+    # sensitive to weights 2..7 (large gradients), so swapping 0 and 1 in improves at each step.
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(10, 8))
+    g[:, 1] = g[:, 0]
+    g[:, 2:] *= 5.0
+    w = jnp.array([1.0, -1.0, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9])
+    g = jnp.asarray(g)
+    mag = np.asarray(cobs_jax.smallest_k(jnp.abs(w), 2))
+    assert mag[[2, 3]].all()
+    _, pruned, _ = _run(cobs_jax.CBS(num_trials=1), ((0, 8),), w, g, 2, jax.random.key(0))
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(pruned)), [0, 1])
+
+
+def test_layer_blocks_equal_full_on_block_diagonal_problem():
+    rng = np.random.default_rng(1)
+    g = np.zeros((12, 30))
+    g[:6, :14] = rng.normal(size=(6, 14))
+    g[6:, 14:] = rng.normal(size=(6, 16))
+    w = jnp.asarray(rng.normal(size=30))
+    sel = cobs_jax.CBS(num_trials=5)
+    key = jax.random.key(3)
+    _, full, s_full = _run(sel, ((0, 30),), w, jnp.asarray(g), 15, key)
+    _, blk, s_blk = _run(sel, ((0, 14), (14, 30)), w, jnp.asarray(g), 15, key)
+    np.testing.assert_array_equal(full, blk)
+    np.testing.assert_allclose(s_full["ls_objective"], s_blk["ls_objective"], rtol=1e-10)
+
+
+def test_rmp_mask_exact_count_and_per_bucket_proportion():
+    d, b, k = 1000, 31, 700
+    absw = jnp.abs(jax.random.normal(jax.random.key(0), (d,)))
+    key = jax.random.key(7)
+    pruned = np.asarray(cobs_jax.rmp_mask(absw, k, key, b))
+    assert pruned.sum() == k
+    perm = np.asarray(jax.random.permutation(key, d))
+    bucket = np.arange(d) * b // d
+    mags = np.asarray(absw)[perm]
+    for j in range(b):
+        idx = perm[bucket == j]
+        n_pruned = pruned[idx].sum()
+        assert abs(n_pruned - k / d * len(idx)) <= 1
+        # within a bucket, pruned weights are the smallest
+        if 0 < n_pruned < len(idx):
+            assert np.abs(mags[bucket == j][pruned[idx]]).max() <= mags[bucket == j][~pruned[idx]].min()
+
+
+def test_single_trial_without_search_is_magnitude_and_deterministic():
+    w, fisher = random_fisher(d=40, n=6, seed=2)
+    blocks = ((0, 40),)
+    _, pruned, _ = _run(cobs_jax.CBS(num_trials=1, local_search=False), blocks, w, fisher.grads, 25, jax.random.key(0))
+    np.testing.assert_array_equal(pruned, cobs_jax.smallest_k(jnp.abs(w), 25))
+    sel = cobs_jax.CBS(num_trials=6)
+    a = _run(sel, blocks, w, fisher.grads, 25, jax.random.key(1))
+    b = _run(sel, blocks, w, fisher.grads, 25, jax.random.key(1))
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[2]["rmp_losses"], b[2]["rmp_losses"])
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"rho": 0}, "rho"),
+        ({"tau": 0}, "tau"),
+        ({"epsilon": -1.0}, "epsilon"),
+        ({"num_trials": 0}, "num_trials"),
+        ({"num_buckets": 0}, "num_buckets"),
+        ({"max_steps": -1}, "max_steps"),
+    ],
+)
+def test_bad_options(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        cobs_jax.CBS(**kwargs)
