@@ -64,24 +64,26 @@ def main(argv=None):
         lambda: cobs_jax.per_example_grads(loss_fn, params, fisher_batch, layout), args.repeats
     )
 
-    def problem(g):
+    # everything is an argument of the jitted functions (closed-over arrays would be constant-folded)
+    def problem(g, w, params, lb):
         fisher = cobs_jax.Fisher(g, jnp.asarray(1e-3, g.dtype), blocks)
-        loss = lambda wv: loss_fn(layout.unravel(wv, params), loss_batch)
+        loss = lambda wv: loss_fn(layout.unravel(wv, params), lb)
         return cobs_jax.Problem(w, fisher, layout.layer_ranges(), loss)
 
-    rmp = jax.jit(lambda g, k, key: sel.rmp(problem(g), k, key)[0])
-    ls = jax.jit(lambda g, p0, k: sel.run_local_search(problem(g), p0, k))
-    upd = jax.jit(lambda g, p: cobs_jax.cbs_update(w, p, problem(g).fisher))
-    fwd = jax.jit(lambda wv: problem(grads).loss(wv))
-    t_fwd, _ = median_time(lambda: fwd(w), max(args.repeats, 5))
+    ops = (w, params, loss_batch)
+    rmp = jax.jit(lambda g, k, key, *o: sel.rmp(problem(g, *o), k, key)[0])
+    ls = jax.jit(lambda g, p0, k, *o: sel.run_local_search(problem(g, *o), p0, k))
+    upd = jax.jit(lambda g, p, *o: cobs_jax.cbs_update(o[0], p, problem(g, *o).fisher))
+    fwd = jax.jit(lambda g, *o: problem(g, *o).loss(o[0]))
+    t_fwd, _ = median_time(lambda: fwd(grads, *ops), max(args.repeats, 5))
 
     rows = []
     for s in args.sparsities:
         k = jnp.int32(round(s * layout.size))
         key = jax.random.key(0)
-        t_rmp, p0 = median_time(lambda: rmp(grads, k, key), args.repeats)
-        t_ls, (best, stats) = median_time(lambda: ls(grads, p0, k), args.repeats)
-        t_upd, _ = median_time(lambda: upd(grads, best), args.repeats)
+        t_rmp, p0 = median_time(lambda: rmp(grads, k, key, *ops), args.repeats)
+        t_ls, (best, stats) = median_time(lambda: ls(grads, p0, k, *ops), args.repeats)
+        t_upd, _ = median_time(lambda: upd(grads, best, *ops), args.repeats)
         passes = int(stats["ls_passes"])
         swaps = int(np.sum(stats["ls_swaps"]))
         forwards = args.trials + passes + 1
