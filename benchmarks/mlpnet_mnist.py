@@ -11,7 +11,8 @@ accuracy is measured without fine-tuning. Prints a markdown table (mean +- std o
 
 Methods (paper names): MP, WF-S, WF (OBS-sum update, scale 0.9 as the paper's MLPNet runs), CBS-S
 (RMP + local search) and CBS (CBS-S + CBS-U). WF and CBS reuse the masks of WF-S and CBS-S, as the
-paper's pipeline does.
+paper's pipeline does. IHT (ours): iterative hard thresholding on the damped quadratic model, warm
+started from the WoodFisher support, then the exact CBS-U re-solve on its support.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def method_table(args):
         "WF": ("woodfisher", "obs", 0.9, "WF-S"),
         "CBS-S": (cbs, None, 1.0, None),
         "CBS": (cbs, "cbs", 1.0, "CBS-S"),
+        "IHT": (cobs_jax.IHT(), "cbs", 1.0, None),
     }
 
 
@@ -54,8 +56,8 @@ def run_one(name, spec, results, params, batch, grads, args, sparsity, key):
     t0 = time.perf_counter()
     if base is None:
         res = cobs_jax.prune(
-            params, loss_fn, batch, sparsity=sparsity, method=method, damping=args.damping,
-            blocks="model", key=key, grads=grads, loss_batch=batch["loss"],
+            params, loss_fn, batch, sparsity=sparsity, method=method, update=update, damping=args.damping,
+            blocks="model", key=key, grads=grads, loss_batch=batch["loss"], update_scale=scale,
         )
         out, info = res.params, res.info
         extra = info["timings"].get("grads", 0.0)

@@ -9,6 +9,8 @@ from ._cbs import CBS as CBS
 from ._cbs import rmp_mask as rmp_mask
 from ._fisher import Fisher as Fisher
 from ._fisher import per_example_grads as per_example_grads
+from ._iht import IHT as IHT
+from ._iht import update_aware_objective as update_aware_objective
 from ._layout import Layout as Layout
 from ._layout import default_prunable as default_prunable
 from ._layout import make_layout as make_layout
@@ -32,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CBS",
     "Fisher",
+    "IHT",
     "LayerMagnitude",
     "Layout",
     "METHODS",
@@ -51,4 +54,5 @@ __all__ = [
     "rmp_mask",
     "smallest_k",
     "sparsity_of",
+    "update_aware_objective",
 ]

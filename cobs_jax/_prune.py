@@ -10,6 +10,7 @@ WF-S        WoodFisher saliency, no update              ``method="woodfisher"``
 WF          WoodFisher saliency + OBS-sum update        ``method="woodfisher", update="obs"``
 CBS-S       RMP + local search, no update               ``method="cbs"``
 CBS         CBS-S + CBS-U (multi-weight OBS update)     ``method="cbs", update="cbs"``
+(ours)      IHT on the damped quadratic + exact re-solve ``method="iht", update="cbs"``
 ==========  ==========================================  ====================================
 
 The paper's WF uses ``update_scale=0.9`` on MLPNet and MobileNet (cbs.md section 4); every other
@@ -28,6 +29,7 @@ import numpy as np
 
 from ._cbs import CBS
 from ._fisher import Fisher, check_finite_grads, per_example_grads
+from ._iht import IHT
 from ._layout import BlockSpec, Layout, Prunable, PyTree, make_layout
 from ._selectors import LayerMagnitude, Magnitude, Problem, WoodFisher
 from ._update import cbs_update, obs_update
@@ -39,7 +41,9 @@ METHODS = {
     "layer_magnitude": LayerMagnitude,
     "woodfisher": WoodFisher,
     "cbs": CBS,
+    "iht": IHT,
 }
+AUTO_SCALES = tuple(i / 10 for i in range(11))
 UPDATES = {None: None, "obs": obs_update, "cbs": cbs_update}
 _NO_FISHER = (Magnitude, LayerMagnitude)
 
@@ -91,17 +95,26 @@ def _select(selector, layout, loss_fn, blocks, params, grads, damping, loss_batc
     return pruned, stats
 
 
-@functools.partial(jax.jit, static_argnames=("update", "layout", "loss_fn", "blocks"))
-def _apply_update(update, layout, loss_fn, blocks, params, pruned, grads, damping, loss_batch, scale):
+@functools.partial(jax.jit, static_argnames=("update", "layout", "loss_fn", "blocks", "auto_scale"))
+def _apply_update(update, layout, loss_fn, blocks, params, pruned, grads, damping, loss_batch, scale,
+                  auto_scale=False):
     w = layout.ravel(params)
+    loss = _loss_on(layout, loss_fn, params, loss_batch)
+    stats = {}
     if update is None:
         w_new = jnp.where(pruned, 0.0, w)
+    elif auto_scale:
+        # the update is linear in the scale on the kept weights: score a grid by the true loss
+        full = UPDATES[update](w, pruned, Fisher(grads, damping, blocks), 1.0)
+        scales = jnp.asarray(AUTO_SCALES, w.dtype)
+        losses = jax.lax.map(lambda s: loss(jnp.where(pruned, 0.0, w + s * (full - w))), scales)
+        best = scales[jnp.argmin(losses)]
+        w_new = jnp.where(pruned, 0.0, w + best * (full - w))
+        stats.update(update_scale=best, scale_losses=losses)
     else:
         w_new = UPDATES[update](w, pruned, Fisher(grads, damping, blocks), scale)
-    stats = {}
     if grads is not None:
         stats["quadratic_loss"] = 0.5 * Fisher(grads, damping, blocks).quadratic(w_new - w, damped=True)
-    loss = _loss_on(layout, loss_fn, params, loss_batch)
     if loss is not None:
         stats["loss"] = loss(w_new)
     return layout.unravel(w_new, params), stats
@@ -136,7 +149,7 @@ def prune(
     mini_batch: int = 1,
     chunk_size: int = 256,
     loss_batch: Optional[PyTree] = None,
-    update_scale: float = 1.0,
+    update_scale: Union[float, str] = 1.0,
     grads: Optional[jax.Array] = None,
     verbose: bool = False,
 ) -> PruneResult:
@@ -160,7 +173,9 @@ def prune(
       mini_batch: examples averaged per gradient row.
       chunk_size: gradient rows computed at once (bounds memory).
       loss_batch: examples on which CBS scores masks by true loss (default: ``batch``).
-      update_scale: s in ``w + s * dw``.
+      update_scale: s in ``w + s * dw``, or ``"auto"``: s in {0, 0.1, ..., 1} with the lowest
+        true loss on ``loss_batch`` (11 forward passes; pass a held-out ``loss_batch`` to avoid
+        fitting s to the Fisher examples). The chosen s is ``info["update_scale"]``.
       grads: precomputed (N, D) gradient rows (from :func:`cobs_jax.per_example_grads`), to share
         one Fisher across several calls; ``batch`` is then only used as the default loss batch.
       verbose: print the time of each phase.
@@ -181,7 +196,10 @@ def prune(
         raise ValueError(f"`damping` must be a finite number > 0, got {damping!r}")
     if update not in UPDATES:
         raise ValueError(f"`update` must be one of {list(UPDATES)}, got {update!r}")
-    if not np.isfinite(update_scale):
+    auto_scale = isinstance(update_scale, str)
+    if auto_scale and update_scale != "auto":
+        raise ValueError(f"`update_scale` must be a number or 'auto', got {update_scale!r}")
+    if not auto_scale and not np.isfinite(update_scale):
         raise ValueError(f"`update_scale` must be finite, got {update_scale!r}")
     selector = make_selector(method)
     layout = make_layout(params, prunable)
@@ -214,6 +232,8 @@ def prune(
         loss_batch = batch
     if isinstance(selector, CBS) and (loss_fn is None or loss_batch is None):
         raise ValueError("method 'cbs' scores masks by true loss: pass `loss_fn` and `batch`")
+    if auto_scale and (update is None or loss_batch is None):
+        raise ValueError("`update_scale='auto'` needs an `update` and a loss batch (`batch` or `loss_batch`)")
     damping_a = jnp.asarray(damping, layout.dtype)
     (pruned, stats), timings["select"] = _timed(
         _select, selector, layout, loss_fn, blocks_t, params, grads, damping_a, loss_batch,
@@ -221,7 +241,7 @@ def prune(
     )
     (new_params, ustats), timings["update"] = _timed(
         _apply_update, update, layout, loss_fn, blocks_t, params, pruned, grads, damping_a,
-        loss_batch, jnp.asarray(update_scale, layout.dtype),
+        loss_batch, jnp.asarray(1.0 if auto_scale else update_scale, layout.dtype), auto_scale,
     )
     keep = ~np.asarray(pruned)
     info = {
