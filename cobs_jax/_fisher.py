@@ -158,7 +158,8 @@ class Fisher:
         return q + self.damping * jnp.sum(x * x) if damped else q
 
     # ---- F_lambda^{-1} via Woodbury -------------------------------------------------------------
-    def _gram_cholesky(self, g: jax.Array):
+    def gram_cholesky(self, g: jax.Array):
+        """Cholesky factor (``cho_factor``) of ``N lambda I + g g^T`` for an (N, D_b) slice g of G."""
         n = self.num_rows
         k = g @ g.T + (n * self.damping) * jnp.eye(n, dtype=g.dtype)
         return cho_factor(k, lower=True)
@@ -172,7 +173,7 @@ class Fisher:
         out = []
         for s, e in self.blocks:
             g = self.grads[:, s:e]
-            c, low = self._gram_cholesky(g)
+            c, low = self.gram_cholesky(g)
             z = jax.scipy.linalg.solve_triangular(c, g, lower=True)
             # Clip guards the float cancellation of 1 - ||z||^2 for well-determined directions.
             out.append(jnp.clip(1.0 - jnp.sum(z * z, axis=0), 1e-12, 1.0) / self.damping)
@@ -183,7 +184,7 @@ class Fisher:
         out = []
         for s, e in self.blocks:
             g, xb = self.grads[:, s:e], x[s:e]
-            z = cho_solve(self._gram_cholesky(g), g @ xb)
+            z = cho_solve(self.gram_cholesky(g), g @ xb)
             out.append((xb - g.T @ z) / self.damping)
         return jnp.concatenate(out)
 

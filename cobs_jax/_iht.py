@@ -19,7 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_factor, cho_solve
+from jax.scipy.linalg import cho_solve
 
 from ._fisher import Fisher
 from ._selectors import Problem, smallest_k
@@ -35,15 +35,13 @@ def update_aware_objective(fisher: Fisher, w: jax.Array, pruned: jax.Array) -> j
     ``lambda/2 (||w_P||^2 + u^T (N lambda I + G_R G_R^T)^{-1} u)`` with ``u = G_P w_P``: one N x N
     Cholesky per block (O(N^2 D_b + N^3)).
     """
-    n, lam = fisher.num_rows, fisher.damping
     total = 0.0
     for s, e in fisher.blocks:
         g, wb, pb = fisher.grads[:, s:e], w[s:e], pruned[s:e]
         g_r = jnp.where(pb, 0.0, g)
         u = g @ jnp.where(pb, wb, 0.0)
-        gram = g_r @ g_r.T + (n * lam) * jnp.eye(n, dtype=g.dtype)
-        total = total + jnp.sum(jnp.where(pb, wb, 0.0) ** 2) + u @ cho_solve(cho_factor(gram, lower=True), u)
-    return 0.5 * lam * total
+        total = total + jnp.sum(jnp.where(pb, wb, 0.0) ** 2) + u @ cho_solve(fisher.gram_cholesky(g_r), u)
+    return 0.5 * fisher.damping * total
 
 
 def fisher_max_eigenvalue(fisher: Fisher, iters: int = 30) -> jax.Array:

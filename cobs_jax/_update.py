@@ -33,14 +33,12 @@ def cbs_update(w: jax.Array, pruned: jax.Array, fisher: Fisher, scale=1.0) -> ja
       scale: the update scale s (1 = the exact minimiser).
     """
     keep = ~pruned
-    n = fisher.num_rows
     out = []
     for s, e in fisher.blocks:
         g, wb, kb = fisher.grads[:, s:e], w[s:e], keep[s:e]
         g_r = jnp.where(kb, g, 0.0)
         u = g @ jnp.where(kb, 0.0, wb)  # G_P w_P
-        gram = g_r @ g_r.T + (n * fisher.damping) * jnp.eye(n, dtype=g.dtype)
-        z = cho_solve(jax.scipy.linalg.cho_factor(gram, lower=True), u)
+        z = cho_solve(fisher.gram_cholesky(g_r), u)
         out.append(jnp.where(kb, wb + scale * (g_r.T @ z), 0.0))
     return jnp.concatenate(out)
 
