@@ -51,7 +51,7 @@ def method_table(args):
     }
 
 
-def run_one(name, spec, results, params, batch, grads, args, sparsity, key):
+def run_one(spec, results, params, batch, grads, args, sparsity, key):
     method, update, scale, base = spec
     t0 = time.perf_counter()
     if base is None:
@@ -101,13 +101,13 @@ def sweep(args, ds, params):
             t0 = time.perf_counter()
             results = {}
             for name, spec in methods.items():
-                results[name] = run_one(name, spec, results, params, batch, grads, args, 0.5, key)
+                results[name] = run_one(spec, results, params, batch, grads, args, 0.5, key)
             print(f"compiled all methods in {time.perf_counter() - t0:.1f}s", flush=True)
             warmed = True
         for s in args.sparsities:
             results = {}
             for name, spec in methods.items():
-                r = run_one(name, spec, results, params, batch, grads, args, s, key)
+                r = run_one(spec, results, params, batch, grads, args, s, key)
                 results[name] = r
                 acc = float(accuracy(r["params"], ds.x_test, ds.y_test))
                 needs_grads = name != "MP"
