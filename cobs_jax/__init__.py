@@ -5,6 +5,8 @@ The public API is flat: ``cobs_jax.prune`` does everything in one call; the stag
 ``apply_masks``) are exposed for users who compose their own pipeline.
 """
 
+from ._budget import Budget as Budget
+from ._budget import make_budget as make_budget
 from ._cbs import CBS as CBS
 from ._cbs import rmp_mask as rmp_mask
 from ._fisher import Fisher as Fisher
@@ -21,7 +23,6 @@ from ._prune import PruneResult as PruneResult
 from ._prune import apply_update as apply_update
 from ._prune import make_selector as make_selector
 from ._prune import prune as prune
-from ._selectors import LayerMagnitude as LayerMagnitude
 from ._selectors import Magnitude as Magnitude
 from ._selectors import Problem as Problem
 from ._selectors import WoodFisher as WoodFisher
@@ -32,10 +33,10 @@ from ._update import obs_update as obs_update
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
     "CBS",
     "Fisher",
     "IHT",
-    "LayerMagnitude",
     "Layout",
     "METHODS",
     "Magnitude",
@@ -46,6 +47,7 @@ __all__ = [
     "apply_update",
     "cbs_update",
     "default_prunable",
+    "make_budget",
     "make_layout",
     "make_selector",
     "obs_update",

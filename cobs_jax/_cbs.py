@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._selectors import Problem, smallest_k
+from ._selectors import Problem, _rank_in_group, smallest_k
 
 __all__ = ["CBS", "alpha_beta", "rmp_mask"]
 
@@ -45,13 +45,14 @@ def _num_buckets(d: int, num_buckets: Optional[int]) -> int:
     return int(num_buckets) if num_buckets else max(1, min(math.isqrt(d), 1000))
 
 
-def rmp_mask(absw: jax.Array, k, key: jax.Array, num_buckets: int) -> jax.Array:
+def rmp_mask(absw: jax.Array, k, key: jax.Array, num_buckets: int, groups=None) -> jax.Array:
     """One randomised-magnitude trial: pruned mask with exactly k entries.
 
     The weights are randomly permuted and cut into ``num_buckets`` near-equal buckets; inside each
     bucket the same fraction is pruned by magnitude. Exactly k overall: every weight gets its
     quantile ``(rank_in_bucket + 1/2) / bucket_size`` by descending ``|w|`` and the k of largest
-    quantile are pruned, which prunes ``k/D`` of every bucket up to rounding.
+    quantile are pruned, which prunes ``k/D`` of every bucket up to rounding. With ``groups`` (see
+    :func:`smallest_k`) the ``k[g]`` weights of largest quantile in each group are pruned.
     """
     d = absw.shape[0]
     perm = jax.random.permutation(key, d)
@@ -62,7 +63,8 @@ def rmp_mask(absw: jax.Array, k, key: jax.Array, num_buckets: int) -> jax.Array:
     starts = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
     rank = jnp.zeros(d, jnp.int32).at[order].set(jnp.arange(d, dtype=jnp.int32) - starts[bucket[order]])
     quantile = (rank + 0.5) / sizes[bucket]
-    pruned_perm = smallest_k(-quantile, k)
+    # ties (equal quantiles) are broken by the random permuted position
+    pruned_perm = smallest_k(-quantile, k, None if groups is None else groups[perm])
     return jnp.zeros(d, bool).at[perm].set(pruned_perm)
 
 
@@ -121,8 +123,8 @@ class CBS:
         def trial(t):
             pruned = jax.lax.cond(
                 t == 0,
-                lambda: smallest_k(absw, k),
-                lambda: rmp_mask(absw, k, jax.random.fold_in(key, t), nb),
+                lambda: smallest_k(absw, k, problem.groups),
+                lambda: rmp_mask(absw, k, jax.random.fold_in(key, t), nb, problem.groups),
             )
             return pruned, problem.loss(jnp.where(pruned, 0.0, w))
 
@@ -134,7 +136,7 @@ class CBS:
         return trial(best)[0], losses
 
     # ---- Algorithm 1, one pass ------------------------------------------------------------------
-    def ls_pass(self, fisher, gt, w, pruned, k):
+    def ls_pass(self, fisher, gt, w, pruned, k, groups=None):
         """One pass of Algorithm 1 from ``pruned``.
 
         Args:
@@ -142,34 +144,50 @@ class CBS:
           gt: G^T, (D, N) so that a column of G is a contiguous row.
           w: (D,) weights.
           pruned: (D,) bool current P with k entries.
+          k: the number pruned, or with ``groups`` the (G,) count per group.
+          groups: optional (D,) group ids (see :func:`smallest_k`). Swaps then stay inside a group,
+            so every group keeps its count: the window of pruned weight i is taken around its rank
+            in the sorted complement of its own group. Groups with nothing kept (e.g. weights
+            frozen by an earlier mask) take no part.
         Returns:
           (new_pruned, num_swaps, total_delta, stop) where stop says the first pair did not
           improve by epsilon (Algorithm 1 line c) or no swap was accepted.
         """
         dim, n = w.shape[0], fisher.num_rows
         blk = jnp.asarray(fisher.block_ids())
+        if groups is None:
+            groups, k = jnp.zeros(dim, jnp.int32), jnp.reshape(k, (1,))
+        k = jnp.asarray(k, jnp.int32)
+        sizes = jnp.bincount(groups, length=k.shape[0]).astype(jnp.int32)
+        gstart = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
+        n_rem = sizes - k  # kept weights per group
+        movable = pruned & (n_rem[groups] > 0)
+        num_movable = jnp.sum(movable)
         alpha, beta, u = alpha_beta(fisher, w, pruned)
-        pi = jnp.argsort(jnp.where(pruned, -alpha, jnp.inf), stable=True)  # P by alpha desc
+        pi = jnp.argsort(jnp.where(movable, -alpha, jnp.inf), stable=True)  # P by alpha desc
+        rank = _rank_in_group(jnp.where(pruned, -alpha, jnp.inf), groups, k.shape[0])
         i1 = pi[0]
         gam1 = 2 * w[i1] * w * (gt @ gt[i1]) / n * (blk == blk[i1])
-        theta = jnp.argsort(jnp.where(pruned, jnp.inf, beta - gam1), stable=True)  # P-bar asc
-        n_rem = dim - k
-        first = beta[theta[0]] - gam1[theta[0]] - alpha[i1]
-        stop0 = jnp.logical_or(k == 0, n_rem == 0)
+        # per group: the kept weights by ascending beta - gamma_1, then the pruned ones
+        theta = jnp.lexsort((jnp.where(pruned, jnp.inf, beta - gam1), groups))
+        j1 = theta[gstart[groups[i1]]]
+        first = beta[j1] - gam1[j1] - alpha[i1]
+        stop0 = num_movable == 0
         if self.first_pair_stop:
             stop0 = stop0 | (first > -self.epsilon)
         offs = jnp.arange(-self.rho, self.rho + 1)
 
         def cond(s):
             ii, fails = s[0], s[1]
-            return (ii < k) & (fails < self.tau) & ~stop0
+            return (ii < num_movable) & (fails < self.tau) & ~stop0
 
         def body(s):
             ii, fails, v, in_i, in_j, swaps, total = s
             i = pi[ii]
-            pos = ii + offs
-            js = theta[jnp.clip(pos, 0, dim - 1)]
-            valid = (pos >= 0) & (pos < n_rem) & ~in_j[js]
+            g = groups[i]
+            pos = rank[i] + offs
+            js = theta[jnp.clip(gstart[g] + pos, 0, dim - 1)]
+            valid = (pos >= 0) & (pos < n_rem[g]) & ~in_j[js]
             gi, gj = gt[i], gt[js]  # (N,), (W, N)
             a_new = alpha[i] + 2 * w[i] * (gi @ v[blk[i]]) / n
             b_new = beta[js] + 2 * w[js] * jnp.sum(gj * v[blk[js]], axis=1) / n
@@ -234,7 +252,7 @@ class CBS:
         def body(st):
             s, pruned, best, best_loss, s_imp, _, (h_obj, h_loss, h_sw) = st
             s = s + 1
-            new, swaps, _, stop = self.ls_pass(fisher, gt, w, pruned, k)
+            new, swaps, _, stop = self.ls_pass(fisher, gt, w, pruned, k, problem.groups)
             new_loss = jax.lax.cond(stop, lambda: jnp.asarray(jnp.inf, w.dtype), lambda: loss(new))
             better = ~stop & (new_loss < best_loss)
             h_obj = h_obj.at[s].set(jnp.where(stop, jnp.nan, objective(new)))

@@ -5,10 +5,10 @@ exactly k pruned (zero) prunable weights, by iterative hard thresholding
 
     w <- H_k(w - eta * grad q(w)),   grad q(w) = F_lambda (w - w_bar) [+ g_bar],
 
-where H_k zeroes the k entries of smallest magnitude. Every product goes through G (O(N D) per
-iteration, never D x D). The step is 1/L with L = 1.05 (sigma_max(F) + lambda) from a power
-iteration on G; with ``line_search`` the steps 2/L, 4/L, 8/L are tried as well and the one with the
-lowest objective is taken (CHITA's step doubling). An iterate is accepted only if it does not raise
+where H_k zeroes the k entries of smallest magnitude (per group under a per-layer or N:M budget).
+Every product goes through G (O(N D) per iteration, never D x D). The step is 1/L with
+L = 1.05 (sigma_max(F) + lambda) from a power iteration on G; with ``line_search`` the steps 2/L,
+4/L, 8/L are tried as well and the one with the lowest objective is taken (CHITA's step doubling). An iterate is accepted only if it does not raise
 q, so q never increases. The warm start is the exact CBS-U solution on the magnitude or WoodFisher
 support. The kept weights are re-solved exactly on the final support by ``update="cbs"``.
 """
@@ -97,7 +97,8 @@ class IHT:
             score = wbar**2 / fisher.inv_diag()
         else:
             score = jnp.abs(wbar)
-        w0 = cbs_update(wbar, smallest_k(score, k), fisher)
+        groups = problem.groups
+        w0 = cbs_update(wbar, smallest_k(score, k, groups), fisher)
         step = 1.0 / (1.05 * (fisher_max_eigenvalue(fisher) + fisher.damping))
         mults = jnp.array([1.0, 2.0, 4.0, 8.0] if self.line_search else [1.0], wbar.dtype)
         gbar = jnp.mean(fisher.grads, 0) if self.first_order else 0.0
@@ -105,7 +106,7 @@ class IHT:
 
         def candidate(w, grad, m):
             z = w - m * step * grad
-            return jnp.where(smallest_k(jnp.abs(z), k), 0.0, z)
+            return jnp.where(smallest_k(jnp.abs(z), k, groups), 0.0, z)
 
         def cond(st):
             it, _, q, q_prev, _ = st
@@ -127,5 +128,5 @@ class IHT:
         it, w, q, _, hist = jax.lax.while_loop(cond, body, (jnp.int32(0), w0, q0, q0, hist0))
         pruned = w == 0.0
         # H_k gives exactly k zeros unless some kept entries are exactly zero as well; keep k exact
-        pruned = smallest_k(jnp.where(pruned, -1.0, jnp.abs(w)), k)
+        pruned = smallest_k(jnp.where(pruned, -1.0, jnp.abs(w)), k, groups)
         return pruned, {"iht_iterations": it, "iht_objective": hist, "iht_converged": it < self.max_iter}

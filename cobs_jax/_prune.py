@@ -29,23 +29,23 @@ import numpy as np
 
 from ._cbs import CBS
 from ._fisher import Fisher, check_finite_grads, per_example_grads
+from ._budget import BudgetSpec, make_budget
 from ._iht import IHT
 from ._layout import BlockSpec, Layout, Prunable, PyTree, make_layout
-from ._selectors import LayerMagnitude, Magnitude, Problem, WoodFisher
+from ._selectors import Magnitude, Problem, WoodFisher
 from ._update import cbs_update, obs_update
 
 __all__ = ["prune", "apply_update", "PruneResult", "make_selector", "METHODS", "UPDATES"]
 
 METHODS = {
     "magnitude": Magnitude,
-    "layer_magnitude": LayerMagnitude,
     "woodfisher": WoodFisher,
     "cbs": CBS,
     "iht": IHT,
 }
 AUTO_SCALES = tuple(i / 10 for i in range(11))
 UPDATES = {None: None, "obs": obs_update, "cbs": cbs_update}
-_NO_FISHER = (Magnitude, LayerMagnitude)
+_NO_FISHER = (Magnitude,)
 
 
 class PruneResult(NamedTuple):
@@ -85,10 +85,11 @@ def _loss_on(layout, loss_fn, params, loss_batch):
 
 
 @functools.partial(jax.jit, static_argnames=("selector", "layout", "loss_fn", "blocks"))
-def _select(selector, layout, loss_fn, blocks, params, grads, damping, loss_batch, k, key):
+def _select(selector, layout, loss_fn, blocks, params, grads, damping, loss_batch, k, groups, key):
     w = layout.ravel(params)
     fisher = None if grads is None else Fisher(grads, damping, blocks)
-    problem = Problem(w, fisher, layout.layer_ranges(), _loss_on(layout, loss_fn, params, loss_batch))
+    loss = _loss_on(layout, loss_fn, params, loss_batch)
+    problem = Problem(w, fisher, layout.layer_ranges(), loss, groups)
     pruned, stats = selector.select(problem, k, key)
     if fisher is not None:
         stats["objective"] = fisher.quadratic(jnp.where(pruned, w, 0.0))
@@ -139,7 +140,7 @@ def prune(
     loss_fn: Optional[Callable[[PyTree, PyTree], jax.Array]] = None,
     batch: Optional[PyTree] = None,
     *,
-    sparsity: float,
+    sparsity: Optional[float] = None,
     method: Union[str, Any] = "magnitude",
     update: Optional[str] = None,
     damping: float = 1e-3,
@@ -151,6 +152,9 @@ def prune(
     loss_batch: Optional[PyTree] = None,
     update_scale: Union[float, str] = 1.0,
     grads: Optional[jax.Array] = None,
+    budget: BudgetSpec = "global",
+    pattern: Optional[str] = None,
+    masks: Optional[PyTree] = None,
     verbose: bool = False,
 ) -> PruneResult:
     """Prune a fraction ``sparsity`` of the prunable weights of ``params`` in one shot.
@@ -161,9 +165,10 @@ def prune(
         and by every update.
       batch: examples for the Fisher: a pytree of arrays with leading axis ``N * mini_batch``.
       sparsity: fraction in [0, 1) of prunable weights set to zero: exactly
-        ``round(sparsity * D)`` of them.
-      method: ``"magnitude"`` (MP), ``"layer_magnitude"``, ``"woodfisher"`` (WF-S), ``"cbs"``
-        (CBS-S), or a selector object such as ``cobs_jax.CBS(num_trials=10)``.
+        ``round(sparsity * D)`` of them (per layer: ``round(sparsity * D_l)`` with
+        ``budget="uniform"``). May be omitted with ``pattern="N:M"``.
+      method: ``"magnitude"`` (MP), ``"woodfisher"`` (WF-S), ``"cbs"`` (CBS-S), ``"iht"``, or a
+        selector object such as ``cobs_jax.CBS(num_trials=10)``.
       update: ``None`` (pruned weights just zeroed), ``"obs"`` (WoodFisher OBS-sum update) or
         ``"cbs"`` (CBS-U, the exact multi-weight OBS update).
       damping: lambda > 0 in ``F_lambda = G^T G / N + lambda I`` (paper: 1e-3 MLPNet, 1e-5 convs).
@@ -178,6 +183,16 @@ def prune(
         fitting s to the Fisher examples). The chosen s is ``info["update_scale"]``.
       grads: precomputed (N, D) gradient rows (from :func:`cobs_jax.per_example_grads`), to share
         one Fisher across several calls; ``batch`` is then only used as the default loss batch.
+      budget: how the pruned weights are spread over layers: ``"global"`` (one ranking over all
+        layers), ``"uniform"`` (every layer loses ``sparsity`` of its weights) or a dict
+        ``{layer: sparsity}`` (names as ``"Dense_0/kernel"`` or keystr paths; unlisted layers get
+        ``sparsity``). Every method honours it, the CBS swap search included.
+      pattern: ``None`` (unstructured) or ``"N:M"``, e.g. ``"2:4"``: every M consecutive weights
+        along a kernel's input axis (axis -2) keep exactly N. Each method chooses within the
+        groups by its own criterion (WF: OBS saliency; CBS: RMP and swaps inside each group) and
+        the update is the exact one for the resulting mask.
+      masks: an earlier keep-mask (e.g. from a previous stage of gradual pruning): its pruned
+        weights stay pruned and count towards the target.
       verbose: print the time of each phase.
 
     Returns:
@@ -186,12 +201,9 @@ def prune(
     Raises:
       ValueError: for sparsity outside [0, 1), damping <= 0, an unknown method/update, a missing
         ``loss_fn``/``batch`` where one is needed, mismatched batch leaves or ``grads`` shape,
-        no prunable leaves, or non-finite gradients (naming the layer).
+        no prunable leaves, non-finite gradients (naming the layer), a bad budget or pattern
+        (naming the layer that does not fit), or ``masks`` that already exceed the target.
     """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float, np.floating, np.integer)):
-        raise ValueError(f"`sparsity` must be a number in [0, 1), got {sparsity!r}")
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity}")
     if not (isinstance(damping, (int, float, np.floating)) and float(damping) > 0 and np.isfinite(damping)):
         raise ValueError(f"`damping` must be a finite number > 0, got {damping!r}")
     if update not in UPDATES:
@@ -204,7 +216,9 @@ def prune(
     selector = make_selector(method)
     layout = make_layout(params, prunable)
     blocks_t = layout.blocks(blocks)
-    k = int(round(float(sparsity) * layout.size))
+    frozen = None if masks is None else ~np.asarray(layout.from_masks(masks))
+    plan = make_budget(layout, sparsity, budget=budget, pattern=pattern, frozen=frozen)
+    k = plan.total
     key = jax.random.key(0) if key is None else key
     needs_fisher = update is not None or not isinstance(selector, _NO_FISHER)
     timings = {}
@@ -237,7 +251,8 @@ def prune(
     damping_a = jnp.asarray(damping, layout.dtype)
     (pruned, stats), timings["select"] = _timed(
         _select, selector, layout, loss_fn, blocks_t, params, grads, damping_a, loss_batch,
-        jnp.int32(k), key,
+        jnp.asarray(plan.counts, jnp.int32), None if plan.groups is None else jnp.asarray(plan.groups),
+        key,
     )
     (new_params, ustats), timings["update"] = _timed(
         _apply_update, update, layout, loss_fn, blocks_t, params, pruned, grads, damping_a,
@@ -248,6 +263,8 @@ def prune(
         "method": type(selector).__name__,
         "update": update,
         "blocks": blocks,
+        "budget": budget,
+        "pattern": pattern,
         "num_prunable": layout.size,
         "num_pruned": int(k),
         "sparsity": float(1.0 - keep.mean()),

@@ -1,4 +1,4 @@
-"""Closed-form selectors: global and per-layer magnitude, WoodFisher/OBS saliency.
+"""Closed-form selectors: magnitude and WoodFisher/OBS saliency.
 
 A selector is a frozen (hashable) dataclass with ``select(problem, k, key) -> (pruned, stats)``,
 called inside ``jax.jit``. ``pruned`` is a (D,) bool vector with exactly ``k`` True entries: the
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from ._fisher import Fisher
 
-__all__ = ["Problem", "Magnitude", "LayerMagnitude", "WoodFisher", "smallest_k"]
+__all__ = ["Problem", "Magnitude", "WoodFisher", "smallest_k"]
 
 
 class Problem(NamedTuple):
@@ -28,58 +28,55 @@ class Problem(NamedTuple):
       layers: static ``(start, stop)`` range of each prunable leaf.
       loss: ``loss(w) -> scalar``, the true loss of the network with prunable weights ``w``
         (used by CBS to score masks), or ``None``.
+      groups: ``None`` (one global budget: ``k`` is a scalar) or a (D,) int32 group id per weight
+        in ``[0, G)``; ``k`` is then a (G,) vector and exactly ``k[g]`` weights of group ``g`` are
+        pruned (per-layer budgets, N:M patterns, weights that must stay pruned; see
+        :func:`cobs_jax.make_budget`).
     """
 
     w: jax.Array
     fisher: Optional[Fisher]
     layers: tuple[tuple[int, int], ...]
     loss: Optional[Callable[[jax.Array], jax.Array]]
+    groups: Optional[jax.Array] = None
 
 
-def smallest_k(score: jax.Array, k) -> jax.Array:
-    """Bool mask of the ``k`` smallest entries of ``score`` (exactly k; ties by index, stable)."""
-    order = jnp.argsort(score, stable=True)
-    rank = jnp.zeros(score.shape, jnp.int32).at[order].set(jnp.arange(score.shape[0], dtype=jnp.int32))
-    return rank < k
+def _rank_in_group(score: jax.Array, groups: jax.Array, num_groups: int) -> jax.Array:
+    """Rank of each entry by ascending ``score`` among the entries of its group (stable)."""
+    order = jnp.lexsort((score, groups))  # by group, then by score; ties by index
+    sizes = jnp.bincount(groups, length=num_groups).astype(jnp.int32)
+    starts = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
+    pos = jnp.arange(score.shape[0], dtype=jnp.int32) - starts[groups[order]]
+    return jnp.zeros(score.shape, jnp.int32).at[order].set(pos)
 
 
-def layer_budgets(layers: tuple[tuple[int, int], ...], k) -> jax.Array:
-    """Split ``k`` over layers proportionally to their size, summing to exactly ``k``.
+def smallest_k(score: jax.Array, k, groups: Optional[jax.Array] = None) -> jax.Array:
+    """Bool mask of the ``k`` smallest entries of ``score`` (exactly k; ties by index, stable).
 
-    Largest-remainder rounding of ``k * D_l / D``; works for a traced ``k``.
+    With ``groups`` (a (D,) int32 id per entry) ``k`` is a (G,) vector and the mask holds the
+    ``k[g]`` smallest entries of every group ``g``. ``k`` may be traced.
     """
-    sizes = jnp.array([e - s for s, e in layers], jnp.int32)
-    exact = k * sizes / jnp.sum(sizes)
-    base = jnp.floor(exact).astype(jnp.int32)
-    extra = jnp.asarray(k, jnp.int32) - jnp.sum(base)
-    # the `extra` layers with the largest remainders get one more
-    bonus = smallest_k(-(exact - base), extra)
-    return jnp.minimum(base + bonus.astype(jnp.int32), sizes)
+    if groups is None:
+        order = jnp.argsort(score, stable=True)
+        rank = jnp.zeros(score.shape, jnp.int32).at[order].set(
+            jnp.arange(score.shape[0], dtype=jnp.int32)
+        )
+        return rank < k
+    k = jnp.asarray(k, jnp.int32)
+    return _rank_in_group(score, groups, k.shape[0]) < k[groups]
 
 
 @dataclasses.dataclass(frozen=True)
 class Magnitude:
-    """Global magnitude pruning (MP): prune the k weights of smallest ``|w|`` over all layers."""
+    """Magnitude pruning (MP): prune the k weights of smallest ``|w|``.
 
-    def select(self, problem: Problem, k, key):
-        del key
-        return smallest_k(jnp.abs(problem.w), k), {}
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerMagnitude:
-    """Per-layer (uniform) magnitude pruning: each layer loses the same fraction of its weights.
-
-    The per-layer counts are rounded so that they add up to exactly ``k`` (largest remainder).
+    With the default global budget the threshold is shared by all layers; with
+    ``budget="uniform"`` (or per-layer sparsities) each layer is thresholded on its own.
     """
 
     def select(self, problem: Problem, k, key):
         del key
-        budgets = layer_budgets(problem.layers, k)
-        parts = [
-            smallest_k(jnp.abs(problem.w[s:e]), budgets[i]) for i, (s, e) in enumerate(problem.layers)
-        ]
-        return jnp.concatenate(parts), {}
+        return smallest_k(jnp.abs(problem.w), k, problem.groups), {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,4 +92,4 @@ class WoodFisher:
     def select(self, problem: Problem, k, key):
         del key
         saliency = problem.w**2 / problem.fisher.inv_diag()
-        return smallest_k(saliency, k), {}
+        return smallest_k(saliency, k, problem.groups), {}

@@ -34,12 +34,12 @@ def xent(logits, y):
     return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
 
-def linen_setup(n=32, seed=0, dtype=jnp.float32):
+def linen_setup(n=32, seed=0, dtype=jnp.float32, hidden=6):
     key = jax.random.key(seed)
     kx, ky, kp = jax.random.split(key, 3)
     x = jax.random.normal(kx, (n, 4), dtype)
     y = jax.random.randint(ky, (n,), 0, 3)
-    model = TinyMLP()
+    model = TinyMLP(hidden)
     params = jax.tree.map(lambda p: p.astype(dtype), model.init(kp, x[:1]))
 
     def loss_fn(p, b):

@@ -58,6 +58,37 @@ def test_incremental_pass_equals_dense_recomputation(blocks):
     assert swaps_seen > 0
 
 
+@pytest.mark.parametrize("blocks", [((0, 40),), ((0, 15), (15, 40))])
+def test_grouped_pass_keeps_group_counts_and_equals_dense(blocks):
+    """Swaps stay inside groups (per-layer / N:M budgets); a group pruned whole (frozen) never moves."""
+    sel = cobs_jax.CBS(epsilon=1e-6, rho=3, tau=8)
+    w, fisher = random_fisher(d=40, n=8, blocks=blocks, seed=6)
+    f = dense_f(fisher, damped=False)
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 3, size=40).astype(np.int32)
+    groups[rng.choice(40, 6, replace=False)] = 3  # a frozen group: all of it pruned
+    sizes = np.bincount(groups, minlength=4)
+    k = np.array([sizes[0] // 2, sizes[1] // 3, sizes[2] - 2, sizes[3]], np.int32)
+    gj, kj = jnp.asarray(groups), jnp.asarray(k)
+    pass_fn = jax.jit(lambda p: sel.ls_pass(fisher, fisher.grads.T, w, p, kj, gj))
+    pruned = cobs_jax.smallest_k(jnp.abs(w), kj, gj)
+    frozen = groups == 3
+    swaps_seen = 0
+    for _ in range(10):
+        new, swaps, total, stop = pass_fn(pruned)
+        new_np = np.asarray(new)
+        np.testing.assert_array_equal(np.bincount(groups[new_np], minlength=4), k)
+        assert np.all(new_np[frozen])
+        old_obj = selection_objective(f, np.asarray(w), np.asarray(pruned))
+        new_obj = selection_objective(f, np.asarray(w), new_np)
+        np.testing.assert_allclose(new_obj - old_obj, total, rtol=1e-9, atol=1e-12)
+        swaps_seen += int(swaps)
+        if stop:
+            break
+        pruned = new
+    assert swaps_seen > 0
+
+
 @pytest.mark.parametrize("first_pair_stop,min_fraction", [(False, 0.5), (True, 0.3)])
 def test_cbs_vs_brute_force_on_enumerable_problems(first_pair_stop, min_fraction):
     sel = cobs_jax.CBS(num_trials=8, epsilon=1e-9, first_pair_stop=first_pair_stop)

@@ -11,7 +11,6 @@ from helpers import TinyNNX, linen_setup, nnx_setup
 
 COMBOS = [
     ("magnitude", None),
-    ("layer_magnitude", None),
     ("woodfisher", None),
     ("woodfisher", "obs"),
     ("cbs", None),

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 import cobs_jax
-from cobs_jax._selectors import layer_budgets
 from helpers import dense_f, random_fisher
 
 LAYERS = ((0, 5), (5, 12), (12, 30))
@@ -24,18 +23,35 @@ def test_magnitude_exact_k_with_ties(k):
         assert np.abs(w[pruned]).max() <= np.abs(w[~pruned]).min()
 
 
-@pytest.mark.parametrize("k", [0, 3, 10, 17, 29])
-def test_layer_magnitude_budgets(k):
-    budgets = np.asarray(layer_budgets(LAYERS, k))
-    sizes = np.array([e - s for s, e in LAYERS])
-    assert budgets.sum() == k
-    assert np.all(np.abs(budgets - k * sizes / 30) < 1)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_smallest_k_per_group(seed):
+    rng = np.random.default_rng(seed)
+    score = np.round(rng.normal(size=60), 1)  # ties
+    groups = rng.integers(0, 5, size=60).astype(np.int32)
+    sizes = np.bincount(groups, minlength=5)
+    k = np.array([rng.integers(0, n + 1) for n in sizes], np.int32)
+    got = np.asarray(jax.jit(cobs_jax.smallest_k)(jnp.asarray(score), jnp.asarray(k), jnp.asarray(groups)))
+    for g in range(5):
+        seg, sc = got[groups == g], score[groups == g]
+        assert seg.sum() == k[g]
+        if 0 < k[g] < sizes[g]:
+            assert sc[seg].max() <= sc[~seg].min()
+        # ties by index: the chosen ones are the first k[g] of a stable sort
+        expected = np.zeros(sizes[g], bool)
+        expected[np.argsort(sc, kind="stable")[: k[g]]] = True
+        np.testing.assert_array_equal(seg, expected)
+
+
+def test_magnitude_per_layer_groups():
     w = np.random.default_rng(1).normal(size=30)
-    pruned = np.asarray(cobs_jax.LayerMagnitude().select(_problem(w), k, None)[0])
-    for (s, e), b in zip(LAYERS, budgets):
+    groups = np.repeat(np.arange(3), [e - s for s, e in LAYERS]).astype(np.int32)
+    k = np.array([2, 0, 9], np.int32)
+    problem = cobs_jax.Problem(jnp.asarray(w), None, LAYERS, None, jnp.asarray(groups))
+    pruned = np.asarray(cobs_jax.Magnitude().select(problem, jnp.asarray(k), None)[0])
+    for (s, e), b in zip(LAYERS, k):
         seg = pruned[s:e]
         assert seg.sum() == b
-        if 0 < b < e - s:
+        if 0 < b:
             assert np.abs(w[s:e][seg]).max() <= np.abs(w[s:e][~seg]).min()
 
 
