@@ -2,7 +2,9 @@
 
 The public API is flat: ``cobs_jax.prune`` does everything in one call; the stages
 (``make_layout``, ``per_example_grads``, ``Fisher``, the selectors, ``cbs_update``/``obs_update``,
-``apply_masks``) are exposed for users who compose their own pipeline.
+``apply_masks``) are exposed for users who compose their own pipeline. After pruning,
+``keep_sparsity`` (an optax transformation) fine-tunes without reviving pruned weights, and
+``prune_gradual`` reaches a target over several stages.
 """
 
 from ._budget import Budget as Budget
@@ -11,6 +13,8 @@ from ._cbs import CBS as CBS
 from ._cbs import rmp_mask as rmp_mask
 from ._fisher import Fisher as Fisher
 from ._fisher import per_example_grads as per_example_grads
+from ._gradual import prune_gradual as prune_gradual
+from ._gradual import sparsity_schedule as sparsity_schedule
 from ._iht import IHT as IHT
 from ._iht import update_aware_objective as update_aware_objective
 from ._layout import Layout as Layout
@@ -18,6 +22,8 @@ from ._layout import default_prunable as default_prunable
 from ._layout import make_layout as make_layout
 from ._masks import apply_masks as apply_masks
 from ._masks import sparsity_of as sparsity_of
+from ._optax import KeepSparsityState as KeepSparsityState
+from ._optax import keep_sparsity as keep_sparsity
 from ._prune import METHODS as METHODS
 from ._prune import PruneResult as PruneResult
 from ._prune import apply_update as apply_update
@@ -37,6 +43,7 @@ __all__ = [
     "CBS",
     "Fisher",
     "IHT",
+    "KeepSparsityState",
     "Layout",
     "METHODS",
     "Magnitude",
@@ -47,14 +54,17 @@ __all__ = [
     "apply_update",
     "cbs_update",
     "default_prunable",
+    "keep_sparsity",
     "make_budget",
     "make_layout",
     "make_selector",
     "obs_update",
     "per_example_grads",
     "prune",
+    "prune_gradual",
     "rmp_mask",
     "smallest_k",
     "sparsity_of",
+    "sparsity_schedule",
     "update_aware_objective",
 ]

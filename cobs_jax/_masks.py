@@ -10,7 +10,7 @@ from ._layout import PyTree
 __all__ = ["apply_masks", "sparsity_of"]
 
 
-def _check_same_structure(params: PyTree, masks: PyTree) -> None:
+def check_same_structure(params: PyTree, masks: PyTree) -> None:
     pt, mt = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(masks)
     if pt != mt:
         raise ValueError(f"`masks` must have the structure of `params`; got {mt}, expected {pt}")
@@ -28,7 +28,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     Raises:
       ValueError: if ``masks`` does not have the structure and leaf shapes of ``params``.
     """
-    _check_same_structure(params, masks)
+    check_same_structure(params, masks)
     return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)
 
 
