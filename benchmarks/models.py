@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax import serialization
 
+import cobs_jax
+
 MEAN, STD = 0.1307, 0.3081
 
 
@@ -39,11 +41,19 @@ def accuracy(params, x, y):
     return jnp.mean(jnp.argmax(MODEL.apply(params, x), -1) == y)
 
 
-def train(x, y, *, epochs=30, batch_size=128, lr=1e-3, seed=0):
-    """Adam on mean cross-entropy; returns params."""
+def train(x, y, *, epochs=30, batch_size=128, lr=1e-3, seed=0, params=None, masks=None, on_epoch=None):
+    """Adam on mean cross-entropy; returns params.
+
+    From scratch, or from ``params`` (fine-tuning); with ``masks`` the optimizer is chained with
+    ``cobs_jax.keep_sparsity`` so pruned weights stay exactly zero. ``on_epoch(epoch, params)`` is
+    called after every epoch.
+    """
     key = jax.random.key(seed)
-    params = MODEL.init(key, x[:1])
+    if params is None:
+        params = MODEL.init(key, x[:1])
     opt = optax.adam(lr)
+    if masks is not None:
+        opt = optax.chain(opt, cobs_jax.keep_sparsity(masks))
     state = opt.init(params)
 
     @jax.jit
@@ -61,6 +71,8 @@ def train(x, y, *, epochs=30, batch_size=128, lr=1e-3, seed=0):
     for e in range(epochs):
         perm = jax.random.permutation(jax.random.fold_in(key, e), len(x))
         params, state = epoch(params, state, perm)
+        if on_epoch is not None:
+            on_epoch(e, params)
     return params
 
 
