@@ -11,7 +11,6 @@ local-search pass) over the loss batch; the table says how far the whole CBS is 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time

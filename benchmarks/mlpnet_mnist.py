@@ -18,8 +18,6 @@ started from the WoodFisher support, then the exact CBS-U re-solve on its suppor
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,10 +29,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
+from common import RESULTS, markdown, metadata, plot, run_one, summarise, write  # noqa: E402
 from data import CACHE, DataUnavailable, load_fashion_mnist, load_mnist  # noqa: E402
 from models import accuracy, dense_accuracy, loss_fn, trained_mlpnet  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 
@@ -49,28 +47,6 @@ def method_table(args):
         "CBS": (cbs, "cbs", 1.0, "CBS-S"),
         "IHT": (cobs_jax.IHT(), "cbs", 1.0, None),
     }
-
-
-def run_one(spec, results, params, batch, grads, args, sparsity, key):
-    method, update, scale, base = spec
-    t0 = time.perf_counter()
-    if base is None:
-        res = cobs_jax.prune(
-            params, loss_fn, batch, sparsity=sparsity, method=method, update=update, damping=args.damping,
-            blocks="model", key=key, grads=grads, loss_batch=batch["loss"], update_scale=scale,
-        )
-        out, info = res.params, res.info
-        extra = info["timings"].get("grads", 0.0)
-    else:
-        prev = results[base]
-        out = cobs_jax.apply_update(
-            params, prev["masks"], grads, update=update, damping=args.damping, update_scale=scale
-        )
-        info = prev["info"]
-        extra = prev["time"]
-    jax.block_until_ready(out)
-    return {"params": out, "masks": res.masks if base is None else prev["masks"], "info": info,
-            "time": time.perf_counter() - t0 + extra}
 
 
 def sweep(args, ds, params):
@@ -101,13 +77,15 @@ def sweep(args, ds, params):
             t0 = time.perf_counter()
             results = {}
             for name, spec in methods.items():
-                results[name] = run_one(spec, results, params, batch, grads, args, 0.5, key)
+                results[name] = run_one(spec, results, params, loss_fn, batch, grads, 0.5, key,
+                                        damping=args.damping, blocks="model")
             print(f"compiled all methods in {time.perf_counter() - t0:.1f}s", flush=True)
             warmed = True
         for s in args.sparsities:
             results = {}
             for name, spec in methods.items():
-                r = run_one(spec, results, params, batch, grads, args, s, key)
+                r = run_one(spec, results, params, loss_fn, batch, grads, s, key, damping=args.damping,
+                            blocks="model")
                 results[name] = r
                 acc = float(accuracy(r["params"], ds.x_test, ds.y_test))
                 needs_grads = name != "MP"
@@ -126,65 +104,6 @@ def sweep(args, ds, params):
     if bar:
         bar.close()
     return rows, list(methods)
-
-
-def summarise(rows, methods, sparsities):
-    table = {}
-    for s in sparsities:
-        for m in methods:
-            accs = [r["accuracy"] for r in rows if r["sparsity"] == s and r["method"] == m]
-            times = [r["time_s"] for r in rows if r["sparsity"] == s and r["method"] == m]
-            table[(s, m)] = (100 * np.mean(accs), 100 * np.std(accs), np.mean(times))
-    return table
-
-
-def markdown(table, methods, sparsities, dense_acc, header):
-    lines = [header, "", "| sparsity | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    for s in sparsities:
-        best = max(table[(s, m)][0] for m in methods)
-        cells = []
-        for m in methods:
-            mu, sd, _ = table[(s, m)]
-            cell = f"{mu:.2f} ± {sd:.2f}"
-            cells.append(f"**{cell}**" if mu == best else cell)
-        lines.append(f"| {s:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", f"Dense test accuracy: {100 * dense_acc:.2f} %. Mean pruning time per run (s, after compilation; "
-              "WF/CBS include the shared gradient pass):", "",
-              "| method | " + " | ".join(f"{s:.2f}" for s in sparsities) + " |",
-              "|---|" + "---|" * len(sparsities)]
-    for m in methods:
-        lines.append(f"| {m} | " + " | ".join(f"{table[(s, m)][2]:.2f}" for s in sparsities) + " |")
-    return "\n".join(lines)
-
-
-def plot(table, methods, sparsities, path_acc, path_time, title):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: skipping plots (pip install '.[bench]')")
-        return
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for m in methods:
-        mu = np.array([table[(s, m)][0] for s in sparsities])
-        sd = np.array([table[(s, m)][1] for s in sparsities])
-        ax.errorbar(sparsities, mu, yerr=sd, marker="o", capsize=3, label=m)
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path_acc, dpi=120)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    means = [np.mean([table[(s, m)][2] for s in sparsities]) for m in methods]
-    ax.bar(methods, means)
-    ax.set_ylabel("seconds per pruning run (mean over sparsities)")
-    ax.set_title(title + ": time")
-    fig.tight_layout()
-    fig.savefig(path_time, dpi=120)
 
 
 def main(argv=None):
@@ -223,19 +142,8 @@ def main(argv=None):
               f"{args.seeds} seed(s); N = {args.fisher_n}, damping {args.damping}, whole-model Fisher.")
     md = markdown(table, methods, args.sparsities, dense, header)
     print("\n" + md + f"\n\nsweep wall time {wall:.1f}s")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(md + "\n")
-    import flax
-    import optax
-
-    meta = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-        "data_source": ds.source, "dense_accuracy": dense, "args": vars(args), "wall_time_s": wall,
-        "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-                     "optax": optax.__version__, "cobs_jax": cobs_jax.__version__},
-        "device": str(jax.devices()[0]), "rows": rows,
-    }
-    (RESULTS / f"{name}.json").write_text(json.dumps(meta, indent=1))
+    write(name, md, metadata(data_source=ds.source, dense_accuracy=dense, args=vars(args), wall_time_s=wall,
+                             rows=rows))
     plot(table, methods, args.sparsities, RESULTS / f"{name}_accuracy.png", RESULTS / f"{name}_time.png",
          f"MLPNet, {args.dataset}")
     print(f"wrote {RESULTS / name}.{{md,json}} and plots")

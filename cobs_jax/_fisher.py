@@ -38,14 +38,40 @@ def _batch_size(batch: PyTree, name: str = "batch") -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "layout", "mini_batch", "chunk_size"))
-def _grads(loss_fn, layout, params, batch, mini_batch, chunk_size):
+def _grad_chunk(loss_fn, layout, params, batch, start, mini_batch, chunk_size):
+    """Rows ``start .. start + chunk_size`` of G: ``vmap(grad)`` over that many mini-batches."""
     w = layout.ravel(params)
-    n = jax.tree_util.tree_leaves(batch)[0].shape[0] // mini_batch
     rows = jax.tree_util.tree_map(
-        lambda x: x[: n * mini_batch].reshape((n, mini_batch) + x.shape[1:]), batch
+        lambda x: jax.lax.dynamic_slice_in_dim(x, start * mini_batch, chunk_size * mini_batch).reshape(
+            (chunk_size, mini_batch) + x.shape[1:]
+        ),
+        batch,
     )
     grad = jax.grad(lambda w, b: loss_fn(layout.unravel(w, params), b))
-    return jax.lax.map(lambda b: grad(w, b), rows, batch_size=min(chunk_size, n))
+    return jax.vmap(grad, in_axes=(None, 0))(w, rows)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(g, rows, start):
+    return jax.lax.dynamic_update_slice_in_dim(g, rows, start, axis=0)
+
+
+def _grads(loss_fn, layout, params, batch, n, mini_batch, chunk_size):
+    """G filled chunk by chunk in place (peak memory: G plus one chunk).
+
+    The chunks are dispatched from Python rather than from a ``lax.map``: XLA's CPU backend runs
+    convolution gradients inside a device loop several times slower than as a standalone program
+    (measured on ResNet20: 41 ms vs 7 ms per example). Dispatch is asynchronous and nothing is
+    copied to the host, so on GPU/TPU the loop costs nothing either. Every chunk has the same shape
+    (one compilation): the last one is shifted back to end at row N and rewrites a few rows.
+    """
+    c = min(chunk_size, n)
+    g = jnp.zeros((n, layout.size), layout.dtype)
+    for start in range(0, n, c):
+        start = min(start, n - c)
+        rows = _grad_chunk(loss_fn, layout, params, batch, jnp.int32(start), mini_batch, c)
+        g = _write_rows(g, rows.astype(layout.dtype), jnp.int32(start))
+    return g
 
 
 def check_finite_grads(grads: jax.Array, layout: Layout) -> None:
@@ -70,8 +96,8 @@ def per_example_grads(
 
     Row ``n`` is ``grad_w loss_fn(params, batch[n*m:(n+1)*m])`` with ``m = mini_batch`` (the paper
     averages 2400 examples per row for MobileNet, 1 elsewhere), flattened in the layout's order. Rows
-    are computed by ``jax.vmap(jax.grad(...))`` over chunks of ``chunk_size`` rows inside one
-    compiled ``lax.map``, so peak memory is one chunk of gradients plus G itself.
+    are computed by a compiled ``jax.vmap(jax.grad(...))`` over chunks of ``chunk_size`` rows,
+    written in place into G, so peak memory is one chunk of gradients plus G itself.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over the batch's leading axis.
@@ -98,7 +124,7 @@ def per_example_grads(
             f"`batch` has {size} examples, which is not a positive multiple of "
             f"`mini_batch`={mini_batch}"
         )
-    grads = _grads(loss_fn, layout, params, batch, int(mini_batch), int(chunk_size))
+    grads = _grads(loss_fn, layout, params, batch, size // mini_batch, int(mini_batch), int(chunk_size))
     check_finite_grads(grads, layout)
     return grads
 

@@ -31,7 +31,7 @@ from ._cbs import CBS
 from ._fisher import Fisher, check_finite_grads, per_example_grads
 from ._budget import BudgetSpec, make_budget
 from ._iht import IHT
-from ._layout import BlockSpec, Layout, Prunable, PyTree, make_layout
+from ._layout import BlockSpec, Prunable, PyTree, make_layout
 from ._selectors import Magnitude, Problem, WoodFisher
 from ._update import cbs_update, obs_update
 

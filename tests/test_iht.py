@@ -64,7 +64,6 @@ def test_iht_monotone_exact_k_and_resolve_is_constrained_minimiser(line_search, 
 
 def test_iht_beats_woodfisher_support_on_quadratic():
     w, fisher = random_fisher(d=60, n=8, seed=11, damping=0.01)
-    f = dense_f(fisher)
     wf = cobs_jax.WoodFisher().select(cobs_jax.Problem(w, fisher, fisher.blocks, None), 45, None)[0]
     iht = _select(cobs_jax.IHT(), w, fisher, 45)[0]
     q = lambda p: float(cobs_jax.update_aware_objective(fisher, w, p))

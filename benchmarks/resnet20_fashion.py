@@ -1,0 +1,170 @@
+"""ResNet20 on Fashion-MNIST-32: one-shot pruning of the 18 residual 3x3 convs (paper Table 2 setup).
+
+Per-layer Fisher blocks for selection and update, N = 1000 Fisher rows (one example each), damping
+1e-5, as in the paper; CBS scores masks by the loss on the same 1000 examples (the official code
+does the same for ResNet20). The BatchNorm statistics are used in eval mode and never change.
+Methods: MP, WF-S, WF (OBS-sum update, scale 1 as the paper's ResNet20 runs), CBS-S, CBS.
+
+    python benchmarks/resnet20.py             # once (about 25 min, resumable): the dense model
+    python benchmarks/resnet20_fashion.py     # the sweep; resumable: run again until it says done
+
+Each (seed, sparsity) result is saved as it completes (``results/<name>.partial.json``); a run stops
+before ``--budget`` seconds and the next run continues. Writes ``results/<name>.{md,json}`` and
+plots when every job is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cobs_jax  # noqa: E402
+from common import RESULTS, markdown, metadata, plot, run_one, summarise, write  # noqa: E402
+from data import DataUnavailable, load_fashion_mnist  # noqa: E402
+from resnet20 import evaluate, loss_fn, pad32, paper_prunable, trained_resnet20  # noqa: E402
+
+SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def method_table(args):
+    cbs = cobs_jax.CBS(num_trials=args.trials)
+    return {
+        "MP": ("magnitude", None, 1.0, None),
+        "WF-S": ("woodfisher", None, 1.0, None),
+        "WF": ("woodfisher", "obs", 1.0, "WF-S"),
+        "CBS-S": (cbs, None, 1.0, None),
+        "CBS": (cbs, "cbs", 1.0, "CBS-S"),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files")
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
+    p.add_argument("--fisher-n", type=int, default=1000)
+    p.add_argument("--damping", type=float, default=1e-5)
+    p.add_argument("--trials", type=int, default=20, help="RMP trials of CBS (paper: 50)")
+    p.add_argument("--chunk-size", type=int, default=8,
+                   help="per-example gradients computed at once (small chunks are fastest for convs on CPU)")
+    p.add_argument("--budget", type=float, default=540, help="stop before this many seconds; run again to resume")
+    p.add_argument("--out", default="resnet20_fashion")
+    args = p.parse_args(argv)
+    t_start = time.perf_counter()
+    try:
+        ds = load_fashion_mnist(args.data_dir, args.download)
+    except DataUnavailable as e:
+        sys.exit(f"error: {e}")
+    variables, done = trained_resnet20(ds, budget_s=0)
+    if not done:
+        sys.exit("no trained ResNet20 yet: run `python benchmarks/resnet20.py` (again) until it reports done")
+    x_te = pad32(ds.x_test)
+    t0 = time.perf_counter()
+    dense = evaluate(variables, x_te, ds.y_test)
+    eval_ips = len(x_te) / (time.perf_counter() - t0)  # includes compilation on first use
+    t0 = time.perf_counter()
+    dense = evaluate(variables, x_te, ds.y_test)
+    eval_ips = len(x_te) / (time.perf_counter() - t0)
+    print(f"data: {ds.source}; ResNet20 dense test accuracy {100 * dense:.2f} % (eval {eval_ips:.0f} images/s)")
+
+    layout = cobs_jax.make_layout(variables, paper_prunable)
+    methods = method_table(args)
+    partial = RESULTS / f"{args.out}.partial.json"
+    state = json.loads(partial.read_text()) if partial.exists() else {"rows": [], "grads": {}}
+    if state.get("args") not in (None, _job_args(args)):
+        sys.exit(f"{partial} was made with other settings ({state['args']}); delete it or use --out")
+    state["args"] = _job_args(args)
+    done_jobs = {(r["seed"], r["sparsity"]) for r in state["rows"]}
+    x_tr, y_tr = jnp.asarray(pad32(ds.x_train)), jnp.asarray(ds.y_train)
+    first_job, last_job = True, 0.0  # the first job of a run compiles; a job's time predicts the next
+    for seed in range(args.seeds):
+        todo = [s for s in args.sparsities if (seed, s) not in done_jobs]
+        if not todo:
+            continue
+        idx = np.random.default_rng(seed).choice(len(x_tr), args.fisher_n, replace=False)
+        fisher_batch = {"x": x_tr[idx], "y": y_tr[idx]}
+        batch = {**fisher_batch, "loss": fisher_batch}
+        t0 = time.perf_counter()
+        grads = jax.block_until_ready(cobs_jax.per_example_grads(
+            loss_fn, variables, fisher_batch, layout, chunk_size=args.chunk_size))
+        t_grads = time.perf_counter() - t0
+        state["grads"][str(seed)] = {"seconds": t_grads, "rows_per_s": args.fisher_n / t_grads}
+        print(f"seed {seed}: {args.fisher_n} per-example gradients of {layout.size} weights in {t_grads:.1f}s "
+              f"({args.fisher_n / t_grads:.0f} rows/s)", flush=True)
+        key = jax.random.key(seed)
+        for s in todo:
+            if time.perf_counter() - t_start + last_job > args.budget:
+                partial.write_text(json.dumps(state, indent=1))
+                sys.exit(f"budget reached after {len(state['rows'])} rows: run the same command again to resume")
+            t_job = time.perf_counter()
+            results = {}
+            for name, spec in methods.items():
+                t0 = time.perf_counter()
+                r = run_one(spec, results, variables, loss_fn, batch, grads, s, key, damping=args.damping,
+                            blocks="layer", prunable=paper_prunable)
+                results[name] = r
+                t_run = time.perf_counter() - t0
+                acc = evaluate(r["params"], x_te, ds.y_test)
+                info = r["info"]
+                row = {"seed": seed, "sparsity": s, "method": name, "accuracy": acc,
+                       "time_s": r["time"] + (t_grads if name != "MP" else 0.0),
+                       "select_s": info["timings"]["select"], "update_s": info["timings"]["update"],
+                       "wall_s": t_run, "compiled": first_job, "loss": float(info["loss"]) if "loss" in info and spec[3] is None else None}
+                if "ls_passes" in info:
+                    row.update(ls_passes=int(info["ls_passes"]), rmp_best_trial=int(info["rmp_best_trial"]))
+                state["rows"].append(row)
+                print(f"seed {seed} sparsity {s} {name}: {100 * acc:.2f} % (select {row['select_s']:.1f}s, "
+                      f"update {row['update_s']:.1f}s)", flush=True)
+            partial.write_text(json.dumps(state, indent=1))
+            first_job, last_job = False, time.perf_counter() - t_job
+
+    rows = state["rows"]
+    names = list(methods)
+    table = summarise(rows, names, args.sparsities)
+    header = (f"ResNet20 on {ds.source} padded to 32x32 (dense {100 * dense:.2f} %): test accuracy (%) after one-shot "
+              f"pruning of the 18 residual 3x3 convs ({layout.size} weights), mean ± std over {args.seeds} seed(s); "
+              f"N = {args.fisher_n}, damping {args.damping}, per-layer Fisher blocks, CBS with {args.trials} RMP trials.")
+    md = markdown(table, names, args.sparsities, dense, header)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # this run's peak (Linux: KiB)
+    md += "\n\n" + phase_table(rows, names, state["grads"], eval_ips)
+    md += f"\n\nPeak resident memory of the last run: {peak_gb:.1f} GiB (G alone: {args.fisher_n * layout.size * 4 / 2**30:.2f} GiB)."
+    print("\n" + md)
+    write(args.out, md, metadata(data_source=ds.source, dense_accuracy=dense, args=vars(args), rows=rows,
+                                 grads=state["grads"], eval_images_per_s=eval_ips, peak_rss_gib=peak_gb))
+    plot(table, names, args.sparsities, RESULTS / f"{args.out}_accuracy.png", RESULTS / f"{args.out}_time.png",
+         "ResNet20, Fashion-MNIST-32")
+    partial.unlink()
+    print(f"done: wrote {RESULTS / args.out}.{{md,json}} and plots")
+
+
+def _job_args(args):
+    return {k: getattr(args, k) for k in ("seeds", "sparsities", "fisher_n", "damping", "trials")}
+
+
+def phase_table(rows, names, grads, eval_ips):
+    """Mean seconds of each phase per method, leaving out the rows that include compilation."""
+    t_g = np.mean([g["seconds"] for g in grads.values()])
+    ips = np.mean([g["rows_per_s"] for g in grads.values()])
+    lines = [f"Phases (s, mean over runs after compilation): "
+             f"per-example gradients {t_g:.1f} s ({ips:.0f} rows/s, shared by all methods of a seed); "
+             f"evaluation {eval_ips:.0f} images/s.", "",
+             "| method | selection (s) | update (s) |", "|---|---|---|"]
+    for m in names:
+        rs = [r for r in rows if r["method"] == m and not r["compiled"]] or [r for r in rows if r["method"] == m]
+        lines.append(f"| {m} | {np.mean([r['select_s'] for r in rs]):.2f} | {np.mean([r['update_s'] for r in rs]):.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
