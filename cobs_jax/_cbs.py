@@ -24,8 +24,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.linalg import cho_solve
 
+from ._iht import update_aware_objective
 from ._selectors import Problem, _rank_in_group, smallest_k
+from ._update import cbs_update
 
 __all__ = ["CBS", "alpha_beta", "rmp_mask"]
 
@@ -81,6 +84,12 @@ class CBS:
       max_steps: maximum local-search passes (the paper's steps_max).
       noimp_max: stop after this many passes without a lower true loss.
       local_search: run Algorithm 1 after RMP (False gives RMP alone).
+      objective: ``"selection"`` (the paper's f(P) = w_P^T F_PP w_P, the loss if the pruned
+        weights are just zeroed) or ``"update_aware"``: swaps must lower the loss of the quadratic
+        model *after* the optimal CBS-U update, ``w_P^T ([F_lambda^-1]_PP)^-1 w_P``, evaluated with
+        rank-2 N x N updates (:meth:`ua_pass`; O(N^2) per candidate instead of O(N), plus one
+        N x N inverse per block and pass), and the true-loss checks of the passes score the
+        updated weights (one CBS-U solve per pass). Use it with ``update="cbs"``.
       first_pair_stop: end the search when the best-ranked pair (pi_1, theta_1) fails to improve
         by epsilon (Algorithm 1, line 8). The paper does this; it often stops the search while
         improving swaps exist further down the window, so it is off by default: a pass then ends
@@ -102,6 +111,7 @@ class CBS:
     noimp_max: int = 5
     local_search: bool = True
     first_pair_stop: bool = False
+    objective: str = "selection"
 
     def __post_init__(self):
         for name, lo in (("num_trials", 1), ("rho", 1), ("tau", 1), ("max_steps", 0), ("noimp_max", 0)):
@@ -110,6 +120,8 @@ class CBS:
                 raise ValueError(f"CBS `{name}` must be an int >= {lo}, got {v!r}")
         if not self.epsilon >= 0:
             raise ValueError(f"CBS `epsilon` must be >= 0, got {self.epsilon!r}")
+        if self.objective not in ("selection", "update_aware"):
+            raise ValueError(f"CBS `objective` must be 'selection' or 'update_aware', got {self.objective!r}")
         if self.num_buckets is not None and int(self.num_buckets) < 1:
             raise ValueError(f"CBS `num_buckets` must be >= 1, got {self.num_buckets!r}")
 
@@ -137,7 +149,7 @@ class CBS:
 
     # ---- Algorithm 1, one pass ------------------------------------------------------------------
     def ls_pass(self, fisher, gt, w, pruned, k, groups=None):
-        """One pass of Algorithm 1 from ``pruned``.
+        """One pass of Algorithm 1 from ``pruned`` on the selection objective f(P).
 
         Args:
           fisher: the Fisher (its blocks give the block structure of F; damping is not used).
@@ -153,6 +165,108 @@ class CBS:
           (new_pruned, num_swaps, total_delta, stop) where stop says the first pair did not
           improve by epsilon (Algorithm 1 line c) or no swap was accepted.
         """
+        n = fisher.num_rows
+        blk = jnp.asarray(fisher.block_ids())
+
+        def delta(v, i, js, alpha, beta):  # corrected alpha_i, beta_j and gamma_ij, O(N) each
+            gi, gj = gt[i], gt[js]
+            a_new = alpha[i] + 2 * w[i] * (gi @ v[blk[i]]) / n
+            b_new = beta[js] + 2 * w[js] * jnp.sum(gj * v[blk[js]], axis=1) / n
+            gam = 2 * w[i] * w[js] * (gj @ gi) / n * (blk[js] == blk[i])
+            return b_new - gam - a_new
+
+        def accept(v, i, j, hit):  # v_b = G_J w_J - G_I w_I per block
+            v = v.at[blk[i]].add(jnp.where(hit, -w[i], 0.0) * gt[i])
+            return v.at[blk[j]].add(jnp.where(hit, w[j], 0.0) * gt[j])
+
+        v0 = jnp.zeros((len(fisher.blocks), n), w.dtype)
+        return self._pass(fisher, gt, w, pruned, k, groups, delta, accept, v0, self.epsilon)
+
+    def ua_pass(self, fisher, gt, w, pruned, k, groups=None):
+        """One pass of Algorithm 1 on the update-aware objective (``objective="update_aware"``).
+
+        Candidates are ordered as in :meth:`ls_pass`; a swap (i out of P, j into P) is accepted when
+        it lowers ``H(P) = w_P^T ([F_lambda^-1]_PP)^-1 w_P = lambda (||w_P||^2 + sum_b u_b^T M_b^-1 u_b)``
+        (twice the model loss after the optimal update; ``u_b = G_b w_P``, ``M_b = N lambda I +
+        G_{R,b} G_{R,b}^T``) by ``epsilon * lambda`` (H carries the factor lambda; on MLPNet the
+        plain epsilon would reject every swap). The swap changes M_b by ``g_i g_i^T - g_j g_j^T``: its effect
+        is evaluated with a rank-2 Woodbury identity on an explicit N x N ``M_b^-1`` per block, in
+        O(N^2) per candidate, and ``M_b^-1`` is updated in O(N^2) when a swap is accepted. The pass
+        starts with one N x N inverse per block (O(N^2 D_b + N^3)). Same arguments and returns as
+        :meth:`ls_pass`.
+        """
+        n, lam = fisher.num_rows, fisher.damping
+        blk = jnp.asarray(fisher.block_ids())
+        u0 = fisher.project(jnp.where(pruned, w, 0.0))
+        eye = jnp.eye(n, dtype=w.dtype)
+        minv0 = jnp.stack([
+            cho_solve(fisher.gram_cholesky(jnp.where(pruned[s:e], 0.0, fisher.grads[:, s:e])), eye)
+            for s, e in fisher.blocks
+        ])
+
+        def apply_minv(minv, b, x):  # M_b^-1 x for a row of block ids b and rows x, without a gather of M
+            if minv.shape[0] == 1:
+                return x @ minv[0]
+            return jax.lax.map(lambda t: minv[t[0]] @ t[1], (b, x))
+
+        def pieces(aux, i, js):
+            minv, u, z = aux
+            bi, bj = blk[i], blk[js]
+            gi, gj = gt[i], gt[js]
+            yi = minv[bi] @ gi
+            yj = apply_minv(minv, bj, gj)
+            same = (bj == bi).astype(w.dtype)
+            ci, cj = -w[i], w[js] * same
+            # block of i: columns g_i (joins R, sign +1) and, if j is in the same block, g_j (sign -1)
+            up = (u[bi] + ci * gi)[None, :] + cj[:, None] * gj
+            mup = (z[bi] + ci * yi)[None, :] + cj[:, None] * yj
+            s11 = 1.0 + gi @ yi
+            s12 = (gj @ yi) * same
+            s22 = jnp.where(same > 0, -1.0 + jnp.sum(gj * yj, axis=1), -1.0)
+            b1, b2 = up @ yi, jnp.sum(up * yj, axis=1) * same
+            det = s11 * s22 - s12 * s12
+            quad_i = jnp.sum(up * mup, axis=1) - (s22 * b1 * b1 - 2 * s12 * b1 * b2 + s11 * b2 * b2) / det
+            d_i = quad_i - u[bi] @ z[bi]
+            # block of j when it differs: column g_j (leaves R, sign -1)
+            upj = u[bj] + w[js][:, None] * gj
+            mupj = z[bj] + w[js][:, None] * yj
+            sj = -1.0 + jnp.sum(gj * yj, axis=1)
+            quad_j = jnp.sum(upj * mupj, axis=1) - jnp.sum(yj * upj, axis=1) ** 2 / sj
+            d_j = (quad_j - jnp.sum(u[bj] * z[bj], axis=1)) * (1.0 - same)
+            return lam * (w[js] ** 2 - w[i] ** 2 + d_i + d_j), (yi, yj, s11, s12, s22, sj, same)
+
+        def delta(aux, i, js, alpha, beta):
+            return pieces(aux, i, js)[0]
+
+        def accept(aux, i, j, hit):
+            minv, u, z = aux
+            bi, bj = blk[i], blk[j]
+            _, (yi, yj, s11, s12, s22, sj, same) = pieces(aux, i, j[None])
+            yj, s12, s22, sj, same = yj[0], s12[0], s22[0], sj[0], same[0]
+            det = s11 * s22 - s12 * s12
+            y2 = yj * same
+            # Woodbury: M^-1 - Y S^-1 Y^T with Y = [y_i, y_j] in the block of i ...
+            upd_i = (s22 * jnp.outer(yi, yi) - s12 * (jnp.outer(yi, y2) + jnp.outer(y2, yi))
+                     + s11 * jnp.outer(y2, y2)) / det
+            minv = minv.at[bi].add(jnp.where(hit, -upd_i, 0.0))
+            # ... and M^-1 - y_j y_j^T / s_j in the block of j when it differs
+            minv = minv.at[bj].add(jnp.where(hit & (same == 0), -jnp.outer(yj, yj) / sj, 0.0))
+            u = u.at[bi].add(jnp.where(hit, -w[i], 0.0) * gt[i])
+            u = u.at[bj].add(jnp.where(hit, w[j], 0.0) * gt[j])
+            z = z.at[bi].set(minv[bi] @ u[bi]).at[bj].set(minv[bj] @ u[bj])
+            return minv, u, z
+
+        z0 = jnp.einsum("bnm,bm->bn", minv0, u0)
+        aux0 = (minv0, u0, z0)
+        return self._pass(fisher, gt, w, pruned, k, groups, delta, accept, aux0, self.epsilon * lam)
+
+    def _pass(self, fisher, gt, w, pruned, k, groups, delta, accept, aux0, threshold):
+        """The pass of Algorithm 1 shared by both objectives.
+
+        ``delta(aux, i, js, alpha, beta)`` gives the objective change of swapping i with each
+        candidate j; ``accept(aux, i, j, hit)`` updates the running state ``aux`` after a swap; a
+        swap must lower the objective by ``threshold``.
+        """
         dim, n = w.shape[0], fisher.num_rows
         blk = jnp.asarray(fisher.block_ids())
         if groups is None:
@@ -163,7 +277,7 @@ class CBS:
         n_rem = sizes - k  # kept weights per group
         movable = pruned & (n_rem[groups] > 0)
         num_movable = jnp.sum(movable)
-        alpha, beta, u = alpha_beta(fisher, w, pruned)
+        alpha, beta, _ = alpha_beta(fisher, w, pruned)
         pi = jnp.argsort(jnp.where(movable, -alpha, jnp.inf), stable=True)  # P by alpha desc
         rank = _rank_in_group(jnp.where(pruned, -alpha, jnp.inf), groups, k.shape[0])
         i1 = pi[0]
@@ -171,10 +285,10 @@ class CBS:
         # per group: the kept weights by ascending beta - gamma_1, then the pruned ones
         theta = jnp.lexsort((jnp.where(pruned, jnp.inf, beta - gam1), groups))
         j1 = theta[gstart[groups[i1]]]
-        first = beta[j1] - gam1[j1] - alpha[i1]
         stop0 = num_movable == 0
         if self.first_pair_stop:
-            stop0 = stop0 | (first > -self.epsilon)
+            first = delta(aux0, i1, j1[None], alpha, beta)[0]
+            stop0 = stop0 | (first > -threshold)
         offs = jnp.arange(-self.rho, self.rho + 1)
 
         def cond(s):
@@ -182,44 +296,32 @@ class CBS:
             return (ii < num_movable) & (fails < self.tau) & ~stop0
 
         def body(s):
-            ii, fails, v, in_i, in_j, swaps, total = s
+            ii, fails, aux, in_i, in_j, swaps, total = s
             i = pi[ii]
             g = groups[i]
             pos = rank[i] + offs
             js = theta[jnp.clip(gstart[g] + pos, 0, dim - 1)]
             valid = (pos >= 0) & (pos < n_rem[g]) & ~in_j[js]
-            gi, gj = gt[i], gt[js]  # (N,), (W, N)
-            a_new = alpha[i] + 2 * w[i] * (gi @ v[blk[i]]) / n
-            b_new = beta[js] + 2 * w[js] * jnp.sum(gj * v[blk[js]], axis=1) / n
-            gam = 2 * w[i] * w[js] * (gj @ gi) / n * (blk[js] == blk[i])
-            delta = b_new - gam - a_new
-            ok = valid & (delta <= -self.epsilon)
+            d = delta(aux, i, js, alpha, beta)
+            ok = valid & (d <= -threshold)
             hit = jnp.any(ok)
             f = jnp.argmax(ok)
             j = js[f]
-            v = v.at[blk[i]].add(jnp.where(hit, -w[i], 0.0) * gi)
-            v = v.at[blk[j]].add(jnp.where(hit, w[j], 0.0) * gj[f])
+            aux = accept(aux, i, j, hit)
             in_i = in_i.at[i].set(in_i[i] | hit)
             in_j = in_j.at[j].set(in_j[j] | hit)
             return (
                 ii + 1,
                 fails + jnp.where(hit, 0, 1),
-                v,
+                aux,
                 in_i,
                 in_j,
                 swaps + hit.astype(jnp.int32),
-                total + jnp.where(hit, delta[f], 0.0),
+                total + jnp.where(hit, d[f], 0.0),
             )
 
-        init = (
-            jnp.int32(0),
-            jnp.int32(0),
-            jnp.zeros_like(u),
-            jnp.zeros(dim, bool),
-            jnp.zeros(dim, bool),
-            jnp.int32(0),
-            jnp.zeros((), w.dtype),
-        )
+        init = (jnp.int32(0), jnp.int32(0), aux0, jnp.zeros(dim, bool), jnp.zeros(dim, bool), jnp.int32(0),
+                jnp.zeros((), w.dtype))
         _, _, _, in_i, in_j, swaps, total = jax.lax.while_loop(cond, body, init)
         new = (pruned | in_j) & ~in_i
         return new, swaps, total, stop0 | (swaps == 0)
@@ -230,12 +332,16 @@ class CBS:
         fisher, w = problem.fisher, problem.w
         gt = fisher.grads.T
         steps = self.max_steps
+        aware = self.objective == "update_aware"
+        one_pass = self.ua_pass if aware else self.ls_pass
 
         def objective(pruned):
+            if aware:
+                return 2 * update_aware_objective(fisher, w, pruned)
             return fisher.quadratic(jnp.where(pruned, w, 0.0))
 
-        def loss(pruned):
-            return problem.loss(jnp.where(pruned, 0.0, w))
+        def loss(pruned):  # of the weights this selection would be deployed with
+            return problem.loss(cbs_update(w, pruned, fisher) if aware else jnp.where(pruned, 0.0, w))
 
         loss0 = loss(pruned0)
         hist0 = (
@@ -252,7 +358,7 @@ class CBS:
         def body(st):
             s, pruned, best, best_loss, s_imp, _, (h_obj, h_loss, h_sw) = st
             s = s + 1
-            new, swaps, _, stop = self.ls_pass(fisher, gt, w, pruned, k, problem.groups)
+            new, swaps, _, stop = one_pass(fisher, gt, w, pruned, k, problem.groups)
             new_loss = jax.lax.cond(stop, lambda: jnp.asarray(jnp.inf, w.dtype), lambda: loss(new))
             better = ~stop & (new_loss < best_loss)
             h_obj = h_obj.at[s].set(jnp.where(stop, jnp.nan, objective(new)))

@@ -1,4 +1,5 @@
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +88,77 @@ def test_grouped_pass_keeps_group_counts_and_equals_dense(blocks):
             break
         pruned = new
     assert swaps_seen > 0
+
+
+def dense_update_aware(fisher, w, pruned):
+    """H(P) = w_P^T ([F_lambda^-1]_PP)^-1 w_P with dense inverses: twice the model loss after CBS-U."""
+    finv = np.linalg.inv(dense_f(fisher))
+    p = np.flatnonzero(pruned)
+    return float(w[p] @ np.linalg.solve(finv[np.ix_(p, p)], w[p]))
+
+
+@pytest.mark.parametrize("blocks", [((0, 30),), ((0, 12), (12, 30))])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_update_aware_pass_equals_dense_recomputation(blocks, grouped):
+    sel = cobs_jax.CBS(epsilon=1e-9, rho=4, tau=10, objective="update_aware")
+    w, fisher = random_fisher(d=30, n=6, blocks=blocks, seed=8, damping=0.05)
+    wn = np.asarray(w)
+    if grouped:
+        groups = jnp.asarray(np.arange(30) % 3, jnp.int32)
+        k = jnp.asarray([4, 5, 6], jnp.int32)
+    else:
+        groups, k = None, 15
+    pass_fn = jax.jit(lambda p: sel.ua_pass(fisher, fisher.grads.T, w, p, k, groups))
+    pruned = cobs_jax.smallest_k(jnp.abs(w), k, groups)
+    swaps_seen = 0
+    for _ in range(8):
+        new, swaps, total, stop = pass_fn(pruned)
+        old_h = dense_update_aware(fisher, wn, np.asarray(pruned))
+        new_h = dense_update_aware(fisher, wn, np.asarray(new))
+        np.testing.assert_allclose(new_h - old_h, total, rtol=1e-7, atol=1e-10)
+        # ... which equals twice the library's update_aware_objective
+        np.testing.assert_allclose(2 * cobs_jax.update_aware_objective(fisher, w, new), new_h, rtol=1e-9)
+        if grouped:
+            np.testing.assert_array_equal(np.bincount(np.asarray(groups)[np.asarray(new)], minlength=3), k)
+        assert int(np.sum(new)) == int(np.sum(k))
+        swaps_seen += int(swaps)
+        if stop:
+            break
+        pruned = new
+    assert swaps_seen > 0
+
+
+def test_update_aware_search_finds_lower_model_loss_after_update():
+    """On enumerable problems the update-aware search ends at a lower H(P) than the plain one."""
+    plain = cobs_jax.CBS(num_trials=4, epsilon=1e-9)
+    aware = cobs_jax.CBS(num_trials=4, epsilon=1e-9, objective="update_aware")
+    rng = np.random.default_rng(1)
+    wins = losses = optimal = 0
+    for trial in range(15):
+        d, n, k = 12, int(rng.integers(3, 7)), int(rng.integers(4, 9))
+        w, fisher = random_fisher(d=d, n=n, seed=300 + trial, damping=0.05)
+        g = jnp.zeros((8, d)).at[:n].set(fisher.grads)
+        fisher = cobs_jax.Fisher(g, fisher.damping, fisher.blocks)
+        wn = np.asarray(w)
+        h = {}
+        for name, sel in (("plain", plain), ("aware", aware)):
+            pruned = _select_damped(sel, ((0, d),), w, fisher.grads, k, jax.random.key(trial))
+            h[name] = dense_update_aware(fisher, wn, np.asarray(pruned))
+        best = min(dense_update_aware(fisher, wn, np.isin(np.arange(d), c))
+                   for c in itertools.combinations(range(d), k))
+        wins += h["aware"] < h["plain"] - 1e-9
+        losses += h["aware"] > h["plain"] + 1e-9
+        optimal += h["aware"] <= best + 1e-9
+    print(f"update-aware search: lower H than plain in {wins}/15, higher in {losses}/15, optimal in {optimal}/15")
+    assert losses == 0 and wins >= 3 and optimal >= 12
+
+
+@functools.partial(jax.jit, static_argnames=("selector", "blocks"))
+def _select_damped(selector, blocks, w, g, k, key):
+    """Selection whose true loss is the damped quadratic model 1/2 (w' - w)^T F_lambda (w' - w)."""
+    fisher = cobs_jax.Fisher(g, jnp.asarray(0.05, g.dtype), blocks)
+    loss = lambda wn: 0.5 * fisher.quadratic(wn - w, damped=True)  # noqa: E731
+    return selector.select(cobs_jax.Problem(w, fisher, blocks, loss), k, key)[0]
 
 
 @pytest.mark.parametrize("first_pair_stop,min_fraction", [(False, 0.5), (True, 0.3)])
