@@ -12,7 +12,10 @@ accuracy is measured without fine-tuning. Prints a markdown table (mean +- std o
 Methods (paper names): MP, WF-S, WF (OBS-sum update, scale 0.9 as the paper's MLPNet runs), CBS-S
 (RMP + local search) and CBS (CBS-S + CBS-U). WF and CBS reuse the masks of WF-S and CBS-S, as the
 paper's pipeline does. IHT (ours): iterative hard thresholding on the damped quadratic model, warm
-started from the WoodFisher support, then the exact CBS-U re-solve on its support.
+started from the WoodFisher support, then the exact CBS-U re-solve on its support. CBS-UA (ours,
+``--methods ... CBS-UA``): CBS whose swap search minimises the model loss after the CBS-U update.
+CBS-auto (``--methods ... CBS-auto``): CBS with ``update_scale="auto"`` (the CBS-U scale s in
+{0, 0.1, ..., 1} with the lowest loss on the loss batch).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from models import accuracy, dense_accuracy, loss_fn, trained_mlpnet  # noqa: E4
 SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 
+DEFAULT_METHODS = ("MP", "WF-S", "WF", "CBS-S", "CBS", "IHT")
+
+
 def method_table(args):
     """name -> (selector or method name, update, update_scale, base) ; base = method whose mask is reused."""
     cbs = cobs_jax.CBS(num_trials=args.trials)
@@ -46,11 +52,16 @@ def method_table(args):
         "CBS-S": (cbs, None, 1.0, None),
         "CBS": (cbs, "cbs", 1.0, "CBS-S"),
         "IHT": (cobs_jax.IHT(), "cbs", 1.0, None),
+        "CBS-UA": (cobs_jax.CBS(num_trials=args.trials, objective="update_aware"), "cbs", 1.0, None),
+        "CBS-auto": (cbs, "cbs", "auto", None),
     }
 
 
 def sweep(args, ds, params):
-    methods = method_table(args)
+    table = method_table(args)
+    wanted = [m for m in table if m in args.methods]
+    bases = [table[m][3] for m in wanted if table[m][3] and table[m][3] not in wanted]
+    methods = {m: table[m] for m in table if m in wanted or m in bases}  # bases run first, unreported
     layout = cobs_jax.make_layout(params)
     rows = []
     x_tr, y_tr = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
@@ -60,7 +71,7 @@ def sweep(args, ds, params):
     except ImportError:  # progress without tqdm
         tqdm = None
     jobs = [(seed, s) for seed in range(args.seeds) for s in args.sparsities]
-    bar = tqdm(total=len(jobs) * len(methods), desc="pruning", unit="run") if tqdm else None
+    bar = tqdm(total=len(jobs) * len(wanted), desc="pruning", unit="run") if tqdm else None
     warmed = False
     for seed in range(args.seeds):
         rng = np.random.default_rng(seed)
@@ -87,6 +98,8 @@ def sweep(args, ds, params):
                 r = run_one(spec, results, params, loss_fn, batch, grads, s, key, damping=args.damping,
                             blocks="model")
                 results[name] = r
+                if name not in wanted:
+                    continue
                 acc = float(accuracy(r["params"], ds.x_test, ds.y_test))
                 needs_grads = name != "MP"
                 rows.append({
@@ -103,7 +116,7 @@ def sweep(args, ds, params):
                     print(f"seed {seed} sparsity {s} {name}: {100 * acc:.2f}%", flush=True)
     if bar:
         bar.close()
-    return rows, list(methods)
+    return rows, wanted
 
 
 def main(argv=None):
@@ -118,6 +131,8 @@ def main(argv=None):
     p.add_argument("--damping", type=float, default=1e-3)
     p.add_argument("--trials", type=int, default=50, help="RMP trials of CBS")
     p.add_argument("--loss-examples", type=int, default=10000, help="training examples scoring CBS masks")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                   choices=list(DEFAULT_METHODS) + ["CBS-UA", "CBS-auto"], help="columns of the table")
     p.add_argument("--out", default=None, help="output name under benchmarks/results/")
     args = p.parse_args(argv)
     if args.quick:
