@@ -94,7 +94,9 @@ def _nm_groups(layout: Layout, m: int) -> np.ndarray:
     for name, i in zip(layout.names, layout.leaf_ids):
         shape = layout.shapes[i]
         if len(shape) < 2:
-            raise ValueError(f"`pattern` N:M needs kernels with an input axis; layer {name} has shape {shape}")
+            raise ValueError(
+                f"`pattern` N:M needs kernels with an input axis; layer {name} has shape {shape}"
+            )
         cin, cout = shape[-2], shape[-1]
         if cin % m:
             raise ValueError(
@@ -138,14 +140,18 @@ def make_budget(
     if nm is not None:
         n, m = nm
         if sparsity is not None and abs(check_sparsity(sparsity) - (m - n) / m) > 1e-9:
-            raise ValueError(f"`sparsity`={sparsity} contradicts `pattern`={pattern!r} (sparsity {(m - n) / m:g})")
+            raise ValueError(
+                f"`sparsity`={sparsity} contradicts `pattern`={pattern!r} (sparsity {(m - n) / m:g})"
+            )
         if not (isinstance(budget, str) and budget == "global"):
-            raise ValueError(f"`pattern`={pattern!r} fixes the budget of every group of {m}; leave `budget` global")
+            raise ValueError(
+                f"`pattern`={pattern!r} fixes the budget of every group of {m}; leave `budget` global"
+            )
         groups = _nm_groups(layout, m)
         counts = np.full(d // m, m - n, np.int64)
     elif isinstance(budget, str):
         if budget not in ("global", "uniform"):
-            raise ValueError(f"`budget` must be 'global', 'uniform' or a dict {{layer: sparsity}}, got {budget!r}")
+            raise _bad_budget(budget)
         if sparsity is None:
             raise ValueError("`sparsity` is required")
         s = check_sparsity(sparsity)
@@ -167,7 +173,7 @@ def make_budget(
         groups = _layer_groups(layout)
         counts = np.array([int(round(v * n)) for v, n in zip(per_layer, layout.sizes)])
     else:
-        raise ValueError(f"`budget` must be 'global', 'uniform' or a dict {{layer: sparsity}}, got {budget!r}")
+        raise _bad_budget(budget)
 
     if frozen is not None:
         frozen = np.asarray(frozen, bool)
@@ -186,6 +192,10 @@ def make_budget(
     if groups is None:
         return Budget(None, total, total)
     return Budget(groups, counts.astype(np.int32), total)
+
+
+def _bad_budget(budget) -> ValueError:
+    return ValueError(f"`budget` must be 'global', 'uniform' or a dict {{layer: sparsity}}, got {budget!r}")
 
 
 def _layer_groups(layout: Layout) -> np.ndarray:

@@ -189,11 +189,11 @@ class CBS:
         it lowers ``H(P) = w_P^T ([F_lambda^-1]_PP)^-1 w_P = lambda (||w_P||^2 + sum_b u_b^T M_b^-1 u_b)``
         (twice the model loss after the optimal update; ``u_b = G_b w_P``, ``M_b = N lambda I +
         G_{R,b} G_{R,b}^T``) by ``epsilon * lambda`` (H carries the factor lambda; on MLPNet the
-        plain epsilon would reject every swap). The swap changes M_b by ``g_i g_i^T - g_j g_j^T``: its effect
-        is evaluated with a rank-2 Woodbury identity on an explicit N x N ``M_b^-1`` per block, in
-        O(N^2) per candidate, and ``M_b^-1`` is updated in O(N^2) when a swap is accepted. The pass
-        starts with one N x N inverse per block (O(N^2 D_b + N^3)). Same arguments and returns as
-        :meth:`ls_pass`.
+        plain epsilon would reject every swap). The swap changes M_b by ``g_i g_i^T - g_j g_j^T``:
+        its effect is evaluated with a rank-2 Woodbury identity on an explicit N x N ``M_b^-1`` per
+        block, in O(N^2) per candidate, and ``M_b^-1`` is updated in O(N^2) when a swap is
+        accepted. The pass starts with one N x N inverse per block (O(N^2 D_b + N^3)). Same
+        arguments and returns as :meth:`ls_pass`.
         """
         n, lam = fisher.num_rows, fisher.damping
         blk = jnp.asarray(fisher.block_ids())
@@ -204,7 +204,7 @@ class CBS:
             for s, e in fisher.blocks
         ])
 
-        def apply_minv(minv, b, x):  # M_b^-1 x for a row of block ids b and rows x, without a gather of M
+        def apply_minv(minv, b, x):  # rows M_b^-1 x for block ids b and rows x, without gathering M
             if minv.shape[0] == 1:
                 return x @ minv[0]
             return jax.lax.map(lambda t: minv[t[0]] @ t[1], (b, x))

@@ -8,9 +8,10 @@ exactly k pruned (zero) prunable weights, by iterative hard thresholding
 where H_k zeroes the k entries of smallest magnitude (per group under a per-layer or N:M budget).
 Every product goes through G (O(N D) per iteration, never D x D). The step is 1/L with
 L = 1.05 (sigma_max(F) + lambda) from a power iteration on G; with ``line_search`` the steps 2/L,
-4/L, 8/L are tried as well and the one with the lowest objective is taken (CHITA's step doubling). An iterate is accepted only if it does not raise
-q, so q never increases. The warm start is the exact CBS-U solution on the magnitude or WoodFisher
-support. The kept weights are re-solved exactly on the final support by ``update="cbs"``.
+4/L, 8/L are tried as well and the one with the lowest objective is taken (CHITA's step
+doubling). An iterate is accepted only if it does not raise q, so q never increases. The warm
+start is the exact CBS-U solution on the magnitude or WoodFisher support. The kept weights are
+re-solved exactly on the final support by ``update="cbs"``.
 """
 
 from __future__ import annotations
