@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._budget import BudgetSpec, make_budget
 from ._cbs import CBS
 from ._fisher import Fisher, check_finite_grads, per_example_grads
-from ._budget import BudgetSpec, make_budget
 from ._iht import IHT
 from ._layout import BlockSpec, Prunable, PyTree, make_layout
 from ._selectors import Magnitude, Problem, WoodFisher
