@@ -29,6 +29,7 @@ from ._prune import PruneResult as PruneResult
 from ._prune import apply_update as apply_update
 from ._prune import make_selector as make_selector
 from ._prune import prune as prune
+from ._prune import prune_sweep as prune_sweep
 from ._selectors import Magnitude as Magnitude
 from ._selectors import Problem as Problem
 from ._selectors import WoodFisher as WoodFisher
@@ -62,6 +63,7 @@ __all__ = [
     "per_example_grads",
     "prune",
     "prune_gradual",
+    "prune_sweep",
     "rmp_mask",
     "smallest_k",
     "sparsity_of",

@@ -153,7 +153,7 @@ class CBS:
 
         Args:
           fisher: the Fisher (its blocks give the block structure of F; damping is not used).
-          gt: G^T, (D, N) so that a column of G is a contiguous row.
+          gt: G^T, (D, N) so that a column of G is a contiguous row (sharded: this shard's N columns).
           w: (D,) weights.
           pruned: (D,) bool current P with k entries.
           k: the number pruned, or with ``groups`` the (G,) count per group.
@@ -170,16 +170,17 @@ class CBS:
 
         def delta(v, i, js, alpha, beta):  # corrected alpha_i, beta_j and gamma_ij, O(N) each
             gi, gj = gt[i], gt[js]
-            a_new = alpha[i] + 2 * w[i] * (gi @ v[blk[i]]) / n
-            b_new = beta[js] + 2 * w[js] * jnp.sum(gj * v[blk[js]], axis=1) / n
-            gam = 2 * w[i] * w[js] * (gj @ gi) / n * (blk[js] == blk[i])
+            dots = fisher.sum_rows((gi @ v[blk[i]], jnp.sum(gj * v[blk[js]], axis=1), gj @ gi))
+            a_new = alpha[i] + 2 * w[i] * dots[0] / n
+            b_new = beta[js] + 2 * w[js] * dots[1] / n
+            gam = 2 * w[i] * w[js] * dots[2] / n * (blk[js] == blk[i])
             return b_new - gam - a_new
 
         def accept(v, i, j, hit):  # v_b = G_J w_J - G_I w_I per block
             v = v.at[blk[i]].add(jnp.where(hit, -w[i], 0.0) * gt[i])
             return v.at[blk[j]].add(jnp.where(hit, w[j], 0.0) * gt[j])
 
-        v0 = jnp.zeros((len(fisher.blocks), n), w.dtype)
+        v0 = jnp.zeros((len(fisher.blocks), gt.shape[1]), w.dtype)  # this shard's rows
         return self._pass(fisher, gt, w, pruned, k, groups, delta, accept, v0, self.epsilon)
 
     def ua_pass(self, fisher, gt, w, pruned, k, groups=None):
@@ -197,12 +198,12 @@ class CBS:
         """
         n, lam = fisher.num_rows, fisher.damping
         blk = jnp.asarray(fisher.block_ids())
-        u0 = fisher.project(jnp.where(pruned, w, 0.0))
+        u0 = fisher.gather_rows(fisher.project(jnp.where(pruned, w, 0.0)))
         eye = jnp.eye(n, dtype=w.dtype)
-        minv0 = jnp.stack([
-            cho_solve(fisher.gram_cholesky(jnp.where(pruned[s:e], 0.0, fisher.grads[:, s:e])), eye)
-            for s, e in fisher.blocks
-        ])
+        minv0 = fisher.map_blocks(
+            lambda g, pb: cho_solve(fisher.gram_cholesky(jnp.where(pb, 0.0, g)), eye), pruned, out="blocks"
+        )
+        col = fisher.gather_rows  # whole columns of G: minv, u and z are replicated N-vectors
 
         def apply_minv(minv, b, x):  # rows M_b^-1 x for block ids b and rows x, without gathering M
             if minv.shape[0] == 1:
@@ -212,7 +213,7 @@ class CBS:
         def pieces(aux, i, js):
             minv, u, z = aux
             bi, bj = blk[i], blk[js]
-            gi, gj = gt[i], gt[js]
+            gi, gj = col(gt[i]), col(gt[js])
             yi = minv[bi] @ gi
             yj = apply_minv(minv, bj, gj)
             same = (bj == bi).astype(w.dtype)
@@ -251,8 +252,8 @@ class CBS:
             minv = minv.at[bi].add(jnp.where(hit, -upd_i, 0.0))
             # ... and M^-1 - y_j y_j^T / s_j in the block of j when it differs
             minv = minv.at[bj].add(jnp.where(hit & (same == 0), -jnp.outer(yj, yj) / sj, 0.0))
-            u = u.at[bi].add(jnp.where(hit, -w[i], 0.0) * gt[i])
-            u = u.at[bj].add(jnp.where(hit, w[j], 0.0) * gt[j])
+            u = u.at[bi].add(jnp.where(hit, -w[i], 0.0) * col(gt[i]))
+            u = u.at[bj].add(jnp.where(hit, w[j], 0.0) * col(gt[j]))
             z = z.at[bi].set(minv[bi] @ u[bi]).at[bj].set(minv[bj] @ u[bj])
             return minv, u, z
 
@@ -281,7 +282,7 @@ class CBS:
         pi = jnp.argsort(jnp.where(movable, -alpha, jnp.inf), stable=True)  # P by alpha desc
         rank = _rank_in_group(jnp.where(pruned, -alpha, jnp.inf), groups, k.shape[0])
         i1 = pi[0]
-        gam1 = 2 * w[i1] * w * (gt @ gt[i1]) / n * (blk == blk[i1])
+        gam1 = 2 * w[i1] * w * fisher.sum_rows(gt @ gt[i1]) / n * (blk == blk[i1])
         # per group: the kept weights by ascending beta - gamma_1, then the pruned ones
         theta = jnp.lexsort((jnp.where(pruned, jnp.inf, beta - gam1), groups))
         j1 = theta[gstart[groups[i1]]]

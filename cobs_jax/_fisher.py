@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import cho_factor, cho_solve
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ._layout import Layout, PyTree
 
-__all__ = ["Fisher", "per_example_grads", "check_finite_grads"]
+__all__ = ["Fisher", "per_example_grads", "check_finite_grads", "place", "row_axis"]
 
 
 def _batch_size(batch: PyTree, name: str = "batch") -> int:
@@ -37,8 +38,7 @@ def _batch_size(batch: PyTree, name: str = "batch") -> int:
     return sizes.pop()
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "layout", "mini_batch", "chunk_size"))
-def _grad_chunk(loss_fn, layout, params, batch, start, mini_batch, chunk_size):
+def _grad_rows(loss_fn, layout, params, batch, start, mini_batch, chunk_size):
     """Rows ``start .. start + chunk_size`` of G: ``vmap(grad)`` over that many mini-batches."""
     w = layout.ravel(params)
     rows = jax.tree_util.tree_map(
@@ -51,26 +51,77 @@ def _grad_chunk(loss_fn, layout, params, batch, start, mini_batch, chunk_size):
     return jax.vmap(grad, in_axes=(None, 0))(w, rows)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_rows(g, rows, start):
-    return jax.lax.dynamic_update_slice_in_dim(g, rows, start, axis=0)
+@functools.partial(
+    jax.jit, static_argnames=("loss_fn", "layout", "mini_batch", "chunk_size", "mesh"), donate_argnums=0
+)
+def _fill_rows(g, params, batch, start, loss_fn, layout, mini_batch, chunk_size, mesh):
+    """Write rows ``start .. start + chunk_size`` of G (of every shard's rows, with a mesh) in place."""
+
+    def local(g, params, batch, start):
+        rows = _grad_rows(loss_fn, layout, params, batch, start, mini_batch, chunk_size)
+        return jax.lax.dynamic_update_slice_in_dim(g, rows.astype(g.dtype), start, axis=0)
+
+    if mesh is None:
+        return local(g, params, batch, start)
+    ax = row_axis(mesh)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(ax), P(), P(ax), P()), out_specs=P(ax), check_vma=False
+    )(g, params, batch, start)
 
 
-def _grads(loss_fn, layout, params, batch, n, mini_batch, chunk_size):
-    """G filled chunk by chunk in place (peak memory: G plus one chunk).
+def row_axis(mesh: Mesh) -> str:
+    """The mesh axis that shards the rows of G: the mesh's first axis."""
+    return mesh.axis_names[0]
+
+
+def place(tree: PyTree, mesh: Optional[Mesh], spec: P = P()) -> PyTree:
+    """Put every array of ``tree`` on ``mesh`` with partition ``spec`` (no-op without a mesh).
+
+    Works on several hosts as well: each process passes the same full (host or global) arrays and
+    contributes the shards its own devices hold (``jax.make_array_from_callback``).
+    """
+    if mesh is None:
+        return tree
+    sharding = NamedSharding(mesh, spec)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def check_rows_divisible(num_rows: int, mesh: Optional[Mesh]) -> None:
+    """Raise ``ValueError`` unless the N rows of G split evenly over the mesh's row axis."""
+    if mesh is not None and num_rows % mesh.shape[row_axis(mesh)]:
+        p = mesh.shape[row_axis(mesh)]
+        raise ValueError(
+            f"with `mesh`, the number of gradient rows N={num_rows} must be a multiple of the {p} "
+            f"devices on mesh axis {row_axis(mesh)!r} (e.g. N={num_rows - num_rows % p or p})"
+        )
+
+
+def _grads(loss_fn, layout, params, batch, n, mini_batch, chunk_size, mesh):
+    """G filled chunk by chunk in place (peak memory: G plus one chunk, per device).
 
     The chunks are dispatched from Python rather than from a ``lax.map``: XLA's CPU backend runs
     convolution gradients inside a device loop several times slower than as a standalone program
     (measured on ResNet20: 41 ms vs 7 ms per example). Dispatch is asynchronous and nothing is
     copied to the host, so on GPU/TPU the loop costs nothing either. Every chunk has the same shape
-    (one compilation): the last one is shifted back to end at row N and rewrites a few rows.
+    (one compilation): the last one is shifted back to end at the last row and rewrites a few rows.
+    With a mesh every device computes its own N / num_devices rows (data parallel) and G stays
+    sharded by rows.
     """
-    c = min(chunk_size, n)
-    g = jnp.zeros((n, layout.size), layout.dtype)
-    for start in range(0, n, c):
-        start = min(start, n - c)
-        rows = _grad_chunk(loss_fn, layout, params, batch, jnp.int32(start), mini_batch, c)
-        g = _write_rows(g, rows.astype(layout.dtype), jnp.int32(start))
+    local_n = n if mesh is None else n // mesh.shape[row_axis(mesh)]
+    c = min(chunk_size, local_n)
+    sharding = None if mesh is None else NamedSharding(mesh, P(row_axis(mesh)))
+    g = jnp.zeros((n, layout.size), layout.dtype, device=sharding)
+    params, batch = place(params, mesh), place(batch, mesh, P(None if mesh is None else row_axis(mesh)))
+    for start in range(0, local_n, c):
+        start = min(start, local_n - c)
+        g = _fill_rows(g, params, batch, jnp.int32(start), loss_fn, layout, mini_batch, c, mesh)
     return g
 
 
@@ -91,6 +142,7 @@ def per_example_grads(
     *,
     mini_batch: int = 1,
     chunk_size: int = 256,
+    mesh: Optional[Mesh] = None,
 ) -> jax.Array:
     """Rows of the gradient matrix G (N x D) over the prunable weights.
 
@@ -105,10 +157,13 @@ def per_example_grads(
       batch: pytree of arrays sharing a leading axis of size ``N * mini_batch``.
       layout: from :func:`cobs_jax.make_layout`.
       mini_batch: examples averaged per gradient row.
-      chunk_size: rows computed at once (bounds the memory of the vmap).
+      chunk_size: rows computed at once per device (bounds the memory of the vmap).
+      mesh: optional ``jax.sharding.Mesh``: the rows are computed data-parallel over its first
+        axis (each device takes N / num_devices consecutive rows and their examples) and G is
+        returned sharded by rows over that axis. N must be a multiple of the axis size.
 
     Returns:
-      G, an (N, D) array of the layout's dtype.
+      G, an (N, D) array of the layout's dtype (row-sharded over ``mesh`` when one is given).
 
     Raises:
       ValueError: on a batch with disagreeing leading axes, a size not divisible by
@@ -124,7 +179,10 @@ def per_example_grads(
             f"`batch` has {size} examples, which is not a positive multiple of "
             f"`mini_batch`={mini_batch}"
         )
-    grads = _grads(loss_fn, layout, params, batch, size // mini_batch, int(mini_batch), int(chunk_size))
+    check_rows_divisible(size // mini_batch, mesh)
+    grads = _grads(
+        loss_fn, layout, params, batch, size // mini_batch, int(mini_batch), int(chunk_size), mesh
+    )
     check_finite_grads(grads, layout)
     return grads
 
@@ -135,19 +193,32 @@ class Fisher:
     """Block-diagonal empirical Fisher ``F_lambda = G^T G / N + lambda I`` in low-rank form.
 
     Attributes:
-      grads: G, the (N, D) per-example gradients.
+      grads: G, the (N, D) per-example gradients; inside a ``shard_map`` over ``axis_name``, this
+        device's (N / num_shards, D) rows of G.
       damping: lambda > 0 (a traced scalar, so sweeping it does not recompile).
       blocks: static tuple of contiguous ``(start, stop)`` ranges covering ``[0, D)``; F is taken
         block-diagonal over them (cross-block entries are zero).
+      axis_name: ``None`` (G whole on one device) or the mesh axis over which the rows of G are
+        sharded. Every contraction over the rows is then a ``psum``, every N x N Gram matrix is
+        assembled by passing row shards around a ring (``ppermute``), and N-vectors are gathered
+        only where an N x N solve needs them: no device ever holds more than two row shards of G.
+      num_shards: the size of that mesh axis (1 without one).
+
+    Blocks of equal size are processed together by one ``lax.map`` (see :meth:`map_blocks`), so a
+    model cut into hundreds of 10,000-weight chunks compiles one program per chunk size, not one
+    per chunk.
     """
 
     grads: jax.Array
     damping: Any
     blocks: tuple[tuple[int, int], ...] = dataclasses.field(metadata=dict(static=True))
+    axis_name: Optional[str] = dataclasses.field(default=None, metadata=dict(static=True))
+    num_shards: int = dataclasses.field(default=1, metadata=dict(static=True))
 
     @property
     def num_rows(self) -> int:
-        return self.grads.shape[0]
+        """N, the total number of gradient rows (over all shards)."""
+        return self.grads.shape[0] * self.num_shards
 
     @property
     def dim(self) -> int:
@@ -160,18 +231,107 @@ class Fisher:
             ids[s:e] = b
         return ids
 
+    # ---- rows sharded over devices --------------------------------------------------------------
+    def sum_rows(self, x):
+        """Sum of per-shard partial contractions over the rows of G (``psum``; identity unsharded)."""
+        return x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
+
+    def gather_rows(self, x: jax.Array) -> jax.Array:
+        """All N entries of row-indexed ``x`` (rows on the last axis) from this shard's entries."""
+        if self.axis_name is None:
+            return x
+        return jax.lax.all_gather(x, self.axis_name, axis=x.ndim - 1, tiled=True)
+
+    def local_rows(self, x: jax.Array) -> jax.Array:
+        """This shard's entries of an N-indexed ``x`` (rows on the last axis)."""
+        if self.axis_name is None:
+            return x
+        nl = self.grads.shape[0]
+        start = jax.lax.axis_index(self.axis_name) * nl
+        return jax.lax.dynamic_slice_in_dim(x, start, nl, axis=x.ndim - 1)
+
+    def _ring(self, g: jax.Array, fn):
+        """``sum_s fn(s, g_s)`` over the row shards ``g_s`` of g, passed from device to device."""
+        p, ax = self.num_shards, self.axis_name
+        me = jax.lax.axis_index(ax)
+        total, cur = None, g
+        for t in range(p):
+            val = fn((me + t) % p, cur)  # after t steps this device holds shard me + t
+            total = val if total is None else total + val
+            if t + 1 < p:
+                cur = jax.lax.ppermute(cur, ax, [(j, (j - 1) % p) for j in range(p)])
+        return total
+
+    def gram(self, g: jax.Array) -> jax.Array:
+        """The full N x N Gram matrix ``g g^T`` of an (N, D_b) column slice g of G (replicated)."""
+        if self.axis_name is None:
+            return g @ g.T
+        nl = g.shape[0]
+
+        def cols(s, gs):  # columns of shard s of this device's rows of g g^T
+            return jax.lax.dynamic_update_slice_in_dim(
+                jnp.zeros((nl, self.num_rows), g.dtype), g @ gs.T, s * nl, axis=1
+            )
+
+        return jax.lax.all_gather(self._ring(g, cols), self.axis_name, axis=0, tiled=True)
+
+    def left_apply(self, a: jax.Array, g: jax.Array) -> jax.Array:
+        """This shard's rows of ``a @ g`` for a replicated N x N ``a`` and row-sharded ``g``."""
+        if self.axis_name is None:
+            return a @ g
+        nl = g.shape[0]
+        a_mine = self.local_rows(a.T).T  # (nl, N): this shard's rows of a
+        return self._ring(g, lambda s, gs: jax.lax.dynamic_slice_in_dim(a_mine, s * nl, nl, 1) @ gs)
+
+    # ---- blocks ---------------------------------------------------------------------------------
+    def map_blocks(self, fn, *xs, block_args=(), out: str = "weights"):
+        """Apply ``fn(g_b, *x_b, *a_b)`` to every block and collect the results.
+
+        ``g_b`` is the block's columns of (this shard's rows of) G, ``x_b`` the block's slice of each
+        (D,)-shaped ``xs``, ``a_b`` the block's entry of each ``block_args`` (leading axis of length
+        num_blocks). With ``out="weights"`` fn returns (D_b,)-shaped leaves that are concatenated
+        into (D,) arrays; with ``out="blocks"`` they are stacked into (num_blocks, ...) arrays.
+        Blocks of one size run in one ``lax.map``.
+        """
+        by_size: dict[int, list[int]] = {}
+        for b, (s, e) in enumerate(self.blocks):
+            by_size.setdefault(e - s, []).append(b)
+        results: list = [None] * len(self.blocks)
+        for size, ids in by_size.items():
+            if len(ids) == 1:
+                b = ids[0]
+                s, e = self.blocks[b]
+                results[b] = fn(self.grads[:, s:e], *(x[s:e] for x in xs), *(a[b] for a in block_args))
+                continue
+
+            def one(sb, size=size):
+                s, b = sb
+                sl = lambda x, ax=0: jax.lax.dynamic_slice_in_dim(x, s, size, ax)  # noqa: E731
+                return fn(sl(self.grads, 1), *(sl(x) for x in xs), *(a[b] for a in block_args))
+
+            starts = jnp.asarray([self.blocks[b][0] for b in ids], jnp.int32)
+            stacked = jax.lax.map(one, (starts, jnp.asarray(ids, jnp.int32)))
+            for j, b in enumerate(ids):
+                results[b] = jax.tree.map(lambda a, j=j: a[j], stacked)
+        join = jnp.concatenate if out == "weights" else jnp.stack
+        return jax.tree.map(lambda *a: join(a), *results)
+
     # ---- F (undamped) ---------------------------------------------------------------------------
     def diag(self) -> jax.Array:
         """Diagonal of the undamped F: ``mean(G**2, axis=0)``."""
-        return jnp.mean(self.grads**2, axis=0)
+        return self.sum_rows(jnp.sum(self.grads**2, axis=0)) / self.num_rows
+
+    def mean_grad(self) -> jax.Array:
+        """``mean(G, axis=0)``, the average gradient over the rows."""
+        return self.sum_rows(jnp.sum(self.grads, axis=0)) / self.num_rows
 
     def project(self, x: jax.Array) -> jax.Array:
-        """``G_b x_b`` for every block: an (num_blocks, N) array."""
-        return jnp.stack([self.grads[:, s:e] @ x[s:e] for s, e in self.blocks])
+        """``G_b x_b`` for every block: a (num_blocks, N) array (this shard's N entries)."""
+        return self.map_blocks(lambda g, xb: g @ xb, x, out="blocks")
 
     def back_project(self, u: jax.Array) -> jax.Array:
         """``G_b^T u_b`` concatenated over blocks, for u of shape (num_blocks, N): a (D,) array."""
-        return jnp.concatenate([self.grads[:, s:e].T @ u[b] for b, (s, e) in enumerate(self.blocks)])
+        return self.sum_rows(self.map_blocks(lambda g, ub: g.T @ ub, block_args=(u,)))
 
     def matvec(self, x: jax.Array, damped: bool = True) -> jax.Array:
         """``F_lambda x`` (or ``F x`` with ``damped=False``), blockwise, in O(N D)."""
@@ -180,46 +340,57 @@ class Fisher:
 
     def quadratic(self, x: jax.Array, damped: bool = False) -> jax.Array:
         """``x^T F x`` (undamped by default): ``sum_b ||G_b x_b||^2 / N`` (+ ``lambda ||x||^2``)."""
-        q = jnp.sum(self.project(x) ** 2) / self.num_rows
+        q = self.sum_rows(jnp.sum(self.project(x) ** 2)) / self.num_rows
         return q + self.damping * jnp.sum(x * x) if damped else q
 
     # ---- F_lambda^{-1} via Woodbury -------------------------------------------------------------
     def gram_cholesky(self, g: jax.Array):
         """Cholesky factor (``cho_factor``) of ``N lambda I + g g^T`` for an (N, D_b) slice g of G."""
         n = self.num_rows
-        k = g @ g.T + (n * self.damping) * jnp.eye(n, dtype=g.dtype)
+        k = self.gram(g) + (n * self.damping) * jnp.eye(n, dtype=g.dtype)
         return cho_factor(k, lower=True)
+
+    def gram_solve(self, chol, u: jax.Array) -> jax.Array:
+        """``K^{-1} u`` for ``K`` factored by :meth:`gram_cholesky` and row-indexed u (this shard's)."""
+        return self.local_rows(cho_solve(chol, self.gather_rows(u)))
 
     def inv_diag(self) -> jax.Array:
         """Diagonal of ``F_lambda^{-1}``, blockwise, by Woodbury: N x N Cholesky per block.
 
         ``F_lambda^{-1} = (I - G_b^T K^{-1} G_b) / lambda`` with ``K = N lambda I + G_b G_b^T``,
-        so ``[F_lambda^{-1}]_qq = (1 - ||L^{-1} g_q||^2) / lambda`` with ``K = L L^T``.
+        so ``[F_lambda^{-1}]_qq = (1 - g_q^T K^{-1} g_q) / lambda``.
         """
-        out = []
-        for s, e in self.blocks:
-            g = self.grads[:, s:e]
-            c, low = self.gram_cholesky(g)
-            z = jax.scipy.linalg.solve_triangular(c, g, lower=True)
-            # Clip guards the float cancellation of 1 - ||z||^2 for well-determined directions.
-            out.append(jnp.clip(1.0 - jnp.sum(z * z, axis=0), 1e-12, 1.0) / self.damping)
-        return jnp.concatenate(out)
+
+        def one(g):
+            chol = self.gram_cholesky(g)
+            if self.axis_name is None:
+                z = jax.scipy.linalg.solve_triangular(chol[0], g, lower=True)
+                quad = jnp.sum(z * z, axis=0)
+            else:
+                kinv = cho_solve(chol, jnp.eye(self.num_rows, dtype=g.dtype))
+                quad = self.sum_rows(jnp.sum(g * self.left_apply(kinv, g), axis=0))
+            # Clip guards the float cancellation of 1 - quad for well-determined directions.
+            return jnp.clip(1.0 - quad, 1e-12, 1.0) / self.damping
+
+        return self.map_blocks(one)
 
     def inv_matvec(self, x: jax.Array) -> jax.Array:
         """``F_lambda^{-1} x``, blockwise, by Woodbury (one N x N solve per block)."""
-        out = []
-        for s, e in self.blocks:
-            g, xb = self.grads[:, s:e], x[s:e]
-            z = cho_solve(self.gram_cholesky(g), g @ xb)
-            out.append((xb - g.T @ z) / self.damping)
-        return jnp.concatenate(out)
+
+        def one(g, xb):
+            z = self.gram_solve(self.gram_cholesky(g), g @ xb)
+            return (xb - self.sum_rows(g.T @ z)) / self.damping
+
+        return self.map_blocks(one, x)
 
     def dense(self, damped: bool = True, max_dim: int = 4096) -> jax.Array:
-        """The D x D block-diagonal matrix. Only for small problems (``D <= max_dim``)."""
+        """The D x D block-diagonal matrix. Only for small, unsharded problems (``D <= max_dim``)."""
         if self.dim > max_dim:
             raise ValueError(
                 f"refusing to form a dense {self.dim} x {self.dim} Fisher (max_dim={max_dim})"
             )
+        if self.axis_name is not None:
+            raise ValueError("Fisher.dense() needs the whole G: call it outside shard_map")
         f = jnp.zeros((self.dim, self.dim), self.grads.dtype)
         for s, e in self.blocks:
             g = self.grads[:, s:e]

@@ -20,7 +20,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_solve
 
 from ._fisher import Fisher
 from ._selectors import Problem, smallest_k
@@ -36,13 +35,13 @@ def update_aware_objective(fisher: Fisher, w: jax.Array, pruned: jax.Array) -> j
     ``lambda/2 (||w_P||^2 + u^T (N lambda I + G_R G_R^T)^{-1} u)`` with ``u = G_P w_P``: one N x N
     Cholesky per block (O(N^2 D_b + N^3)).
     """
-    total = 0.0
-    for s, e in fisher.blocks:
-        g, wb, pb = fisher.grads[:, s:e], w[s:e], pruned[s:e]
-        g_r = jnp.where(pb, 0.0, g)
-        u = g @ jnp.where(pb, wb, 0.0)
-        total = total + jnp.sum(jnp.where(pb, wb, 0.0) ** 2) + u @ cho_solve(fisher.gram_cholesky(g_r), u)
-    return 0.5 * fisher.damping * total
+    def one(g, wb, pb):
+        wp = jnp.where(pb, wb, 0.0)
+        u = g @ wp
+        z = fisher.gram_solve(fisher.gram_cholesky(jnp.where(pb, 0.0, g)), u)
+        return jnp.sum(wp**2) + fisher.sum_rows(u @ z)
+
+    return 0.5 * fisher.damping * jnp.sum(fisher.map_blocks(one, w, pruned, out="blocks"))
 
 
 def fisher_max_eigenvalue(fisher: Fisher, iters: int = 30) -> jax.Array:
@@ -89,7 +88,7 @@ class IHT:
     def objective(self, fisher: Fisher, wbar, w):
         dw = w - wbar
         q = 0.5 * fisher.quadratic(dw, damped=True)
-        return q + jnp.mean(fisher.grads, 0) @ dw if self.first_order else q
+        return q + fisher.mean_grad() @ dw if self.first_order else q
 
     def select(self, problem: Problem, k, key):
         del key
@@ -102,7 +101,7 @@ class IHT:
         w0 = cbs_update(wbar, smallest_k(score, k, groups), fisher)
         step = 1.0 / (1.05 * (fisher_max_eigenvalue(fisher) + fisher.damping))
         mults = jnp.array([1.0, 2.0, 4.0, 8.0] if self.line_search else [1.0], wbar.dtype)
-        gbar = jnp.mean(fisher.grads, 0) if self.first_order else 0.0
+        gbar = fisher.mean_grad() if self.first_order else 0.0
         hist0 = jnp.full(self.max_iter + 1, jnp.nan, wbar.dtype).at[0].set(self.objective(fisher, wbar, w0))
 
         def candidate(w, grad, m):

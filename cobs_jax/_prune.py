@@ -21,21 +21,22 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 
 from ._budget import BudgetSpec, make_budget
 from ._cbs import CBS
-from ._fisher import Fisher, check_finite_grads, per_example_grads
+from ._fisher import Fisher, check_finite_grads, check_rows_divisible, per_example_grads, place, row_axis
 from ._iht import IHT
 from ._layout import BlockSpec, Prunable, PyTree, make_layout
 from ._selectors import Magnitude, Problem, WoodFisher
 from ._update import cbs_update, obs_update
 
-__all__ = ["prune", "apply_update", "PruneResult", "make_selector", "METHODS", "UPDATES"]
+__all__ = ["prune", "prune_sweep", "apply_update", "PruneResult", "make_selector", "METHODS", "UPDATES"]
 
 METHODS = {
     "magnitude": Magnitude,
@@ -84,41 +85,74 @@ def _loss_on(layout, loss_fn, params, loss_batch):
     return lambda w: loss_fn(layout.unravel(w, params), loss_batch)
 
 
-@functools.partial(jax.jit, static_argnames=("selector", "layout", "loss_fn", "blocks"))
-def _select(selector, layout, loss_fn, blocks, params, grads, damping, loss_batch, k, groups, key):
-    w = layout.ravel(params)
-    fisher = None if grads is None else Fisher(grads, damping, blocks)
-    loss = _loss_on(layout, loss_fn, params, loss_batch)
-    problem = Problem(w, fisher, layout.layer_ranges(), loss, groups)
-    pruned, stats = selector.select(problem, k, key)
-    if fisher is not None:
-        stats["objective"] = fisher.quadratic(jnp.where(pruned, w, 0.0))
-    return pruned, stats
+def _on_mesh(body, mesh, sharded: int, nargs: int):
+    """``body`` as is, or under ``shard_map`` with argument ``sharded`` (G) split by rows."""
+    if mesh is None:
+        return body
+    specs = tuple(P(row_axis(mesh)) if i == sharded else P() for i in range(nargs))
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)
 
 
-@functools.partial(jax.jit, static_argnames=("update", "layout", "loss_fn", "blocks", "auto_scale"))
-def _apply_update(update, layout, loss_fn, blocks, params, pruned, grads, damping, loss_batch, scale,
-                  auto_scale=False):
-    w = layout.ravel(params)
-    loss = _loss_on(layout, loss_fn, params, loss_batch)
-    stats = {}
-    if update is None:
-        w_new = jnp.where(pruned, 0.0, w)
-    elif auto_scale:
-        # the update is linear in the scale on the kept weights: score a grid by the true loss
-        full = UPDATES[update](w, pruned, Fisher(grads, damping, blocks), 1.0)
-        scales = jnp.asarray(AUTO_SCALES, w.dtype)
-        losses = jax.lax.map(lambda s: loss(jnp.where(pruned, 0.0, w + s * (full - w))), scales)
-        best = scales[jnp.argmin(losses)]
-        w_new = jnp.where(pruned, 0.0, w + best * (full - w))
-        stats.update(update_scale=best, scale_losses=losses)
-    else:
-        w_new = UPDATES[update](w, pruned, Fisher(grads, damping, blocks), scale)
-    if grads is not None:
-        stats["quadratic_loss"] = 0.5 * Fisher(grads, damping, blocks).quadratic(w_new - w, damped=True)
-    if loss is not None:
-        stats["loss"] = loss(w_new)
-    return layout.unravel(w_new, params), stats
+def _fisher(grads, damping, blocks, mesh):
+    if grads is None:
+        return None
+    if mesh is None:
+        return Fisher(grads, damping, blocks)
+    return Fisher(grads, damping, blocks, row_axis(mesh), mesh.shape[row_axis(mesh)])
+
+
+@functools.partial(jax.jit, static_argnames=("selector", "layout", "loss_fn", "blocks", "mesh", "batched"))
+def _select(selector, layout, loss_fn, blocks, mesh, params, grads, damping, loss_batch, k, groups, key,
+            batched=False):
+    def body(params, grads, damping, loss_batch, k, groups, key):
+        w = layout.ravel(params)
+        fisher = _fisher(grads, damping, blocks, mesh)
+        problem = Problem(w, fisher, layout.layer_ranges(), _loss_on(layout, loss_fn, params, loss_batch), groups)
+
+        def one(k, key):
+            pruned, stats = selector.select(problem, k, key)
+            if fisher is not None:
+                stats["objective"] = fisher.quadratic(jnp.where(pruned, w, 0.0))
+            return pruned, stats
+
+        return jax.vmap(one)(k, key) if batched else one(k, key)
+
+    return _on_mesh(body, mesh, 1, 7)(params, grads, damping, loss_batch, k, groups, key)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("update", "layout", "loss_fn", "blocks", "mesh", "auto_scale", "batched")
+)
+def _apply_update(update, layout, loss_fn, blocks, mesh, params, pruned, grads, damping, loss_batch, scale,
+                  auto_scale=False, batched=False):
+    def body(params, grads, damping, loss_batch, scale, pruned):
+        w = layout.ravel(params)
+        loss = _loss_on(layout, loss_fn, params, loss_batch)
+        fisher = _fisher(grads, damping, blocks, mesh)
+
+        def one(pruned):
+            stats = {}
+            if update is None:
+                w_new = jnp.where(pruned, 0.0, w)
+            elif auto_scale:
+                # the update is linear in the scale on the kept weights: score a grid by the true loss
+                full = UPDATES[update](w, pruned, fisher, 1.0)
+                scales = jnp.asarray(AUTO_SCALES, w.dtype)
+                losses = jax.lax.map(lambda s: loss(jnp.where(pruned, 0.0, w + s * (full - w))), scales)
+                best = scales[jnp.argmin(losses)]
+                w_new = jnp.where(pruned, 0.0, w + best * (full - w))
+                stats.update(update_scale=best, scale_losses=losses)
+            else:
+                w_new = UPDATES[update](w, pruned, fisher, scale)
+            if fisher is not None:
+                stats["quadratic_loss"] = 0.5 * fisher.quadratic(w_new - w, damped=True)
+            if loss is not None:
+                stats["loss"] = loss(w_new)
+            return layout.unravel(w_new, params), stats
+
+        return jax.vmap(one)(pruned) if batched else one(pruned)
+
+    return _on_mesh(body, mesh, 1, 6)(params, grads, damping, loss_batch, scale, pruned)
 
 
 def _timed(fn, *args, **kwargs):
@@ -133,6 +167,93 @@ def _to_host(tree):
         return x.item() if x.ndim == 0 else x
 
     return jax.tree.map(conv, tree)
+
+
+class _Setup(NamedTuple):
+    """What :func:`prune` and :func:`prune_sweep` share once the arguments are checked."""
+
+    selector: Any
+    layout: Any
+    blocks: tuple
+    params: PyTree
+    grads: Optional[jax.Array]
+    damping: jax.Array
+    loss_batch: Optional[PyTree]
+    auto_scale: bool
+    scale: jax.Array
+    timings: dict
+
+
+def _setup(params, loss_fn, batch, *, method, update, damping, blocks, prunable, mini_batch, chunk_size,
+           loss_batch, update_scale, grads, mesh) -> _Setup:
+    """Check the arguments shared by prune and prune_sweep; compute (or place) G."""
+    if not (isinstance(damping, (int, float, np.floating)) and float(damping) > 0 and np.isfinite(damping)):
+        raise ValueError(f"`damping` must be a finite number > 0, got {damping!r}")
+    if update not in UPDATES:
+        raise ValueError(f"`update` must be one of {list(UPDATES)}, got {update!r}")
+    auto_scale = isinstance(update_scale, str)
+    if auto_scale and update_scale != "auto":
+        raise ValueError(f"`update_scale` must be a number or 'auto', got {update_scale!r}")
+    if not auto_scale and not np.isfinite(update_scale):
+        raise ValueError(f"`update_scale` must be finite, got {update_scale!r}")
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise ValueError(f"`mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    selector = make_selector(method)
+    layout = make_layout(params, prunable)
+    blocks_t = layout.blocks(blocks)
+    needs_fisher = update is not None or not isinstance(selector, _NO_FISHER)
+    timings = {}
+    if needs_fisher:
+        if loss_fn is None:
+            raise ValueError(f"`loss_fn` is required for method={method!r}, update={update!r}")
+        if grads is None:
+            if batch is None:
+                raise ValueError(f"`batch` is required for method={method!r}, update={update!r}")
+            grads, timings["grads"] = _timed(
+                per_example_grads, loss_fn, params, batch, layout, mini_batch=mini_batch,
+                chunk_size=chunk_size, mesh=mesh,
+            )
+        else:
+            if np.ndim(grads) != 2 or np.shape(grads)[1] != layout.size:
+                raise ValueError(
+                    f"`grads` must have shape (N, {layout.size}) for these params, got {np.shape(grads)}"
+                )
+            check_rows_divisible(np.shape(grads)[0], mesh)
+            grads = jnp.asarray(grads) if mesh is None else place(grads, mesh, P(row_axis(mesh)))
+            check_finite_grads(grads, layout)
+    else:
+        grads = None
+    if loss_batch is None:
+        loss_batch = batch
+    if isinstance(selector, CBS) and (loss_fn is None or loss_batch is None):
+        raise ValueError("method 'cbs' scores masks by true loss: pass `loss_fn` and `batch`")
+    if auto_scale and (update is None or loss_batch is None):
+        raise ValueError("`update_scale='auto'` needs an `update` and a loss batch (`batch` or `loss_batch`)")
+    return _Setup(
+        selector, layout, blocks_t, place(params, mesh), grads,
+        place(jnp.asarray(damping, layout.dtype), mesh), place(loss_batch, mesh), auto_scale,
+        place(jnp.asarray(1.0 if auto_scale else update_scale, layout.dtype), mesh), timings,
+    )
+
+
+def _result(st: _Setup, new_params, pruned, stats, ustats, extra) -> PruneResult:
+    keep = ~np.asarray(pruned)
+    info = {
+        "method": type(st.selector).__name__,
+        **extra,
+        "num_prunable": st.layout.size,
+        "num_pruned": int(np.sum(~keep)),
+        "sparsity": float(1.0 - keep.mean()),
+        "layer_sparsity": st.layout.per_layer_sparsity(keep),
+        "timings": st.timings,
+        **_to_host(stats),
+        **_to_host(ustats),
+    }
+    return PruneResult(new_params, st.layout.to_masks(jnp.asarray(keep)), info)
+
+
+def _log(st: _Setup, what: str):
+    print(f"[cobs_jax] {what}; " + ", ".join(f"{name} {t:.3f}s" for name, t in st.timings.items()))
 
 
 def prune(
@@ -155,6 +276,7 @@ def prune(
     budget: BudgetSpec = "global",
     pattern: Optional[str] = None,
     masks: Optional[PyTree] = None,
+    mesh: Optional[Mesh] = None,
     verbose: bool = False,
 ) -> PruneResult:
     """Prune a fraction ``sparsity`` of the prunable weights of ``params`` in one shot.
@@ -176,7 +298,7 @@ def prune(
       key: PRNG key for randomised selectors (default ``jax.random.key(0)``).
       prunable: which leaves may be pruned (see :func:`cobs_jax.make_layout`).
       mini_batch: examples averaged per gradient row.
-      chunk_size: gradient rows computed at once (bounds memory).
+      chunk_size: gradient rows computed at once (per device; bounds memory).
       loss_batch: examples on which CBS scores masks by true loss (default: ``batch``).
       update_scale: s in ``w + s * dw``, or ``"auto"``: s in {0, 0.1, ..., 1} with the lowest
         true loss on ``loss_batch`` (11 forward passes; pass a held-out ``loss_batch`` to avoid
@@ -193,6 +315,12 @@ def prune(
         the update is the exact one for the resulting mask.
       masks: an earlier keep-mask (e.g. from a previous stage of gradual pruning): its pruned
         weights stay pruned and count towards the target.
+      mesh: a ``jax.sharding.Mesh`` to run on several devices (and hosts): the N gradient rows
+        are computed data-parallel over its first axis and G stays sharded by rows; every product
+        with G is a per-device partial result combined by collectives (see :class:`Fisher`), so
+        no device holds all of G. N must be a multiple of that axis' size. The results do not
+        depend on the number of devices beyond float rounding; the returned params are
+        replicated over the mesh. ``None``: one device, as usual.
       verbose: print the time of each phase.
 
     Returns:
@@ -202,83 +330,115 @@ def prune(
       ValueError: for sparsity outside [0, 1), damping <= 0, an unknown method/update, a missing
         ``loss_fn``/``batch`` where one is needed, mismatched batch leaves or ``grads`` shape,
         no prunable leaves, non-finite gradients (naming the layer), a bad budget or pattern
-        (naming the layer that does not fit), or ``masks`` that already exceed the target.
+        (naming the layer that does not fit), ``masks`` that already exceed the target, or a
+        number of gradient rows that does not split over ``mesh``.
     """
-    if not (isinstance(damping, (int, float, np.floating)) and float(damping) > 0 and np.isfinite(damping)):
-        raise ValueError(f"`damping` must be a finite number > 0, got {damping!r}")
-    if update not in UPDATES:
-        raise ValueError(f"`update` must be one of {list(UPDATES)}, got {update!r}")
-    auto_scale = isinstance(update_scale, str)
-    if auto_scale and update_scale != "auto":
-        raise ValueError(f"`update_scale` must be a number or 'auto', got {update_scale!r}")
-    if not auto_scale and not np.isfinite(update_scale):
-        raise ValueError(f"`update_scale` must be finite, got {update_scale!r}")
-    selector = make_selector(method)
-    layout = make_layout(params, prunable)
-    blocks_t = layout.blocks(blocks)
+    st = _setup(
+        params, loss_fn, batch, method=method, update=update, damping=damping, blocks=blocks,
+        prunable=prunable, mini_batch=mini_batch, chunk_size=chunk_size, loss_batch=loss_batch,
+        update_scale=update_scale, grads=grads, mesh=mesh,
+    )
+    layout = st.layout
     frozen = None if masks is None else ~np.asarray(layout.from_masks(masks))
     plan = make_budget(layout, sparsity, budget=budget, pattern=pattern, frozen=frozen)
-    k = plan.total
     key = jax.random.key(0) if key is None else key
-    needs_fisher = update is not None or not isinstance(selector, _NO_FISHER)
-    timings = {}
-
-    if needs_fisher:
-        if loss_fn is None:
-            raise ValueError(f"`loss_fn` is required for method={method!r}, update={update!r}")
-        if grads is None:
-            if batch is None:
-                raise ValueError(f"`batch` is required for method={method!r}, update={update!r}")
-            grads, timings["grads"] = _timed(
-                per_example_grads, loss_fn, params, batch, layout, mini_batch=mini_batch,
-                chunk_size=chunk_size,
-            )
-        else:
-            grads = jnp.asarray(grads)
-            if grads.ndim != 2 or grads.shape[1] != layout.size:
-                raise ValueError(
-                    f"`grads` must have shape (N, {layout.size}) for these params, got {grads.shape}"
-                )
-            check_finite_grads(grads, layout)
-    else:
-        grads = None
-    if loss_batch is None:
-        loss_batch = batch
-    if isinstance(selector, CBS) and (loss_fn is None or loss_batch is None):
-        raise ValueError("method 'cbs' scores masks by true loss: pass `loss_fn` and `batch`")
-    if auto_scale and (update is None or loss_batch is None):
-        raise ValueError("`update_scale='auto'` needs an `update` and a loss batch (`batch` or `loss_batch`)")
-    damping_a = jnp.asarray(damping, layout.dtype)
-    (pruned, stats), timings["select"] = _timed(
-        _select, selector, layout, loss_fn, blocks_t, params, grads, damping_a, loss_batch,
-        jnp.asarray(plan.counts, jnp.int32), None if plan.groups is None else jnp.asarray(plan.groups),
-        key,
+    (pruned, stats), st.timings["select"] = _timed(
+        _select, st.selector, layout, loss_fn, st.blocks, mesh, st.params, st.grads, st.damping,
+        st.loss_batch, place(jnp.asarray(plan.counts, jnp.int32), mesh),
+        None if plan.groups is None else place(jnp.asarray(plan.groups), mesh), place(key, mesh),
     )
-    (new_params, ustats), timings["update"] = _timed(
-        _apply_update, update, layout, loss_fn, blocks_t, params, pruned, grads, damping_a,
-        loss_batch, jnp.asarray(1.0 if auto_scale else update_scale, layout.dtype), auto_scale,
+    (new_params, ustats), st.timings["update"] = _timed(
+        _apply_update, update, layout, loss_fn, st.blocks, mesh, st.params, pruned, st.grads, st.damping,
+        st.loss_batch, st.scale, st.auto_scale,
     )
-    keep = ~np.asarray(pruned)
-    info = {
-        "method": type(selector).__name__,
-        "update": update,
-        "blocks": blocks,
-        "budget": budget,
-        "pattern": pattern,
-        "num_prunable": layout.size,
-        "num_pruned": int(k),
-        "sparsity": float(1.0 - keep.mean()),
-        "layer_sparsity": layout.per_layer_sparsity(keep),
-        "timings": timings,
-        **_to_host(stats),
-        **_to_host(ustats),
-    }
+    res = _result(st, new_params, pruned, stats, ustats,
+                  dict(update=update, blocks=blocks, budget=budget, pattern=pattern))
     if verbose:
-        print(
-            f"[cobs_jax] {info['method']}+{update}: pruned {k}/{layout.size} weights; "
-            + ", ".join(f"{name} {t:.3f}s" for name, t in timings.items())
-        )
-    return PruneResult(new_params, layout.to_masks(jnp.asarray(keep)), info)
+        _log(st, f"{res.info['method']}+{update}: pruned {plan.total}/{layout.size} weights")
+    return res
+
+
+def prune_sweep(
+    params: PyTree,
+    loss_fn: Optional[Callable[[PyTree, PyTree], jax.Array]] = None,
+    batch: Optional[PyTree] = None,
+    *,
+    sparsities: Sequence[float],
+    keys: Optional[Sequence[Any]] = None,
+    method: Union[str, Any] = "magnitude",
+    update: Optional[str] = None,
+    damping: float = 1e-3,
+    blocks: BlockSpec = "model",
+    prunable: Prunable = None,
+    mini_batch: int = 1,
+    chunk_size: int = 256,
+    loss_batch: Optional[PyTree] = None,
+    update_scale: Union[float, str] = 1.0,
+    grads: Optional[jax.Array] = None,
+    budget: BudgetSpec = "global",
+    masks: Optional[PyTree] = None,
+    mesh: Optional[Mesh] = None,
+    verbose: bool = False,
+) -> list[PruneResult]:
+    """:func:`prune` at several sparsity levels and PRNG keys as one batched, compiled computation.
+
+    The gradients are computed once; selection and update are ``jax.vmap``-ed over the
+    (sparsity, key) pairs, with the per-level state kept as static-shape masks, so whatever does
+    not depend on the level (G, the WoodFisher inverse diagonal and its N x N factorisations, the
+    RMP-independent parts of CBS) is computed once for the whole sweep. Each result equals the
+    :func:`prune` call with that sparsity and key (up to float rounding).
+
+    Args:
+      sparsities: the target sparsity levels, each in [0, 1).
+      keys: PRNG keys (or ints, used as ``jax.random.key(i)``) for randomised selectors; every
+        level runs with every key. Default: one key, ``jax.random.key(0)``, as :func:`prune`.
+      everything else: as in :func:`prune` (``pattern`` fixes the sparsity, so it is not here).
+
+    Returns:
+      A list of :class:`PruneResult`, ``len(sparsities) * len(keys)`` long, sparsity-major
+      (``results[i * len(keys) + j]`` is level i with key j). ``info["timings"]`` holds the times
+      of the whole sweep, ``info["target"]`` the level and ``info["key_index"]`` j.
+    """
+    levels = [float(x) for x in np.atleast_1d(np.asarray(sparsities, dtype=float))]
+    if not levels:
+        raise ValueError("`sparsities` must hold at least one level")
+    keys = [jax.random.key(0)] if keys is None else list(keys)
+    if not keys:
+        raise ValueError("`keys` must hold at least one key (or be None)")
+    keys = [jax.random.key(int(k)) if isinstance(k, (int, np.integer)) else k for k in keys]
+    st = _setup(
+        params, loss_fn, batch, method=method, update=update, damping=damping, blocks=blocks,
+        prunable=prunable, mini_batch=mini_batch, chunk_size=chunk_size, loss_batch=loss_batch,
+        update_scale=update_scale, grads=grads, mesh=mesh,
+    )
+    layout = st.layout
+    frozen = None if masks is None else ~np.asarray(layout.from_masks(masks))
+    plans = [make_budget(layout, s, budget=budget, frozen=frozen) for s in levels]
+    groups = plans[0].groups
+    pairs = [(i, j) for i in range(len(levels)) for j in range(len(keys))]
+    counts = jnp.asarray(np.stack([np.asarray(plans[i].counts) for i, _ in pairs]), jnp.int32)
+    key_arr = jnp.stack([keys[j] for _, j in pairs])
+    (pruned, stats), st.timings["select"] = _timed(
+        _select, st.selector, layout, loss_fn, st.blocks, mesh, st.params, st.grads, st.damping,
+        st.loss_batch, place(counts, mesh), None if groups is None else place(jnp.asarray(groups), mesh),
+        place(key_arr, mesh), batched=True,
+    )
+    (new_params, ustats), st.timings["update"] = _timed(
+        _apply_update, update, layout, loss_fn, st.blocks, mesh, st.params, pruned, st.grads, st.damping,
+        st.loss_batch, st.scale, st.auto_scale, batched=True,
+    )
+    if verbose:
+        _log(st, f"{type(st.selector).__name__}+{update}: {len(levels)} levels x {len(keys)} keys")
+    pruned, stats, ustats = np.asarray(pruned), _to_host(stats), _to_host(ustats)
+    out = []
+    for b, (i, j) in enumerate(pairs):
+        pick = lambda x, b=b: x[b]  # noqa: E731
+        out.append(_result(
+            st, jax.tree.map(pick, new_params), pruned[b], jax.tree.map(pick, stats),
+            jax.tree.map(pick, ustats),
+            dict(update=update, blocks=blocks, budget=budget, pattern=None, target=levels[i], key_index=j),
+        ))
+    return out
 
 
 def apply_update(
@@ -313,7 +473,7 @@ def apply_update(
     if grads.ndim != 2 or grads.shape[1] != layout.size:
         raise ValueError(f"`grads` must have shape (N, {layout.size}), got {grads.shape}")
     out, _ = _apply_update(
-        update, layout, None, layout.blocks(blocks), params, pruned, grads,
+        update, layout, None, layout.blocks(blocks), None, params, pruned, grads,
         jnp.asarray(damping, layout.dtype), None, jnp.asarray(update_scale, layout.dtype),
     )
     return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_solve
 
 from ._fisher import Fisher
 
@@ -32,15 +31,12 @@ def cbs_update(w: jax.Array, pruned: jax.Array, fisher: Fisher, scale=1.0) -> ja
       fisher: the blockwise damped Fisher.
       scale: the update scale s (1 = the exact minimiser).
     """
-    keep = ~pruned
-    out = []
-    for s, e in fisher.blocks:
-        g, wb, kb = fisher.grads[:, s:e], w[s:e], keep[s:e]
+    def one(g, wb, kb):
         g_r = jnp.where(kb, g, 0.0)
-        u = g @ jnp.where(kb, 0.0, wb)  # G_P w_P
-        z = cho_solve(fisher.gram_cholesky(g_r), u)
-        out.append(jnp.where(kb, wb + scale * (g_r.T @ z), 0.0))
-    return jnp.concatenate(out)
+        z = fisher.gram_solve(fisher.gram_cholesky(g_r), g @ jnp.where(kb, 0.0, wb))  # G_P w_P
+        return jnp.where(kb, wb + scale * fisher.sum_rows(g_r.T @ z), 0.0)
+
+    return fisher.map_blocks(one, w, ~pruned)
 
 
 def obs_update(w: jax.Array, pruned: jax.Array, fisher: Fisher, scale=1.0) -> jax.Array:
