@@ -77,20 +77,12 @@ def row_axis(mesh: Mesh) -> str:
 def place(tree: PyTree, mesh: Optional[Mesh], spec: P = P()) -> PyTree:
     """Put every array of ``tree`` on ``mesh`` with partition ``spec`` (no-op without a mesh).
 
-    Works on several hosts as well: each process passes the same full (host or global) arrays and
-    contributes the shards its own devices hold (``jax.make_array_from_callback``).
+    On several hosts every process passes the same full arrays and each keeps the shards of its
+    own devices (``jax.device_put`` to a global sharding).
     """
     if mesh is None:
         return tree
-    sharding = NamedSharding(mesh, spec)
-
-    def put(x):
-        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
-            return x
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-    return jax.tree.map(put, tree)
+    return jax.device_put(tree, NamedSharding(mesh, spec))
 
 
 def check_rows_divisible(num_rows: int, mesh: Optional[Mesh]) -> None:

@@ -1,0 +1,112 @@
+"""Multi-device checks, run by ``test_sharding.py`` in a subprocess with 8 virtual CPU devices.
+
+Not collected by the main run (the device count is fixed when JAX starts); run it alone with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest tests/sharded_cases.py``.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import cobs_jax
+from cobs_jax import _prune
+from helpers import linen_setup
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+
+N = 48
+CASES = [
+    ("magnitude", "cbs", "layer"),
+    ("woodfisher", "obs", "model"),
+    ("cbs", "cbs", "layer"),
+    ("iht", "cbs", 10),  # chunked blocks: equal-size chunks share one lax.map
+    (cobs_jax.CBS(num_trials=4, objective="update_aware"), "cbs", "layer"),
+]
+
+
+def mesh(p):
+    return Mesh(np.array(jax.devices()[:p]), ("rows",))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return linen_setup(n=N, dtype=jnp.float64, hidden=8)
+
+
+def assert_same(a, b):
+    for x, y in zip(jax.tree.leaves(a.masks), jax.tree.leaves(b.masks)):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
+    for name in ("loss", "objective", "quadratic_loss"):
+        if name in a.info:
+            np.testing.assert_allclose(a.info[name], b.info[name], rtol=1e-9)
+
+
+@pytest.mark.parametrize("method,update,blocks", CASES)
+def test_same_masks_and_updates_on_1_2_8_devices(setup, method, update, blocks):
+    params, loss_fn, batch = setup
+    kw = dict(sparsity=0.6, method=method, update=update, blocks=blocks, damping=1e-2)
+    ref = cobs_jax.prune(params, loss_fn, batch, **kw)
+    if isinstance(method, cobs_jax.CBS) or method == "cbs":
+        assert ref.info["ls_swaps"].sum() > 0  # the swap search did something to compare
+    for p in (1, 2, 8):
+        assert_same(ref, cobs_jax.prune(params, loss_fn, batch, mesh=mesh(p), **kw))
+
+
+def test_grads_are_sharded_by_rows(setup):
+    params, loss_fn, batch = setup
+    layout = cobs_jax.make_layout(params)
+    g = cobs_jax.per_example_grads(loss_fn, params, batch, layout, mesh=mesh(8), chunk_size=4)
+    assert g.sharding.spec == jax.sharding.PartitionSpec("rows")
+    shards = sorted(g.addressable_shards, key=lambda s: s.index[0].start)
+    assert len(shards) == 8 and all(s.data.shape == (N // 8, layout.size) for s in shards)
+    assert len({s.device for s in shards}) == 8
+    np.testing.assert_allclose(g, cobs_jax.per_example_grads(loss_fn, params, batch, layout), rtol=1e-12)
+
+
+@pytest.mark.parametrize("method,update", [("woodfisher", "obs"), ("cbs", "cbs"), ("iht", "cbs")])
+def test_no_device_gathers_g(setup, method, update):
+    """The compiled programs never all-gather a block of G: only N-vectors and N x N matrices."""
+    params, loss_fn, batch = setup
+    layout = cobs_jax.make_layout(params)
+    m = mesh(8)
+    g = cobs_jax.per_example_grads(loss_fn, params, batch, layout, mesh=m)
+    sel, blocks = cobs_jax.make_selector(method), layout.blocks("layer")
+    widths = {e - s for s, e in blocks} | {layout.size}
+    args = (params, g, jnp.asarray(1e-2), batch)
+    pruned, _ = _prune._select(sel, layout, loss_fn, blocks, m, *args, jnp.int32(30), None, jax.random.key(0))
+    texts = [
+        _prune._select.lower(sel, layout, loss_fn, blocks, m, *args, jnp.int32(30), None,
+                             jax.random.key(0)).compile().as_text(),
+        _prune._apply_update.lower(update, layout, loss_fn, blocks, m, params, pruned, g, jnp.asarray(1e-2),
+                                   batch, jnp.asarray(1.0)).compile().as_text(),
+    ]
+    gathered = [tuple(int(d) for d in shape.split(",") if d)
+                for text in texts for shape in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather", text)]
+    assert gathered, "expected all-gathers of N-vectors / N x N Gram matrices"
+    for shape in gathered:
+        assert not any(d in widths for d in shape), f"an all-gather of shape {shape} holds columns of G"
+    assert "collective-permute" in "".join(texts)  # the Gram matrices are built on a ring
+
+
+def test_sweep_on_mesh_equals_single_device(setup):
+    params, loss_fn, batch = setup
+    kw = dict(sparsities=[0.4, 0.8], keys=[0, 1], method=cobs_jax.CBS(num_trials=4), update="cbs",
+              blocks="layer", damping=1e-2)
+    for a, b in zip(cobs_jax.prune_sweep(params, loss_fn, batch, **kw),
+                    cobs_jax.prune_sweep(params, loss_fn, batch, mesh=mesh(8), **kw)):
+        assert_same(a, b)
+
+
+def test_rows_must_split_over_the_mesh(setup):
+    params, loss_fn, batch = setup
+    with pytest.raises(ValueError, match="multiple of the 8 devices"):
+        cobs_jax.prune(params, loss_fn, jax.tree.map(lambda x: x[:44], batch), sparsity=0.5,
+                       method="woodfisher", mesh=mesh(8))
+    with pytest.raises(ValueError, match="mesh"):
+        cobs_jax.prune(params, loss_fn, batch, sparsity=0.5, method="woodfisher", mesh="rows")

@@ -1,0 +1,58 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cobs_jax
+from helpers import linen_setup
+
+CASES = [
+    ("magnitude", None),
+    ("woodfisher", "obs"),
+    (cobs_jax.CBS(num_trials=5), "cbs"),
+    ("iht", "cbs"),
+]
+
+
+@pytest.mark.parametrize("method,update", CASES)
+def test_sweep_equals_loop_of_single_calls(method, update):
+    params, loss_fn, batch = linen_setup(n=40, dtype=jnp.float64, hidden=8)
+    levels, keys = [0.3, 0.6, 0.85], [jax.random.key(3), jax.random.key(7)]
+    grads = cobs_jax.per_example_grads(loss_fn, params, batch, cobs_jax.make_layout(params))
+    kw = dict(method=method, update=update, damping=1e-2, blocks="layer", grads=grads)
+    sweep = cobs_jax.prune_sweep(params, loss_fn, batch, sparsities=levels, keys=keys, **kw)
+    assert len(sweep) == len(levels) * len(keys)
+    for b, res in enumerate(sweep):
+        s, key = levels[b // 2], keys[b % 2]
+        ref = cobs_jax.prune(params, loss_fn, batch, sparsity=s, key=key, **kw)
+        assert res.info["target"] == s and res.info["key_index"] == b % 2
+        assert res.info["num_pruned"] == ref.info["num_pruned"] == round(s * 56)
+        for a, r in zip(jax.tree.leaves(res.masks), jax.tree.leaves(ref.masks)):
+            np.testing.assert_array_equal(a, r)
+        for a, r in zip(jax.tree.leaves(res.params), jax.tree.leaves(ref.params)):
+            np.testing.assert_allclose(a, r, rtol=1e-9, atol=1e-12)
+        if "loss" in ref.info:
+            np.testing.assert_allclose(res.info["loss"], ref.info["loss"], rtol=1e-9)
+
+
+def test_sweep_keys_matter_for_cbs_and_ints_are_keys():
+    params, loss_fn, batch = linen_setup(n=40, dtype=jnp.float64, hidden=8)
+    out = cobs_jax.prune_sweep(
+        params, loss_fn, batch, sparsities=[0.7], keys=[0, 1, 2, 3], method=cobs_jax.CBS(num_trials=6),
+        damping=1e-2,
+    )
+    ref = cobs_jax.prune(params, loss_fn, batch, sparsity=0.7, key=jax.random.key(2),
+                         method=cobs_jax.CBS(num_trials=6), damping=1e-2)
+    np.testing.assert_array_equal(out[2].info["rmp_losses"], ref.info["rmp_losses"])
+    # different keys draw different RMP trials (trial 0 is magnitude for every key)
+    assert not np.allclose(out[0].info["rmp_losses"][1:], out[1].info["rmp_losses"][1:])
+
+
+def test_sweep_bad_input():
+    params, loss_fn, batch = linen_setup(n=8)
+    with pytest.raises(ValueError, match="sparsities"):
+        cobs_jax.prune_sweep(params, sparsities=[])
+    with pytest.raises(ValueError, match="sparsity"):
+        cobs_jax.prune_sweep(params, sparsities=[0.5, 1.0])
+    with pytest.raises(ValueError, match="keys"):
+        cobs_jax.prune_sweep(params, sparsities=[0.5], keys=[])
