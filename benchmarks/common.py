@@ -44,6 +44,43 @@ def run_one(spec, results, params, loss_fn, batch, grads, sparsity, key, *, damp
     return {"params": out, "masks": prev["masks"], "info": info, "time": dt + prev["time"]}
 
 
+def run_sweep(spec, results, params, loss_fn, batch, grads, sparsities, key, *, damping, blocks, prunable=None):
+    """:func:`run_one` for every sparsity at once: one ``cobs_jax.prune_sweep`` call.
+
+    ``results`` maps a base method to its list of per-level results. Returns one dict per level;
+    its time is the sweep's time divided by the number of levels (plus the base's, for methods that
+    reuse a base mask and only apply an update, which is done level by level).
+    """
+    method, update, scale, base = spec
+    if base is not None:
+        return [run_one(spec, {base: prev}, params, loss_fn, batch, grads, s, key, damping=damping,
+                        blocks=blocks, prunable=prunable)
+                for s, prev in zip(sparsities, results[base])]
+    t0 = time.perf_counter()
+    out = cobs_jax.prune_sweep(
+        params, loss_fn, batch, sparsities=sparsities, keys=[key], method=method, update=update,
+        damping=damping, blocks=blocks, grads=grads, loss_batch=batch["loss"], update_scale=scale,
+        prunable=prunable,
+    )
+    dt = (time.perf_counter() - t0) / len(sparsities)
+    return [{"params": r.params, "masks": r.masks, "info": r.info, "time": dt} for r in out]
+
+
+def time_loop_vs_sweep(spec, params, loss_fn, batch, grads, sparsities, key, *, damping, blocks):
+    """Seconds for a loop of single ``prune`` calls and for one ``prune_sweep`` (both compiled)."""
+    method, update, scale, _ = spec
+    kw = dict(method=method, update=update, damping=damping, blocks=blocks, grads=grads,
+              loss_batch=batch["loss"], update_scale=scale)
+    t0 = time.perf_counter()
+    for s in sparsities:
+        jax.block_until_ready(cobs_jax.prune(params, loss_fn, batch, sparsity=s, key=key, **kw).params)
+    t_loop = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready([r.params for r in cobs_jax.prune_sweep(
+        params, loss_fn, batch, sparsities=sparsities, keys=[key], **kw)])
+    return t_loop, time.perf_counter() - t0
+
+
 def summarise(rows, methods, sparsities):
     """(sparsity, method) -> (mean accuracy %, std %, mean time s); times leave out rows that compiled."""
     table = {}

@@ -1,8 +1,9 @@
 """Main benchmark: one-shot pruning of MLPNet on real MNIST (or Fashion-MNIST), paper Table 1.
 
 For each seed: a Fisher sample of N = 1000 training examples (the seed picks it and keys RMP), damping
-1e-3, whole-model block; for each sparsity every method prunes the trained MLPNet once and the test
-accuracy is measured without fine-tuning. Prints a markdown table (mean +- std over seeds) and writes
+1e-3, whole-model block; every method prunes the trained MLPNet at all sparsities in one batched
+``cobs_jax.prune_sweep`` call and the test accuracy is measured without fine-tuning. For seed 0 the
+sweep is also timed against a loop of single ``prune`` calls (``--no-loop-timing`` skips it). Prints a markdown table (mean +- std over seeds) and writes
 ``benchmarks/results/<name>.{md,json}`` plus accuracy and time plots.
 
     python benchmarks/mlpnet_mnist.py                 # MNIST, 5 seeds, 7 sparsities
@@ -32,7 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
-from common import RESULTS, markdown, metadata, plot, run_one, summarise, write  # noqa: E402
+from common import (RESULTS, markdown, metadata, plot, run_one, run_sweep, summarise,  # noqa: E402
+                    time_loop_vs_sweep, write)
 from data import CACHE, DataUnavailable, load_fashion_mnist, load_mnist  # noqa: E402
 from models import accuracy, dense_accuracy, loss_fn, trained_mlpnet  # noqa: E402
 
@@ -73,6 +75,7 @@ def sweep(args, ds, params):
     jobs = [(seed, s) for seed in range(args.seeds) for s in args.sparsities]
     bar = tqdm(total=len(jobs) * len(wanted), desc="pruning", unit="run") if tqdm else None
     warmed = False
+    speed = []
     for seed in range(args.seeds):
         rng = np.random.default_rng(seed)
         idx = rng.choice(len(x_tr), args.fisher_n, replace=False)
@@ -88,18 +91,27 @@ def sweep(args, ds, params):
             t0 = time.perf_counter()
             results = {}
             for name, spec in methods.items():
-                results[name] = run_one(spec, results, params, loss_fn, batch, grads, 0.5, key,
-                                        damping=args.damping, blocks="model")
+                results[name] = run_sweep(spec, results, params, loss_fn, batch, grads, args.sparsities, key,
+                                          damping=args.damping, blocks="model")
+                if spec[3] is None:  # the loop of single calls, compiled too
+                    run_one(spec, {}, params, loss_fn, batch, grads, 0.5, key, damping=args.damping,
+                            blocks="model")
             print(f"compiled all methods in {time.perf_counter() - t0:.1f}s", flush=True)
             warmed = True
-        for s in args.sparsities:
-            results = {}
             for name, spec in methods.items():
-                r = run_one(spec, results, params, loss_fn, batch, grads, s, key, damping=args.damping,
-                            blocks="model")
-                results[name] = r
-                if name not in wanted:
-                    continue
+                if spec[3] is None and not args.no_loop_timing:
+                    t_loop, t_sweep = time_loop_vs_sweep(spec, params, loss_fn, batch, grads, args.sparsities,
+                                                         key, damping=args.damping, blocks="model")
+                    speed.append({"method": name, "loop_s": t_loop, "sweep_s": t_sweep})
+                    print(f"{name}: {len(args.sparsities)} single prune calls {t_loop:.2f}s, one prune_sweep "
+                          f"{t_sweep:.2f}s ({t_loop / t_sweep:.1f}x)", flush=True)
+        results = {}
+        for name, spec in methods.items():
+            results[name] = run_sweep(spec, results, params, loss_fn, batch, grads, args.sparsities, key,
+                                      damping=args.damping, blocks="model")
+            if name not in wanted:
+                continue
+            for s, r in zip(args.sparsities, results[name]):
                 acc = float(accuracy(r["params"], ds.x_test, ds.y_test))
                 needs_grads = name != "MP"
                 rows.append({
@@ -116,7 +128,7 @@ def sweep(args, ds, params):
                     print(f"seed {seed} sparsity {s} {name}: {100 * acc:.2f}%", flush=True)
     if bar:
         bar.close()
-    return rows, wanted
+    return rows, wanted, speed
 
 
 def main(argv=None):
@@ -133,6 +145,8 @@ def main(argv=None):
     p.add_argument("--loss-examples", type=int, default=10000, help="training examples scoring CBS masks")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    choices=list(DEFAULT_METHODS) + ["CBS-UA", "CBS-auto"], help="columns of the table")
+    p.add_argument("--no-loop-timing", action="store_true",
+                   help="skip timing a loop of single prune calls against prune_sweep")
     p.add_argument("--out", default=None, help="output name under benchmarks/results/")
     args = p.parse_args(argv)
     if args.quick:
@@ -150,15 +164,21 @@ def main(argv=None):
     print(f"MLPNet: dense test accuracy {100 * dense:.2f} %" + (f" (trained in {t_train:.1f}s)" if t_train else " (cached)"))
 
     t0 = time.perf_counter()
-    rows, methods = sweep(args, ds, params)
+    rows, methods, speed = sweep(args, ds, params)
     wall = time.perf_counter() - t0
     table = summarise(rows, methods, args.sparsities)
     header = (f"MLPNet on {ds.source}: test accuracy (%) after one-shot pruning, mean ± std over "
               f"{args.seeds} seed(s); N = {args.fisher_n}, damping {args.damping}, whole-model Fisher.")
     md = markdown(table, methods, args.sparsities, dense, header)
+    if speed:
+        md += (f"\n\nOne `prune_sweep` over the {len(args.sparsities)} sparsities vs a loop of single `prune` "
+               "calls (seed 0, compiled, shared gradients; WF and CBS reuse the WF-S / CBS-S masks):\n\n"
+               "| method | loop of prune (s) | prune_sweep (s) | speed-up |\n|---|---|---|---|\n")
+        md += "\n".join(f"| {r['method']} | {r['loop_s']:.2f} | {r['sweep_s']:.2f} | "
+                        f"{r['loop_s'] / r['sweep_s']:.1f}x |" for r in speed)
     print("\n" + md + f"\n\nsweep wall time {wall:.1f}s")
     write(name, md, metadata(data_source=ds.source, dense_accuracy=dense, args=vars(args), wall_time_s=wall,
-                             rows=rows))
+                             rows=rows, loop_vs_sweep=speed))
     plot(table, methods, args.sparsities, RESULTS / f"{name}_accuracy.png", RESULTS / f"{name}_time.png",
          f"MLPNet, {args.dataset}")
     print(f"wrote {RESULTS / name}.{{md,json}} and plots")
