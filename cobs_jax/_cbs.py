@@ -148,12 +148,11 @@ class CBS:
         return trial(best)[0], losses
 
     # ---- Algorithm 1, one pass ------------------------------------------------------------------
-    def ls_pass(self, fisher, gt, w, pruned, k, groups=None):
+    def ls_pass(self, fisher, w, pruned, k, groups=None):
         """One pass of Algorithm 1 from ``pruned`` on the selection objective f(P).
 
         Args:
           fisher: the Fisher (its blocks give the block structure of F; damping is not used).
-          gt: G^T, (D, N) so that a column of G is a contiguous row (sharded: this shard's N columns).
           w: (D,) weights.
           pruned: (D,) bool current P with k entries.
           k: the number pruned, or with ``groups`` the (G,) count per group.
@@ -165,11 +164,11 @@ class CBS:
           (new_pruned, num_swaps, total_delta, stop) where stop says the first pair did not
           improve by epsilon (Algorithm 1 line c) or no swap was accepted.
         """
-        n = fisher.num_rows
+        n, g = fisher.num_rows, fisher.grads  # g: this shard's rows of G when sharded
         blk = jnp.asarray(fisher.block_ids())
 
         def delta(v, i, js, alpha, beta):  # corrected alpha_i, beta_j and gamma_ij, O(N) each
-            gi, gj = gt[i], gt[js]
+            gi, gj = g[:, i], g[:, js].T
             dots = fisher.sum_rows((gi @ v[blk[i]], jnp.sum(gj * v[blk[js]], axis=1), gj @ gi))
             a_new = alpha[i] + 2 * w[i] * dots[0] / n
             b_new = beta[js] + 2 * w[js] * dots[1] / n
@@ -177,13 +176,13 @@ class CBS:
             return b_new - gam - a_new
 
         def accept(v, i, j, hit):  # v_b = G_J w_J - G_I w_I per block
-            v = v.at[blk[i]].add(jnp.where(hit, -w[i], 0.0) * gt[i])
-            return v.at[blk[j]].add(jnp.where(hit, w[j], 0.0) * gt[j])
+            v = v.at[blk[i]].add(jnp.where(hit, -w[i], 0.0) * g[:, i])
+            return v.at[blk[j]].add(jnp.where(hit, w[j], 0.0) * g[:, j])
 
-        v0 = jnp.zeros((len(fisher.blocks), gt.shape[1]), w.dtype)  # this shard's rows
-        return self._pass(fisher, gt, w, pruned, k, groups, delta, accept, v0, self.epsilon)
+        v0 = jnp.zeros((len(fisher.blocks), g.shape[0]), w.dtype)  # this shard's rows
+        return self._pass(fisher, w, pruned, k, groups, delta, accept, v0, self.epsilon)
 
-    def ua_pass(self, fisher, gt, w, pruned, k, groups=None):
+    def ua_pass(self, fisher, w, pruned, k, groups=None):
         """One pass of Algorithm 1 on the update-aware objective (``objective="update_aware"``).
 
         Candidates are ordered as in :meth:`ls_pass`; a swap (i out of P, j into P) is accepted when
@@ -196,7 +195,7 @@ class CBS:
         accepted. The pass starts with one N x N inverse per block (O(N^2 D_b + N^3)). Same
         arguments and returns as :meth:`ls_pass`.
         """
-        n, lam = fisher.num_rows, fisher.damping
+        n, lam, g = fisher.num_rows, fisher.damping, fisher.grads
         blk = jnp.asarray(fisher.block_ids())
         u0 = fisher.gather_rows(fisher.project(jnp.where(pruned, w, 0.0)))
         eye = jnp.eye(n, dtype=w.dtype)
@@ -213,7 +212,7 @@ class CBS:
         def pieces(aux, i, js):
             minv, u, z = aux
             bi, bj = blk[i], blk[js]
-            gi, gj = col(gt[i]), col(gt[js])
+            gi, gj = col(g[:, i]), col(g[:, js].T)
             yi = minv[bi] @ gi
             yj = apply_minv(minv, bj, gj)
             same = (bj == bi).astype(w.dtype)
@@ -252,16 +251,16 @@ class CBS:
             minv = minv.at[bi].add(jnp.where(hit, -upd_i, 0.0))
             # ... and M^-1 - y_j y_j^T / s_j in the block of j when it differs
             minv = minv.at[bj].add(jnp.where(hit & (same == 0), -jnp.outer(yj, yj) / sj, 0.0))
-            u = u.at[bi].add(jnp.where(hit, -w[i], 0.0) * col(gt[i]))
-            u = u.at[bj].add(jnp.where(hit, w[j], 0.0) * col(gt[j]))
+            u = u.at[bi].add(jnp.where(hit, -w[i], 0.0) * col(g[:, i]))
+            u = u.at[bj].add(jnp.where(hit, w[j], 0.0) * col(g[:, j]))
             z = z.at[bi].set(minv[bi] @ u[bi]).at[bj].set(minv[bj] @ u[bj])
             return minv, u, z
 
         z0 = jnp.einsum("bnm,bm->bn", minv0, u0)
         aux0 = (minv0, u0, z0)
-        return self._pass(fisher, gt, w, pruned, k, groups, delta, accept, aux0, self.epsilon * lam)
+        return self._pass(fisher, w, pruned, k, groups, delta, accept, aux0, self.epsilon * lam)
 
-    def _pass(self, fisher, gt, w, pruned, k, groups, delta, accept, aux0, threshold):
+    def _pass(self, fisher, w, pruned, k, groups, delta, accept, aux0, threshold):
         """The pass of Algorithm 1 shared by both objectives.
 
         ``delta(aux, i, js, alpha, beta)`` gives the objective change of swapping i with each
@@ -282,7 +281,8 @@ class CBS:
         pi = jnp.argsort(jnp.where(movable, -alpha, jnp.inf), stable=True)  # P by alpha desc
         rank = _rank_in_group(jnp.where(pruned, -alpha, jnp.inf), groups, k.shape[0])
         i1 = pi[0]
-        gam1 = 2 * w[i1] * w * fisher.sum_rows(gt @ gt[i1]) / n * (blk == blk[i1])
+        g = fisher.grads
+        gam1 = 2 * w[i1] * w * fisher.sum_rows(g.T @ g[:, i1]) / n * (blk == blk[i1])
         # per group: the kept weights by ascending beta - gamma_1, then the pruned ones
         theta = jnp.lexsort((jnp.where(pruned, jnp.inf, beta - gam1), groups))
         j1 = theta[gstart[groups[i1]]]
@@ -331,7 +331,6 @@ class CBS:
     def run_local_search(self, problem: Problem, pruned0, k):
         """Passes of Algorithm 1, returning the lowest-true-loss set seen (the start included)."""
         fisher, w = problem.fisher, problem.w
-        gt = fisher.grads.T
         steps = self.max_steps
         aware = self.objective == "update_aware"
         one_pass = self.ua_pass if aware else self.ls_pass
@@ -359,7 +358,7 @@ class CBS:
         def body(st):
             s, pruned, best, best_loss, s_imp, _, (h_obj, h_loss, h_sw) = st
             s = s + 1
-            new, swaps, _, stop = one_pass(fisher, gt, w, pruned, k, problem.groups)
+            new, swaps, _, stop = one_pass(fisher, w, pruned, k, problem.groups)
             new_loss = jax.lax.cond(stop, lambda: jnp.asarray(jnp.inf, w.dtype), lambda: loss(new))
             better = ~stop & (new_loss < best_loss)
             h_obj = h_obj.at[s].set(jnp.where(stop, jnp.nan, objective(new)))

@@ -41,8 +41,7 @@ def test_incremental_pass_equals_dense_recomputation(blocks):
     sel = cobs_jax.CBS(epsilon=1e-6, rho=3, tau=5)
     w, fisher = random_fisher(d=40, n=8, blocks=blocks, seed=5)
     f = dense_f(fisher, damped=False)
-    gt = fisher.grads.T
-    pass_fn = jax.jit(lambda p: sel.ls_pass(fisher, gt, w, p, 20))
+    pass_fn = jax.jit(lambda p: sel.ls_pass(fisher, w, p, 20))
     pruned = cobs_jax.smallest_k(jnp.abs(w), 20)
     swaps_seen = 0
     for _ in range(10):
@@ -71,7 +70,7 @@ def test_grouped_pass_keeps_group_counts_and_equals_dense(blocks):
     sizes = np.bincount(groups, minlength=4)
     k = np.array([sizes[0] // 2, sizes[1] // 3, sizes[2] - 2, sizes[3]], np.int32)
     gj, kj = jnp.asarray(groups), jnp.asarray(k)
-    pass_fn = jax.jit(lambda p: sel.ls_pass(fisher, fisher.grads.T, w, p, kj, gj))
+    pass_fn = jax.jit(lambda p: sel.ls_pass(fisher, w, p, kj, gj))
     pruned = cobs_jax.smallest_k(jnp.abs(w), kj, gj)
     frozen = groups == 3
     swaps_seen = 0
@@ -108,7 +107,7 @@ def test_update_aware_pass_equals_dense_recomputation(blocks, grouped):
         k = jnp.asarray([4, 5, 6], jnp.int32)
     else:
         groups, k = None, 15
-    pass_fn = jax.jit(lambda p: sel.ua_pass(fisher, fisher.grads.T, w, p, k, groups))
+    pass_fn = jax.jit(lambda p: sel.ua_pass(fisher, w, p, k, groups))
     pruned = cobs_jax.smallest_k(jnp.abs(w), k, groups)
     swaps_seen = 0
     for _ in range(8):
