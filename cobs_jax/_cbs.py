@@ -59,10 +59,11 @@ def rmp_mask(absw: jax.Array, k, key: jax.Array, num_buckets: int, groups=None) 
     """
     d = absw.shape[0]
     perm = jax.random.permutation(key, d)
-    bucket = (jnp.arange(d) * num_buckets) // d  # bucket of each permuted position
+    bucket_np = (np.arange(d, dtype=np.int64) * num_buckets // d).astype(np.int32)  # of each position
+    bucket = jnp.asarray(bucket_np)
     mags = absw[perm]
     order = jnp.lexsort((-mags, bucket))  # by bucket, then by descending magnitude
-    sizes = jnp.bincount(bucket, length=num_buckets).astype(jnp.int32)
+    sizes = jnp.asarray(np.bincount(bucket_np, minlength=num_buckets), jnp.int32)
     starts = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
     rank = jnp.zeros(d, jnp.int32).at[order].set(jnp.arange(d, dtype=jnp.int32) - starts[bucket[order]])
     quantile = (rank + 0.5) / sizes[bucket]
@@ -269,13 +270,16 @@ class CBS:
         """
         dim, n = w.shape[0], fisher.num_rows
         blk = jnp.asarray(fisher.block_ids())
-        if groups is None:
-            groups, k = jnp.zeros(dim, jnp.int32), jnp.reshape(k, (1,))
-        k = jnp.asarray(k, jnp.int32)
-        sizes = jnp.bincount(groups, length=k.shape[0]).astype(jnp.int32)
+        k = jnp.reshape(jnp.asarray(k, jnp.int32), (-1,))
+        if groups is None:  # one group; no (D,) group arrays (XLA would constant-fold them slowly)
+            sizes = jnp.full((1,), dim, jnp.int32)
+            group_of = lambda i: jnp.zeros_like(i)  # noqa: E731
+        else:
+            sizes = jnp.bincount(groups, length=k.shape[0]).astype(jnp.int32)
+            group_of = lambda i: groups[i]  # noqa: E731
         gstart = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
         n_rem = sizes - k  # kept weights per group
-        movable = pruned & (n_rem[groups] > 0)
+        movable = pruned & ((n_rem[0] if groups is None else n_rem[groups]) > 0)
         num_movable = jnp.sum(movable)
         alpha, beta, _ = alpha_beta(fisher, w, pruned)
         pi = jnp.argsort(jnp.where(movable, -alpha, jnp.inf), stable=True)  # P by alpha desc
@@ -284,8 +288,9 @@ class CBS:
         g = fisher.grads
         gam1 = 2 * w[i1] * w * fisher.sum_rows(g.T @ g[:, i1]) / n * (blk == blk[i1])
         # per group: the kept weights by ascending beta - gamma_1, then the pruned ones
-        theta = jnp.lexsort((jnp.where(pruned, jnp.inf, beta - gam1), groups))
-        j1 = theta[gstart[groups[i1]]]
+        theta_key = jnp.where(pruned, jnp.inf, beta - gam1)
+        theta = jnp.argsort(theta_key, stable=True) if groups is None else jnp.lexsort((theta_key, groups))
+        j1 = theta[gstart[group_of(i1)]]
         stop0 = num_movable == 0
         if self.first_pair_stop:
             first = delta(aux0, i1, j1[None], alpha, beta)[0]
@@ -299,7 +304,7 @@ class CBS:
         def body(s):
             ii, fails, aux, in_i, in_j, swaps, total = s
             i = pi[ii]
-            g = groups[i]
+            g = group_of(i)
             pos = rank[i] + offs
             js = theta[jnp.clip(gstart[g] + pos, 0, dim - 1)]
             valid = (pos >= 0) & (pos < n_rem[g]) & ~in_j[js]

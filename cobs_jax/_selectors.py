@@ -41,8 +41,15 @@ class Problem(NamedTuple):
     groups: Optional[jax.Array] = None
 
 
-def _rank_in_group(score: jax.Array, groups: jax.Array, num_groups: int) -> jax.Array:
-    """Rank of each entry by ascending ``score`` among the entries of its group (stable)."""
+def _rank_in_group(score: jax.Array, groups: Optional[jax.Array], num_groups: int) -> jax.Array:
+    """Rank of each entry by ascending ``score`` among the entries of its group (stable).
+
+    ``groups=None`` means one group: the plain rank (no group arrays are built, so nothing of
+    size D is left for XLA to constant-fold).
+    """
+    if groups is None:
+        order = jnp.argsort(score, stable=True)
+        return jnp.zeros(score.shape, jnp.int32).at[order].set(jnp.arange(score.shape[0], dtype=jnp.int32))
     order = jnp.lexsort((score, groups))  # by group, then by score; ties by index
     sizes = jnp.bincount(groups, length=num_groups).astype(jnp.int32)
     starts = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
@@ -57,11 +64,7 @@ def smallest_k(score: jax.Array, k, groups: Optional[jax.Array] = None) -> jax.A
     ``k[g]`` smallest entries of every group ``g``. ``k`` may be traced.
     """
     if groups is None:
-        order = jnp.argsort(score, stable=True)
-        rank = jnp.zeros(score.shape, jnp.int32).at[order].set(
-            jnp.arange(score.shape[0], dtype=jnp.int32)
-        )
-        return rank < k
+        return _rank_in_group(score, None, 1) < k
     k = jnp.asarray(k, jnp.int32)
     return _rank_in_group(score, groups, k.shape[0]) < k[groups]
 
