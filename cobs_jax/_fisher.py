@@ -77,12 +77,24 @@ def row_axis(mesh: Mesh) -> str:
 def place(tree: PyTree, mesh: Optional[Mesh], spec: P = P()) -> PyTree:
     """Put every array of ``tree`` on ``mesh`` with partition ``spec`` (no-op without a mesh).
 
-    On several hosts every process passes the same full arrays and each keeps the shards of its
-    own devices (``jax.device_put`` to a global sharding).
+    On several hosts every process passes the same full arrays and contributes the shards of its
+    own devices (``jax.make_array_from_callback``); arrays already placed so are kept.
     """
     if mesh is None:
         return tree
-    return jax.device_put(tree, NamedSharding(mesh, spec))
+    sharding = NamedSharding(mesh, spec)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree)
 
 
 def check_rows_divisible(num_rows: int, mesh: Optional[Mesh]) -> None:
@@ -350,17 +362,16 @@ class Fisher:
         """Diagonal of ``F_lambda^{-1}``, blockwise, by Woodbury: N x N Cholesky per block.
 
         ``F_lambda^{-1} = (I - G_b^T K^{-1} G_b) / lambda`` with ``K = N lambda I + G_b G_b^T``,
-        so ``[F_lambda^{-1}]_qq = (1 - g_q^T K^{-1} g_q) / lambda``.
+        so ``[F_lambda^{-1}]_qq = (1 - ||L^{-1} g_q||^2) / lambda`` with ``K = L L^T``.
         """
 
         def one(g):
-            chol = self.gram_cholesky(g)
-            if self.axis_name is None:
-                z = jax.scipy.linalg.solve_triangular(chol[0], g, lower=True)
-                quad = jnp.sum(z * z, axis=0)
-            else:
-                kinv = cho_solve(chol, jnp.eye(self.num_rows, dtype=g.dtype))
-                quad = self.sum_rows(jnp.sum(g * self.left_apply(kinv, g), axis=0))
+            low = self.gram_cholesky(g)[0]
+            # z = L^-1 g through the explicit N x N L^-1: a triangular solve against g itself
+            # makes XLA copy all of G into the solver's layout (a second G in memory).
+            linv = jax.scipy.linalg.solve_triangular(low, jnp.eye(self.num_rows, dtype=g.dtype), lower=True)
+            z = self.left_apply(linv, g)
+            quad = self.sum_rows(jnp.sum(z * z, axis=0))
             # Clip guards the float cancellation of 1 - quad for well-determined directions.
             return jnp.clip(1.0 - quad, 1e-12, 1.0) / self.damping
 
