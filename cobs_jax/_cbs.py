@@ -63,10 +63,11 @@ def rmp_mask(absw: jax.Array, k, key: jax.Array, num_buckets: int, groups=None) 
     bucket = jnp.asarray(bucket_np)
     mags = absw[perm]
     order = jnp.lexsort((-mags, bucket))  # by bucket, then by descending magnitude
-    sizes = jnp.asarray(np.bincount(bucket_np, minlength=num_buckets), jnp.int32)
+    sizes_np = np.bincount(bucket_np, minlength=num_buckets).astype(np.int32)
+    sizes = jnp.asarray(sizes_np)
     starts = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
     rank = jnp.zeros(d, jnp.int32).at[order].set(jnp.arange(d, dtype=jnp.int32) - starts[bucket[order]])
-    quantile = (rank + 0.5) / sizes[bucket]
+    quantile = (rank + 0.5) / jnp.asarray(sizes_np[bucket_np])  # constants built here, not folded by XLA
     # ties (equal quantiles) are broken by the random permuted position
     pruned_perm = smallest_k(-quantile, k, None if groups is None else groups[perm])
     return jnp.zeros(d, bool).at[perm].set(pruned_perm)

@@ -5,6 +5,10 @@ The empirical Fisher of N gradient rows ``G`` (N x D) is ``F = G^T G / N`` and t
 (:meth:`cobs_jax.Layout.blocks`). Everything here works from ``G`` through N x N Gram matrices
 (Woodbury / push-through identities); no D x D matrix is formed except by :meth:`Fisher.dense`, which
 is meant for tiny problems and tests.
+
+On several devices G is sharded by rows (``per_example_grads(..., mesh=mesh)``) and the same
+``Fisher`` methods run inside ``shard_map`` with ``axis_name`` set: contractions over rows become
+``psum``, Gram matrices are assembled on a ring, and no device holds more than two row shards.
 """
 
 from __future__ import annotations
@@ -129,9 +133,30 @@ def _grads(loss_fn, layout, params, batch, n, mini_batch, chunk_size, mesh):
     return g
 
 
+def column_reduce(g: jax.Array, fn, reduce=jnp.sum, width: int = 8192) -> jax.Array:
+    """``reduce(fn(g), axis=0)`` over column chunks of ``width``: a (D,) array.
+
+    XLA's CPU backend materialises an (N, D) temporary (a second G) for a reduction over the rows
+    of the whole G, even of ``sum(g, 0)``; chunks of columns in a ``lax.map`` need only one chunk.
+    """
+    d = g.shape[1]
+    c = min(width, d)
+    m, r = divmod(d, c)
+    parts = [jax.lax.map(lambda s: reduce(fn(jax.lax.dynamic_slice_in_dim(g, s, c, 1)), axis=0),
+                         jnp.arange(m, dtype=jnp.int32) * c).reshape(-1)]
+    if r:
+        parts.append(reduce(fn(g[:, m * c:]), axis=0))
+    return jnp.concatenate(parts)
+
+
+@jax.jit
+def _finite_columns(g):
+    return column_reduce(g, jnp.isfinite, jnp.all)
+
+
 def check_finite_grads(grads: jax.Array, layout: Layout) -> None:
     """Raise ``ValueError`` naming the layers whose gradient rows hold NaN or Inf."""
-    finite = np.asarray(jnp.all(jnp.isfinite(grads), axis=0))
+    finite = np.asarray(_finite_columns(grads))
     if finite.all():
         return
     bad = [name for name, (s, e) in zip(layout.names, layout.layer_ranges()) if not finite[s:e].all()]
@@ -323,11 +348,11 @@ class Fisher:
     # ---- F (undamped) ---------------------------------------------------------------------------
     def diag(self) -> jax.Array:
         """Diagonal of the undamped F: ``mean(G**2, axis=0)``."""
-        return self.sum_rows(jnp.sum(self.grads**2, axis=0)) / self.num_rows
+        return self.sum_rows(column_reduce(self.grads, jnp.square)) / self.num_rows
 
     def mean_grad(self) -> jax.Array:
         """``mean(G, axis=0)``, the average gradient over the rows."""
-        return self.sum_rows(jnp.sum(self.grads, axis=0)) / self.num_rows
+        return self.sum_rows(column_reduce(self.grads, lambda x: x)) / self.num_rows
 
     def project(self, x: jax.Array) -> jax.Array:
         """``G_b x_b`` for every block: a (num_blocks, N) array (this shard's N entries)."""

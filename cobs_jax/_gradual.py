@@ -82,7 +82,7 @@ def prune_gradual(
         ``0 .. T-2`` (not after the last one: fine-tune the result yourself).
       key: PRNG key; stage ``t`` uses ``fold_in(key, t)``.
       verbose: print one line per stage.
-      **prune_kwargs: passed to :func:`prune` (``method``, ``update``, ``damping``, ``blocks``,
+      **prune_kwargs: passed to :func:`prune` (``method``, ``update``, ``damping``, ``blocks``, ``mesh``,
         ``loss_batch``, ...). ``masks``, ``grads`` and ``pattern`` are not allowed: the masks come
         from the previous stage and the gradients must be recomputed.
 

@@ -451,6 +451,7 @@ def apply_update(
     blocks: BlockSpec = "model",
     prunable: Prunable = None,
     update_scale: float = 1.0,
+    mesh: Optional[Mesh] = None,
 ) -> PyTree:
     """Apply a compensating update for a given keep-mask (e.g. MP + CBS-U, cbs.md Table 5).
 
@@ -458,7 +459,7 @@ def apply_update(
       params: the dense params.
       masks: bool keep-mask pytree (True = kept) with the params' structure.
       grads: (N, D) rows from :func:`cobs_jax.per_example_grads` for the same ``prunable`` choice.
-      update: ``"cbs"`` or ``"obs"``; damping, blocks, update_scale: as in :func:`prune`.
+      update: ``"cbs"`` or ``"obs"``; damping, blocks, update_scale, mesh: as in :func:`prune`.
 
     Returns:
       params with masked weights exactly zero and the others updated.
@@ -469,11 +470,13 @@ def apply_update(
         raise ValueError(f"`damping` must be a finite number > 0, got {damping!r}")
     layout = make_layout(params, prunable)
     pruned = ~layout.from_masks(masks)
-    grads = jnp.asarray(grads)
-    if grads.ndim != 2 or grads.shape[1] != layout.size:
-        raise ValueError(f"`grads` must have shape (N, {layout.size}), got {grads.shape}")
+    if np.ndim(grads) != 2 or np.shape(grads)[1] != layout.size:
+        raise ValueError(f"`grads` must have shape (N, {layout.size}), got {np.shape(grads)}")
+    check_rows_divisible(np.shape(grads)[0], mesh)
+    grads = jnp.asarray(grads) if mesh is None else place(grads, mesh, P(row_axis(mesh)))
     out, _ = _apply_update(
-        update, layout, None, layout.blocks(blocks), None, params, pruned, grads,
-        jnp.asarray(damping, layout.dtype), None, jnp.asarray(update_scale, layout.dtype),
+        update, layout, None, layout.blocks(blocks), mesh, place(params, mesh), place(pruned, mesh), grads,
+        place(jnp.asarray(damping, layout.dtype), mesh), None,
+        place(jnp.asarray(update_scale, layout.dtype), mesh),
     )
     return out

@@ -103,6 +103,22 @@ def test_sweep_on_mesh_equals_single_device(setup):
         assert_same(a, b)
 
 
+def test_apply_update_and_gradual_on_mesh(setup):
+    params, loss_fn, batch = setup
+    layout = cobs_jax.make_layout(params)
+    masks = cobs_jax.prune(params, sparsity=0.7).masks
+    g1 = cobs_jax.per_example_grads(loss_fn, params, batch, layout)
+    g8 = cobs_jax.per_example_grads(loss_fn, params, batch, layout, mesh=mesh(8))
+    for update in ("cbs", "obs"):
+        a = cobs_jax.apply_update(params, masks, g1, update=update, damping=1e-2)
+        b = cobs_jax.apply_update(params, masks, g8, update=update, damping=1e-2, mesh=mesh(8))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
+    kw = dict(sparsity=0.8, stages=3, method="woodfisher", update="cbs", damping=1e-2)
+    assert_same(cobs_jax.prune_gradual(params, loss_fn, batch, **kw),
+                cobs_jax.prune_gradual(params, loss_fn, batch, mesh=mesh(8), **kw))
+
+
 def test_rows_must_split_over_the_mesh(setup):
     params, loss_fn, batch = setup
     with pytest.raises(ValueError, match="multiple of the 8 devices"):
