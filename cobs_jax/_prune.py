@@ -85,12 +85,16 @@ def _loss_on(layout, loss_fn, params, loss_batch):
     return lambda w: loss_fn(layout.unravel(w, params), loss_batch)
 
 
-def _on_mesh(body, mesh, sharded: int, nargs: int):
-    """``body`` as is, or under ``shard_map`` with argument ``sharded`` (G) split by rows."""
+def _on_mesh(body, mesh, sharded: int = 1):
+    """``body`` as is, or under ``shard_map`` with its argument ``sharded`` (G) split by rows."""
     if mesh is None:
         return body
-    specs = tuple(P(row_axis(mesh)) if i == sharded else P() for i in range(nargs))
-    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)
+
+    def run(*args):
+        specs = tuple(P(row_axis(mesh)) if i == sharded else P() for i in range(len(args)))
+        return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(*args)
+
+    return run
 
 
 def _fisher(grads, damping, blocks, mesh):
@@ -107,7 +111,8 @@ def _select(selector, layout, loss_fn, blocks, mesh, params, grads, damping, los
     def body(params, grads, damping, loss_batch, k, groups, key):
         w = layout.ravel(params)
         fisher = _fisher(grads, damping, blocks, mesh)
-        problem = Problem(w, fisher, layout.layer_ranges(), _loss_on(layout, loss_fn, params, loss_batch), groups)
+        loss = _loss_on(layout, loss_fn, params, loss_batch)
+        problem = Problem(w, fisher, layout.layer_ranges(), loss, groups)
 
         def one(k, key):
             pruned, stats = selector.select(problem, k, key)
@@ -117,7 +122,7 @@ def _select(selector, layout, loss_fn, blocks, mesh, params, grads, damping, los
 
         return jax.vmap(one)(k, key) if batched else one(k, key)
 
-    return _on_mesh(body, mesh, 1, 7)(params, grads, damping, loss_batch, k, groups, key)
+    return _on_mesh(body, mesh)(params, grads, damping, loss_batch, k, groups, key)
 
 
 @functools.partial(
@@ -152,7 +157,7 @@ def _apply_update(update, layout, loss_fn, blocks, mesh, params, pruned, grads, 
 
         return jax.vmap(one)(pruned) if batched else one(pruned)
 
-    return _on_mesh(body, mesh, 1, 6)(params, grads, damping, loss_batch, scale, pruned)
+    return _on_mesh(body, mesh)(params, grads, damping, loss_batch, scale, pruned)
 
 
 def _timed(fn, *args, **kwargs):
