@@ -9,7 +9,7 @@ size, and neither does the cost of selection and update, which is what this benc
 time and peak memory of every phase (gradients, MP, WF-S + OBS, CBS-S + CBS-U, IHT), and that each
 result has exactly the requested sparsity. Accuracy is meaningless on random data and not reported.
 
-    python benchmarks/mobilenet_scale.py            # about 10 minutes, peak ~17 GiB
+    python benchmarks/mobilenet_scale.py            # about 12 minutes, peak RSS ~9 GiB
     python benchmarks/mobilenet_scale.py --quick    # N = 64: a one-minute smoke run
 
 Each phase is timed twice, at sparsity 0.5 and 0.7: the first call includes compilation, the second
