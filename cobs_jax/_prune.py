@@ -241,6 +241,20 @@ def _setup(params, loss_fn, batch, *, method, update, damping, blocks, prunable,
     )
 
 
+def _run(st: _Setup, loss_fn, update, mesh, counts, groups, key, batched=False):
+    """Selection then update (timed into ``st.timings``); with ``batched`` over leading axes."""
+    (pruned, stats), st.timings["select"] = _timed(
+        _select, st.selector, st.layout, loss_fn, st.blocks, mesh, st.params, st.grads, st.damping,
+        st.loss_batch, place(jnp.asarray(counts, jnp.int32), mesh),
+        None if groups is None else place(jnp.asarray(groups), mesh), place(key, mesh), batched=batched,
+    )
+    (new_params, ustats), st.timings["update"] = _timed(
+        _apply_update, update, st.layout, loss_fn, st.blocks, mesh, st.params, pruned, st.grads,
+        st.damping, st.loss_batch, st.scale, st.auto_scale, batched=batched,
+    )
+    return new_params, pruned, stats, ustats
+
+
 def _result(st: _Setup, new_params, pruned, stats, ustats, extra) -> PruneResult:
     keep = ~np.asarray(pruned)
     info = {
@@ -347,15 +361,7 @@ def prune(
     frozen = None if masks is None else ~np.asarray(layout.from_masks(masks))
     plan = make_budget(layout, sparsity, budget=budget, pattern=pattern, frozen=frozen)
     key = jax.random.key(0) if key is None else key
-    (pruned, stats), st.timings["select"] = _timed(
-        _select, st.selector, layout, loss_fn, st.blocks, mesh, st.params, st.grads, st.damping,
-        st.loss_batch, place(jnp.asarray(plan.counts, jnp.int32), mesh),
-        None if plan.groups is None else place(jnp.asarray(plan.groups), mesh), place(key, mesh),
-    )
-    (new_params, ustats), st.timings["update"] = _timed(
-        _apply_update, update, layout, loss_fn, st.blocks, mesh, st.params, pruned, st.grads, st.damping,
-        st.loss_batch, st.scale, st.auto_scale,
-    )
+    new_params, pruned, stats, ustats = _run(st, loss_fn, update, mesh, plan.counts, plan.groups, key)
     res = _result(st, new_params, pruned, stats, ustats,
                   dict(update=update, blocks=blocks, budget=budget, pattern=pattern))
     if verbose:
@@ -421,16 +427,9 @@ def prune_sweep(
     plans = [make_budget(layout, s, budget=budget, frozen=frozen) for s in levels]
     groups = plans[0].groups
     pairs = [(i, j) for i in range(len(levels)) for j in range(len(keys))]
-    counts = jnp.asarray(np.stack([np.asarray(plans[i].counts) for i, _ in pairs]), jnp.int32)
-    key_arr = jnp.stack([keys[j] for _, j in pairs])
-    (pruned, stats), st.timings["select"] = _timed(
-        _select, st.selector, layout, loss_fn, st.blocks, mesh, st.params, st.grads, st.damping,
-        st.loss_batch, place(counts, mesh), None if groups is None else place(jnp.asarray(groups), mesh),
-        place(key_arr, mesh), batched=True,
-    )
-    (new_params, ustats), st.timings["update"] = _timed(
-        _apply_update, update, layout, loss_fn, st.blocks, mesh, st.params, pruned, st.grads, st.damping,
-        st.loss_batch, st.scale, st.auto_scale, batched=True,
+    counts = np.stack([np.asarray(plans[i].counts) for i, _ in pairs])
+    new_params, pruned, stats, ustats = _run(
+        st, loss_fn, update, mesh, counts, groups, jnp.stack([keys[j] for _, j in pairs]), batched=True
     )
     if verbose:
         _log(st, f"{type(st.selector).__name__}+{update}: {len(levels)} levels x {len(keys)} keys")
