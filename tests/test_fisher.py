@@ -71,3 +71,12 @@ def test_grads_bad_batch_and_nonfinite():
 
     with pytest.raises(ValueError, match=r"NaN or Inf in layer\(s\) \[\"\['params'\]\['Dense_0'\]\['kernel'\]\"\]$"):
         cobs_jax.per_example_grads(bad_loss, params, batch, layout)
+
+
+@pytest.mark.parametrize("width", [1, 7, 8, 20, 64])
+def test_column_reduce_matches_whole_reduction(width):
+    from cobs_jax._fisher import column_reduce
+
+    g = jax.random.normal(jax.random.key(0), (5, 20), jnp.float64).at[2, 13].set(jnp.inf)
+    np.testing.assert_allclose(column_reduce(g, jnp.square, width=width), np.sum(np.asarray(g) ** 2, 0))
+    np.testing.assert_array_equal(column_reduce(g, jnp.isfinite, jnp.all, width), np.isfinite(g).all(0))
