@@ -56,3 +56,15 @@ def test_sweep_bad_input():
         cobs_jax.prune_sweep(params, sparsities=[0.5, 1.0])
     with pytest.raises(ValueError, match="keys"):
         cobs_jax.prune_sweep(params, sparsities=[0.5], keys=[])
+
+
+def test_sweep_with_uniform_budget_and_auto_scale_equals_prune():
+    params, loss_fn, batch = linen_setup(n=40, dtype=jnp.float64, hidden=8)
+    kw = dict(method="woodfisher", update="cbs", update_scale="auto", damping=1e-2, budget="uniform")
+    for res, s in zip(cobs_jax.prune_sweep(params, loss_fn, batch, sparsities=[0.5, 0.8], **kw), [0.5, 0.8]):
+        ref = cobs_jax.prune(params, loss_fn, batch, sparsity=s, **kw)
+        assert res.info["layer_sparsity"] == ref.info["layer_sparsity"]
+        assert res.info["update_scale"] == ref.info["update_scale"]
+        np.testing.assert_allclose(res.info["scale_losses"], ref.info["scale_losses"], rtol=1e-9)
+        for a, r in zip(jax.tree.leaves(res.params), jax.tree.leaves(ref.params)):
+            np.testing.assert_allclose(a, r, rtol=1e-9, atol=1e-12)
