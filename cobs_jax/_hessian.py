@@ -1,0 +1,60 @@
+"""Layer Hessians H = XᵀX of a linear layer's input activations, accumulated in a stream.
+
+For a linear map y = x W (x: the layer input, W: (d_in, d_out)), the reconstruction error of a
+changed kernel on calibration inputs X is ``tr((W - W̄)ᵀ XᵀX (W - W̄))``: one d_in x d_in matrix
+``H = XᵀX`` serves every output unit. Layer-wise pruning (SparseGPT, Wanda, the exact re-solve)
+needs only H, never the activations themselves, so calibration is streamed: add each batch of
+activations to a running H and drop the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+__all__ = ["layer_hessian", "accumulate_dtype"]
+
+
+def accumulate_dtype() -> jnp.dtype:
+    """float64 when ``jax_enable_x64`` is on, else float32 (the dtype H is accumulated in)."""
+    return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+
+
+@jax.jit
+def _add(h: jax.Array, x: jax.Array) -> jax.Array:
+    x = x.reshape(-1, x.shape[-1]).astype(h.dtype)
+    return h + jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+
+
+def layer_hessian(x: ArrayLike, into: Optional[ArrayLike] = None) -> jax.Array:
+    """``XᵀX`` of activations ``x`` of shape ``(..., d_in)`` (all leading axes are samples).
+
+    Args:
+      x: a batch of a layer's input activations; every leading axis counts as examples
+        (``(batch, seq, d_in)`` for a transformer's linear layer, ``(tokens, d_in)``, or
+        ``(..., kh * kw * c_in)`` patches for a convolution).
+      into: a running sum ``H`` of earlier batches (``(d_in, d_in)``): the result is
+        ``into + XᵀX``, so calibration can be streamed batch by batch without keeping the
+        activations. Its dtype is kept.
+
+    Returns:
+      The ``(d_in, d_in)`` sum ``XᵀX``, accumulated in float32 (float64 when x64 is on) whatever
+      the activations' dtype. Any positive scale of H (sum, mean) gives the same pruning result.
+
+    Raises:
+      ValueError: if ``x`` has fewer than 2 dimensions, or ``into`` has the wrong shape.
+    """
+    x = jnp.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"`x` must have shape (..., d_in) with at least one sample axis, got {x.shape}")
+    d = x.shape[-1]
+    if into is None:
+        h = jnp.zeros((d, d), accumulate_dtype())
+    else:
+        h = jnp.asarray(into)
+        if h.shape != (d, d):
+            raise ValueError(f"`into` must have shape {(d, d)} for activations with d_in={d}, got {h.shape}")
+    return _add(h, x)

@@ -1,0 +1,237 @@
+"""Prune one layer from its Hessian H = XᵀX: magnitude, Wanda, SparseGPT, and the exact re-solve.
+
+:func:`prune_layer` is the pure, jit-compiled core of layer-wise pruning: it sees a kernel in its
+Flax layout and the layer's Hessian, and returns the pruned kernel and its keep-mask. The model
+driver (:func:`cobs_jax.prune_layerwise`) calls it for every kernel of every block.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from ._budget import check_sparsity, parse_pattern
+from ._hessian import accumulate_dtype
+from ._layer_exact import exact_update
+from ._layer_masks import choose
+from ._sparsegpt import sparsegpt, sparsegpt_counts
+
+__all__ = ["prune_layer", "LayerInfo", "LAYER_METHODS", "reconstruction_error"]
+
+LAYER_METHODS = ("magnitude", "wanda", "sparsegpt")
+_DEFAULT_GRANULARITY = {"magnitude": "layer", "wanda": "unit", "sparsegpt": "layer"}
+REDAMP_FACTOR, REDAMP_TRIES = 10.0, 4
+
+
+class LayerInfo(NamedTuple):
+    """What :func:`prune_layer` reports with ``return_info=True``.
+
+    Attributes:
+      damping: the relative damping used (the requested one unless the Cholesky factorisation
+        failed and it was raised, see :func:`prune_layer`).
+      error: relative reconstruction error ``tr(ΔW H ΔWᵀ) / tr(W̄ H W̄ᵀ)`` on the undamped H.
+      sparsity: the fraction of the kernel's entries that are zero in the mask.
+    """
+
+    damping: float
+    error: float
+    sparsity: float
+
+
+def _as_rows(kernel: jax.Array, in_axes: Sequence[int]) -> tuple[jax.Array, tuple]:
+    """(rows = output units, d_in) view of a kernel whose contraction axes are ``in_axes``."""
+    out_axes = [a for a in range(kernel.ndim) if a not in in_axes]
+    perm = tuple(in_axes) + tuple(out_axes)
+    moved = jnp.transpose(kernel, perm)
+    d_in = math.prod(kernel.shape[a] for a in in_axes)
+    return moved.reshape(d_in, -1).T, (perm, moved.shape)
+
+
+def _from_rows(rows: jax.Array, layout: tuple) -> jax.Array:
+    perm, moved_shape = layout
+    return jnp.transpose(rows.T.reshape(moved_shape), np.argsort(perm))
+
+
+@jax.jit
+def _damped_factor(h, damping):
+    """Dead inputs (H_jj = 0) get H_jj = 1, then H + damping * mean(diag H) * I; its factors."""
+    diag = jnp.diagonal(h)
+    dead = diag == 0
+    h = h + jnp.diag(dead.astype(h.dtype))
+    h = h + damping * jnp.mean(jnp.diagonal(h)) * jnp.eye(h.shape[0], dtype=h.dtype)
+    chol = jnp.linalg.cholesky(h)
+    hinv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(h.shape[0], dtype=h.dtype))
+    u = jnp.linalg.cholesky(hinv).T  # upper: H^-1 = U^T U
+    ok = jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.isfinite(u))
+    return h, hinv, u, dead, ok
+
+
+def factor_hessian(h: jax.Array, damping: float, name: str):
+    """Damped H, H⁻¹, upper Cholesky U of H⁻¹, dead inputs and the damping used.
+
+    Re-damping rule: if a factorisation fails (H not positive definite to working precision
+    even after damping), the relative damping is multiplied by 10 and the factorisation retried,
+    up to 4 times in all (0.01 -> 0.1 -> 1 -> 10); after that a ValueError names the layer.
+    """
+    used = float(damping)
+    for _ in range(REDAMP_TRIES):
+        hd, hinv, u, dead, ok = _damped_factor(h, jnp.asarray(used, h.dtype))
+        if bool(ok):
+            return hd, hinv, u, dead, used
+        used *= REDAMP_FACTOR
+    raise ValueError(
+        f"{name}: Cholesky factorisation of the damped Hessian failed even with relative damping "
+        f"{used / REDAMP_FACTOR:g} (H is not positive semi-definite: check the activations)"
+    )
+
+
+@jax.jit
+def reconstruction_error(w0: jax.Array, w: jax.Array, h: jax.Array) -> jax.Array:
+    """``tr(ΔW H ΔWᵀ) / tr(W̄ H W̄ᵀ)`` for rows-layout kernels (rows, d_in)."""
+    dw = w - w0
+    return jnp.sum((dw @ h) * dw) / jnp.sum((w0 @ h) * w0)
+
+
+def _check_finite(x: jax.Array, what: str) -> None:
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(f"{what} contains NaN or Inf")
+
+
+def _check_args(method, update, damping, block_size, granularity):
+    if method not in LAYER_METHODS:
+        raise ValueError(f"`method` must be one of {LAYER_METHODS}, got {method!r}")
+    if update not in (None, "none", "exact"):
+        raise ValueError(f"`update` must be None, 'none' or 'exact', got {update!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
+        raise ValueError(f"`damping` must be a positive number, got {damping!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"`block_size` must be a positive int, got {block_size!r}")
+    if granularity not in (None, "layer", "unit"):
+        raise ValueError(f"`granularity` must be None, 'layer' or 'unit', got {granularity!r}")
+
+
+def _resolve_sparsity(sparsity, pattern, d_in, method, block_size, name):
+    nm = parse_pattern(pattern)
+    if nm is None:
+        if sparsity is None:
+            raise ValueError("`sparsity` is required (or give `pattern='N:M'`)")
+        return check_sparsity(sparsity), None
+    n, m = nm
+    if sparsity is not None and abs(check_sparsity(sparsity) - (m - n) / m) > 1e-9:
+        raise ValueError(f"`sparsity`={sparsity} contradicts `pattern`={pattern!r} (sparsity {(m - n) / m:g})")
+    if d_in % m:
+        raise ValueError(f"{name}: `pattern` {pattern!r} needs an input size that is a multiple of {m}, got {d_in}")
+    if method == "sparsegpt" and block_size % m:
+        raise ValueError(f"`block_size`={block_size} must be a multiple of M={m} for `pattern` {pattern!r}")
+    return (m - n) / m, nm
+
+
+def prune_layer(
+    kernel: ArrayLike,
+    hessian: ArrayLike,
+    *,
+    sparsity: Optional[float] = None,
+    pattern: Optional[str] = None,
+    method: str = "sparsegpt",
+    update: Optional[str] = None,
+    damping: float = 0.01,
+    block_size: int = 128,
+    granularity: Optional[str] = None,
+    in_axes: Optional[Sequence[int]] = None,
+    key: Any = None,
+    return_info: bool = False,
+    name: str = "layer",
+):
+    """Prune one kernel to keep the layer's outputs on the calibration data that made ``hessian``.
+
+    Args:
+      kernel: the kernel in its Flax layout: ``(d_in, d_out)`` for Dense/Linear, ``(kh, kw, c_in,
+        c_out)`` for Conv (its input axes are flattened in that order, as in
+        ``jax.lax.conv_general_dilated_patches``-style patches ``kh * kw * c_in``), or any einsum
+        kernel with its contraction axes given by ``in_axes``.
+      hessian: ``XᵀX`` of the layer's inputs, ``(d_in, d_in)`` (:func:`cobs_jax.layer_hessian`);
+        any positive scale (sum or mean) gives the same result.
+      sparsity: fraction of weights to set to exactly zero, in [0, 1). Optional with ``pattern``.
+      pattern: ``None``/``"unstructured"`` or ``"N:M"`` (N of every M consecutive inputs of each
+        output unit kept, along the flattened input axis: ``"2:4"``, ``"4:8"``).
+      method: ``"magnitude"`` (|W|), ``"wanda"`` (|W_ij| * ||X_j||_2, Sun et al. 2024; no update)
+        or ``"sparsegpt"`` (Frantar & Alistarh 2023: mask per column block from the partly
+        updated weights, OBS updates through the Cholesky factor of H⁻¹).
+      update: ``None`` (the method's own weights) or ``"exact"``: the kept weights of every output
+        unit re-solved to the least-squares optimum for the chosen mask (against the original
+        kernel, on the damped H).
+      damping: relative damping: ``damping * mean(diag H)`` is added to H's diagonal (SparseGPT's
+        ``percdamp``; used by ``sparsegpt`` and ``update="exact"``). If the damped H still fails
+        to factor, the damping is multiplied by 10 and retried (up to 3 times), then an error is
+        raised; ``return_info=True`` reports the damping used.
+      block_size: SparseGPT's column block (its mask-selection and lazy-update block).
+      granularity: where the unstructured count is exact: ``"layer"`` (``round(s * size)`` over the
+        kernel; SparseGPT: the block's share over the rows x block slab, as published) or ``"unit"``
+        (``round(s * d_in)`` in every output unit). Default: the method's published choice
+        (magnitude and SparseGPT ``"layer"``, Wanda ``"unit"``). Ignored with ``pattern``.
+      in_axes: the contraction (input) axes of ``kernel``; default all axes but the last.
+      key: accepted for API uniformity with randomised selectors; these methods are deterministic.
+      return_info: also return a :class:`LayerInfo` (damping used, reconstruction error, sparsity).
+      name: the layer's name in error messages.
+
+    Returns:
+      ``(new_kernel, mask)`` (and ``info`` with ``return_info=True``): the kernel in its own
+      layout and dtype with pruned entries exactly 0, and the bool keep-mask (True = kept).
+
+    Raises:
+      ValueError: for a bad argument (naming it), shape mismatches between kernel and H, a
+        non-square H, NaN/Inf in the kernel or H, or a factorisation that fails after re-damping.
+    """
+    _check_args(method, update, damping, block_size, granularity)
+    del key
+    kernel = jnp.asarray(kernel)
+    h = jnp.asarray(hessian)
+    if kernel.ndim < 2 or not jnp.issubdtype(kernel.dtype, jnp.floating):
+        raise ValueError(f"{name}: `kernel` must be a floating array with ndim >= 2, got {kernel.dtype}{kernel.shape}")
+    axes = tuple(range(kernel.ndim - 1)) if in_axes is None else tuple(int(a) % kernel.ndim for a in in_axes)
+    if not axes or len(set(axes)) != len(axes) or len(axes) >= kernel.ndim:
+        raise ValueError(f"`in_axes` must name distinct axes of the {kernel.ndim}-d kernel, leaving an output axis; got {in_axes!r}")
+    w_rows, layout = _as_rows(kernel, axes)
+    d_in = w_rows.shape[1]
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"{name}: `hessian` must be a square (d_in, d_in) matrix, got shape {h.shape}")
+    if h.shape[0] != d_in:
+        raise ValueError(f"{name}: `hessian` is {h.shape} but the kernel {kernel.shape} has d_in = {d_in} (in_axes {axes})")
+    _check_finite(kernel, f"{name}: `kernel`")
+    _check_finite(h, f"{name}: `hessian`")
+    sparsity, nm = _resolve_sparsity(sparsity, pattern, d_in, method, block_size, name)
+    gran = granularity or _DEFAULT_GRANULARITY[method]
+
+    acc = accumulate_dtype()
+    h = h.astype(acc)
+    w0 = w_rows.astype(acc)
+    used = float(damping)
+    factors = None
+    if method == "sparsegpt" or update == "exact":
+        hd, hinv, u, dead, used = factor_hessian(h, damping, name)
+        w0 = jnp.where(dead[None, :], 0.0, w0)
+        factors = hd, hinv
+    if method == "sparsegpt":
+        counts = None if nm else jnp.asarray(sparsegpt_counts(sparsity, *w0.shape, block_size, gran))
+        w, keep = sparsegpt(w0, u, counts, block_size=block_size, nm=nm, granularity=gran)
+    else:
+        score = jnp.abs(w0)
+        if method == "wanda":
+            score = score * jnp.sqrt(jnp.maximum(jnp.diagonal(h), 0.0))[None, :]
+        keep = ~choose(score, sparsity, gran, nm)
+        w = jnp.where(keep, w0, 0.0)
+    if update == "exact":
+        w = exact_update(w0, factors[0], factors[1], np.asarray(keep))
+    if not bool(jnp.all(jnp.isfinite(w))):
+        raise ValueError(f"{name}: the pruned kernel is not finite (ill-conditioned Hessian); raise `damping`")
+    new_kernel = _from_rows(w, layout).astype(kernel.dtype)
+    mask = _from_rows(keep, layout)
+    if not return_info:
+        return new_kernel, mask
+    err = float(reconstruction_error(w_rows.astype(acc), w, h))
+    return new_kernel, mask, LayerInfo(used, err, 1.0 - float(jnp.mean(mask)))

@@ -1,0 +1,202 @@
+"""Layer-wise pruning of a Flax model, block after block, as SparseGPT and Wanda do it.
+
+For block i (a transformer layer) with calibration inputs X_i (the outputs of the already
+pruned blocks 0..i-1):
+
+1. one forward pass of the dense block over X_i (in chunks of ``batch_size`` examples) captures
+   the input of every Dense/Linear/Conv layer and sums its ``XᵀX`` (nothing else is kept);
+2. every selected kernel is pruned by :func:`cobs_jax.prune_layer` from its Hessian;
+3. a second forward pass of the *pruned* block gives X_{i+1}.
+
+Memory is one block's Hessians plus the calibration hidden states, whatever the depth. The
+model's embeddings and head are outside the blocks and stay dense, as in the papers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ._capture import BlockAdapter, run_block
+from ._layer import prune_layer
+
+__all__ = ["prune_layerwise", "LayerwiseResult"]
+
+
+class LayerwiseResult(NamedTuple):
+    """What :func:`prune_layerwise` returns.
+
+    Attributes:
+      blocks: the pruned blocks, of the kind given (new nnx modules, or linen
+        ``(module, variables)`` pairs); the inputs are untouched.
+      masks: ``masks[i][layer]`` is the keep-mask (True = kept) of layer ``layer`` (its path in
+        the block, e.g. ``"mlp/up_proj"``) of block ``i``.
+      outputs: the pruned model's hidden states after the last block, on the calibration inputs.
+      info: ``"layers"``: one dict per pruned layer (block, layer, shape, error = relative
+        reconstruction error, damping used, sparsity, seconds); ``"timings"``: seconds spent
+        capturing (dense forward + Hessians), pruning and in the pruned forward, and in total;
+        ``"sparsity"``: the fraction of zeros over all pruned kernels.
+    """
+
+    blocks: list
+    masks: list
+    outputs: jax.Array
+    info: dict
+
+
+def _excluder(exclude) -> Callable[[str], bool]:
+    if exclude is None:
+        return lambda name: False
+    if callable(exclude):
+        return exclude
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    pats = [re.compile(p) for p in exclude]
+    return lambda name: any(p.search(name) for p in pats)
+
+
+def _progress(it, enabled: bool, total: int, desc: str):
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: plain lines instead
+        def plain():
+            for i, v in enumerate(it):
+                print(f"{desc}: block {i + 1}/{total}", flush=True)
+                yield v
+        return plain()
+    return tqdm(it, total=total, desc=desc)
+
+
+def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture):
+    """Outputs over all examples (chunked) and, with ``capture``, the summed Hessians."""
+    outs, grams = [], {}
+    for s in range(0, x.shape[0], batch_size):
+        chunk = x[s : s + batch_size]
+        if sharding is not None:
+            chunk = jax.device_put(chunk, sharding)
+        y, g = run_block(params, chunk, args, kwargs, static=adapter.static, capture=capture)
+        outs.append(y)
+        for k, v in g.items():
+            grams[k] = grams[k] + v if k in grams else v
+    y = jnp.concatenate(outs, axis=0)
+    jax.block_until_ready((y, grams))
+    return y, grams
+
+
+def prune_layerwise(
+    blocks: Sequence[Any],
+    inputs: jax.typing.ArrayLike,
+    *,
+    sparsity: Optional[float] = None,
+    pattern: Optional[str] = None,
+    method: str = "sparsegpt",
+    update: Optional[str] = None,
+    damping: float = 0.01,
+    block_size: int = 128,
+    granularity: Optional[str] = None,
+    exclude: Union[None, str, Sequence[str], Callable[[str], bool]] = None,
+    args: tuple = (),
+    kwargs: Optional[dict] = None,
+    batch_size: int = 8,
+    mesh: Optional[Mesh] = None,
+    progress: bool = False,
+    key: Any = None,
+) -> LayerwiseResult:
+    """Prune every Dense/Linear/Conv kernel of a stack of Flax blocks from calibration data.
+
+    Args:
+      blocks: the model's blocks in order (transformer layers): ``nnx.Module`` s, or linen
+        ``(module, variables)`` pairs; each is called as ``block(x, *args, **kwargs)`` and returns
+        the next hidden states (or a tuple whose first entry they are).
+      inputs: calibration inputs of the first block, ``(n, ...)`` with the examples first (for an
+        LLM: the token embeddings of n calibration sequences, ``(n, seq, d)``).
+      sparsity, pattern, method, update, damping, block_size, granularity: as in
+        :func:`cobs_jax.prune_layer`, for every pruned layer.
+      exclude: layers left dense: a regex (or list of them) searched in the layer's path within
+        its block (``"mlp/down_proj"``), or ``callable(name) -> bool``. Embeddings and the LM head
+        are not in ``blocks`` and so are never pruned.
+      args, kwargs: extra arguments of every block call (positions, RoPE tables, masks); they are
+        not split into chunks.
+      batch_size: examples per forward chunk (bounds the activation memory of a pass).
+      mesh: optional ``jax.sharding.Mesh``: each chunk's examples are sharded over its first axis
+        (``batch_size`` must be a multiple of that axis's size) and the Hessians are summed across
+        devices by XLA's all-reduce; the result equals the single-device one.
+      progress: a tqdm bar over blocks (plain lines without tqdm).
+      key: accepted for API uniformity; the methods are deterministic.
+
+    Returns:
+      A :class:`LayerwiseResult`.
+
+    Raises:
+      ValueError: for bad arguments (see :func:`cobs_jax.prune_layer`), NaN/Inf in the inputs or
+        in a layer's captured activations (named), or a block without prunable layers.
+    """
+    del key
+    kwargs = dict(kwargs or {})
+    x = jnp.asarray(inputs)
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"`inputs` must have a leading example axis with at least one example, got {x.shape}")
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError("`inputs` contain NaN or Inf")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    sharding = None
+    if mesh is not None:
+        if not isinstance(mesh, Mesh):
+            raise ValueError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        axis = mesh.axis_names[0]
+        if batch_size % mesh.shape[axis] or x.shape[0] % batch_size:
+            raise ValueError(
+                f"with `mesh`, `batch_size` ({batch_size}) must be a multiple of the mesh axis "
+                f"{axis!r} ({mesh.shape[axis]}) and divide the number of examples ({x.shape[0]})"
+            )
+        sharding = NamedSharding(mesh, PartitionSpec(axis))
+    skip = _excluder(exclude)
+    opts = dict(sparsity=sparsity, pattern=pattern, method=method, update=update, damping=damping,
+                block_size=block_size, granularity=granularity)
+    adapters = [BlockAdapter(b) for b in blocks]
+
+    t_capture = t_forward = 0.0
+    t_start = time.perf_counter()
+    new_blocks, masks, layers = [], [], []
+    zeros = total = 0
+    for i, adapter in _progress(enumerate(adapters), progress, len(adapters), f"prune_layerwise ({method})"):
+        t0 = time.perf_counter()
+        _, grams = _forward(adapter, adapter.params, x, args, kwargs, batch_size, sharding, capture=True)
+        t_capture += time.perf_counter() - t0
+        if not grams:
+            raise ValueError(f"block {i} has no Dense/Linear/Conv layers to prune")
+        kernels, block_masks = {}, {}
+        for name in (n for n in grams if not skip(n)):
+            h = grams[name]
+            if not bool(jnp.all(jnp.isfinite(h))):
+                raise ValueError(f"block {i}, layer {name!r}: its captured activations contain NaN or Inf")
+            t1 = time.perf_counter()
+            new, mask, linfo = prune_layer(adapter.kernel(name), h, **opts, return_info=True,
+                                           name=f"block {i}, layer {name!r}")
+            jax.block_until_ready(new)
+            dt = time.perf_counter() - t1
+            kernels[name], block_masks[name] = new, mask
+            layers.append(dict(block=i, layer=name, shape=tuple(new.shape), error=linfo.error,
+                               damping=linfo.damping, sparsity=linfo.sparsity, seconds=dt))
+            zeros += int(mask.size - jnp.sum(mask))
+            total += int(mask.size)
+        params = adapter.with_kernels(kernels)
+        t2 = time.perf_counter()
+        x, _ = _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture=False)
+        t_forward += time.perf_counter() - t2
+        new_blocks.append(adapter.rebuild(params))
+        masks.append(block_masks)
+    elapsed = time.perf_counter() - t_start
+    t_prune = elapsed - t_capture - t_forward
+    info = dict(layers=layers, sparsity=zeros / total if total else 0.0,
+                timings=dict(capture=t_capture, prune=t_prune, forward=t_forward, total=elapsed))
+    return LayerwiseResult(new_blocks, masks, x, info)
