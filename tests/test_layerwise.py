@@ -1,0 +1,186 @@
+"""prune_layerwise on toy transformer-like blocks (nnx and linen) against pruning by hand."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import cobs_jax
+from cobs_jax._capture import _layer_input
+
+F64 = dict(use_bias=False, dtype=jnp.float64, param_dtype=jnp.float64)
+NAMES = ("attn/q_proj", "attn/v_proj", "attn/o_proj", "mlp/up_proj", "mlp/down_proj")
+
+
+class Attn(nnx.Module):
+    def __init__(self, d, rngs):
+        self.q_proj = nnx.Linear(d, d, rngs=rngs, **F64)
+        self.v_proj = nnx.Linear(d, d, rngs=rngs, **F64)
+        self.o_proj = nnx.Linear(d, d, rngs=rngs, **F64)
+
+
+class MLP(nnx.Module):
+    def __init__(self, d, hidden, rngs):
+        self.up_proj = nnx.Linear(d, hidden, rngs=rngs, **F64)
+        self.down_proj = nnx.Linear(hidden, d, rngs=rngs, **F64)
+
+
+class Block(nnx.Module):
+    """x -> x + o(v(h) * sigmoid(q(h))), h = x * scale -> x + down(relu(up(x)))."""
+
+    def __init__(self, d, hidden, rngs):
+        self.attn = Attn(d, rngs)
+        self.mlp = MLP(d, hidden, rngs)
+
+    def __call__(self, x, scale):
+        h = x * scale
+        a = self.attn.v_proj(h) * jax.nn.sigmoid(self.attn.q_proj(h))
+        x = x + self.attn.o_proj(a)
+        return x + self.mlp.down_proj(jax.nn.relu(self.mlp.up_proj(x)))
+
+
+class LinenBlock(nn.Module):
+    d: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x, scale):
+        dense = lambda n, name: nn.Dense(n, use_bias=False, param_dtype=jnp.float64, name=name)
+        h = x * scale
+        a = dense(self.d, "v_proj")(h) * jax.nn.sigmoid(dense(self.d, "q_proj")(h))
+        x = x + dense(self.d, "o_proj")(a)
+        return x + dense(self.d, "down_proj")(jax.nn.relu(dense(self.hidden, "up_proj")(x)))
+
+
+def _hand(kernels_per_block, x, scale, names, **opts):
+    """The sequential method written out: capture from the dense block, prune, run the pruned block."""
+    out = []
+    for k in kernels_per_block:
+        fwd = lambda k, x: _fwd(k, x, scale, names)
+        _, acts = fwd(k, x)
+        new = {}
+        for n in names:
+            a = acts[n].reshape(-1, acts[n].shape[-1])
+            new[n] = np.asarray(cobs_jax.prune_layer(k[n], a.T @ a, **opts)[0])
+        out.append(new)
+        x, _ = fwd(new, x)
+    return out, x
+
+
+def _fwd(k, x, scale, names):
+    q, v, o, up, down = (k[n] for n in names)
+    h = x * scale
+    a = (h @ v) * jax.nn.sigmoid(h @ q)
+    x1 = x + a @ o
+    m = np.maximum(x1 @ up, 0)
+    acts = dict(zip(names, (h, h, a, x1, m)))
+    return np.asarray(x1 + m @ down), {n: np.asarray(v) for n, v in acts.items()}
+
+
+def _data(n=12, t=5, d=8):
+    return np.random.default_rng(0).normal(size=(n, t, d))
+
+
+@pytest.mark.parametrize("opts", [dict(sparsity=0.5), dict(pattern="2:4", update="exact"),
+                                  dict(sparsity=0.6, method="wanda", update="exact")])
+def test_nnx_driver_equals_pruning_by_hand(opts):
+    blocks = [Block(8, 16, nnx.Rngs(i)) for i in range(2)]
+    x = _data()
+    before = [nnx.to_pure_dict(nnx.state(b)) for b in blocks]
+    scale = jnp.asarray(1.5)
+    res = cobs_jax.prune_layerwise(blocks, x, args=(scale,), batch_size=5, **opts)
+    kernels = [{n: np.asarray(b.__getattribute__(n.split("/")[0]).__getattribute__(n.split("/")[1]).kernel[...])
+                for n in NAMES} for b in blocks]
+    ref, ref_out = _hand(kernels, x, 1.5, NAMES, **opts)
+    for i, blk in enumerate(res.blocks):
+        for n in NAMES:
+            a, b = n.split("/")
+            got = np.asarray(getattr(getattr(blk, a), b).kernel[...])
+            np.testing.assert_allclose(got, ref[i][n], rtol=1e-9, atol=1e-12)
+            np.testing.assert_array_equal(np.asarray(res.masks[i][n]), ref[i][n] != 0)
+    np.testing.assert_allclose(np.asarray(res.outputs), ref_out, rtol=1e-9, atol=1e-12)
+    # the user's blocks are untouched
+    for b, pure in zip(blocks, before):
+        jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(b)), pure)
+    assert len(res.info["layers"]) == 10 and all(np.isfinite(l["error"]) for l in res.info["layers"])
+    assert set(res.info["timings"]) == {"capture", "prune", "forward", "total"}
+
+
+def test_linen_driver_equals_pruning_by_hand():
+    mod = LinenBlock(8, 16)
+    x = _data()
+    blocks = [(mod, mod.init(jax.random.key(i), x[:1], 1.0)) for i in range(2)]
+    res = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.5,), batch_size=4)
+    short = [n.split("/")[1] for n in NAMES]
+    kernels = [{s: np.asarray(v["params"][s]["kernel"]) for s in short} for _, v in blocks]
+    ref, ref_out = _hand(kernels, x, 1.5, short, sparsity=0.5)
+    for i, (_, variables) in enumerate(res.blocks):
+        for s in short:
+            np.testing.assert_allclose(np.asarray(variables["params"][s]["kernel"]), ref[i][s], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(res.outputs), ref_out, rtol=1e-9, atol=1e-12)
+
+
+def test_exclude_deterministic_and_sparsity():
+    blocks = [Block(8, 16, nnx.Rngs(i)) for i in range(2)]
+    x = _data()
+    a = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.0,), exclude="down_proj")
+    b = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.0,), exclude=["down_proj"])
+    assert all("mlp/down_proj" not in m for m in a.masks)
+    np.testing.assert_array_equal(a.blocks[1].mlp.down_proj.kernel[...], blocks[1].mlp.down_proj.kernel[...])
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(a.blocks[1])),
+                 nnx.to_pure_dict(nnx.state(b.blocks[1])))
+    assert a.info["sparsity"] == pytest.approx(0.5)
+
+
+def test_conv_patches_match_the_convolution():
+    rng = np.random.default_rng(0)
+    for padding, strides, dil in (("SAME", 1, 1), ("VALID", 2, 1), (((1, 0), (2, 1)), 1, 2)):
+        conv = nnx.Conv(3, 4, (3, 2), strides=strides, padding=padding, kernel_dilation=dil, use_bias=False,
+                        rngs=nnx.Rngs(0), param_dtype=jnp.float64, dtype=jnp.float64)
+        x = rng.normal(size=(2, 7, 6, 3))
+        p = _layer_input(conv, jnp.asarray(x))
+        y = conv(jnp.asarray(x))
+        np.testing.assert_allclose(p @ conv.kernel[...].reshape(-1, 4), y, rtol=1e-10, atol=1e-12)
+
+
+class ConvBlock(nnx.Module):
+    def __init__(self, rngs):
+        kw = dict(use_bias=False, param_dtype=jnp.float64, dtype=jnp.float64, rngs=rngs)
+        self.c1 = nnx.Conv(4, 8, (3, 3), **kw)
+        self.c2 = nnx.Conv(8, 4, (1, 1), **kw)
+
+    def __call__(self, x):
+        return x + self.c2(jax.nn.relu(self.c1(x)))
+
+
+def test_conv_block_exact_update_lowers_error():
+    x = np.random.default_rng(1).normal(size=(6, 5, 5, 4))
+    blocks = [ConvBlock(nnx.Rngs(0))]
+    plain = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, method="magnitude")
+    exact = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, method="magnitude", update="exact")
+    for p, e in zip(plain.info["layers"], exact.info["layers"]):
+        assert e["error"] <= p["error"] + 1e-12 and p["sparsity"] == pytest.approx(0.5)
+    np.testing.assert_array_equal(plain.masks[0]["c1"], exact.masks[0]["c1"])
+
+
+def test_bad_input():
+    blocks = [Block(8, 16, nnx.Rngs(0))]
+    x = _data()
+    bad = x.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="`inputs`"):
+        cobs_jax.prune_layerwise(blocks, bad, sparsity=0.5, args=(1.0,))
+    with pytest.raises(ValueError, match="activations contain NaN"):  # NaN made inside the block
+        cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(jnp.nan,))
+    with pytest.raises(ValueError, match="nnx.Module or a linen"):
+        cobs_jax.prune_layerwise([lambda x: x], x, sparsity=0.5)
+    with pytest.raises(ValueError, match="sparsity"):
+        cobs_jax.prune_layerwise(blocks, x, sparsity=1.5, args=(1.0,))
+    with pytest.raises(ValueError, match="batch_size"):
+        cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.0,), batch_size=0)
+    with pytest.raises(ValueError, match="mesh"):
+        cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.0,), mesh="rows")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        cobs_jax.prune_layerwise([Block(6, 16, nnx.Rngs(0))], x[..., :6], pattern="2:4", args=(1.0,))
