@@ -1,6 +1,5 @@
 """prune_layer and layer_hessian against dense oracles (float64: tests/conftest.py enables x64)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
