@@ -192,7 +192,7 @@ def write_tables(meta, name):
         f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32), perplexity on {s['eval']} x {s['seq']} tokens "
         f"of held-out Brown-corpus documents; calibration {s['calib']} x {s['seq']} tokens from the other documents. "
         f"All 210 linear layers of the 30 blocks pruned (embeddings and LM head dense). "
-        f"Dense perplexity: **{dense['ppl']:.2f}**. Command: `{meta['command']}`.",
+        f"Dense perplexity: **{dense['ppl']:.2f}**. Last command: `{meta['command']}` (a rerun adds missing cells).",
         "",
         "| method | " + " | ".join(confs) + " |",
         "|---|" + "---|" * len(confs),

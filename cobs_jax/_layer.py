@@ -219,6 +219,9 @@ def prune_layer(
     if method == "sparsegpt":
         counts = None if nm else jnp.asarray(sparsegpt_counts(sparsity, *w0.shape, block_size, gran))
         w, keep = sparsegpt(w0, u, counts, block_size=block_size, nm=nm, granularity=gran)
+        # Wait for SparseGPT before the exact solve is dispatched: on XLA's CPU backend the two
+        # programs overlapping (async dispatch) deadlocked at d_in >= 576 (seen on jax 0.10.2).
+        jax.block_until_ready((w, keep))
     else:
         score = jnp.abs(w0)
         if method == "wanda":
