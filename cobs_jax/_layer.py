@@ -164,7 +164,9 @@ def prune_layer(
         updated weights, OBS updates through the Cholesky factor of H⁻¹).
       update: ``None`` (the method's own weights) or ``"exact"``: the kept weights of every output
         unit re-solved to the least-squares optimum for the chosen mask (against the original
-        kernel, on the damped H).
+        kernel, on the damped H). Known issue: after SparseGPT on SmolLM2-sized layers inside
+        :func:`cobs_jax.prune_layerwise` the exact solve has hung in XLA's CPU backend (jax
+        0.10.2); it is tested on small layers and ran on LLM layers with Wanda masks.
       damping: relative damping: ``damping * mean(diag H)`` is added to H's diagonal (SparseGPT's
         ``percdamp``; used by ``sparsegpt`` and ``update="exact"``). If the damped H still fails
         to factor, the damping is multiplied by 10 and retried (up to 3 times), then an error is
