@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ._hessian import accumulate_dtype
+from ._hessian import gram
 
 __all__ = ["BlockAdapter", "run_block"]
 
@@ -53,11 +53,6 @@ def _patches(x, kernel_shape, strides, padding, dilation):
     p = p.reshape(p.shape[:-1] + (cin, -1))
     p = jnp.swapaxes(p, -1, -2)
     return p.reshape(p.shape[:-2] + (-1,))
-
-
-def _gram(x):
-    x = x.reshape(-1, x.shape[-1]).astype(accumulate_dtype())
-    return jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
 
 
 def _tuple(v, nd):
@@ -146,7 +141,7 @@ def run_block(params, x, args, kwargs, *, static, capture: bool):
     grams: dict[str, jax.Array] = {}
 
     def record(name, module, inp):
-        g = _gram(_layer_input(module, inp))
+        g = gram(_layer_input(module, inp))
         grams[name] = grams[name] + g if name in grams else g
 
     if kind == "nnx":

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-__all__ = ["layer_hessian", "accumulate_dtype"]
+__all__ = ["layer_hessian", "accumulate_dtype", "gram"]
 
 
 def accumulate_dtype() -> jnp.dtype:
@@ -23,10 +23,15 @@ def accumulate_dtype() -> jnp.dtype:
     return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
 
 
+def gram(x: jax.Array) -> jax.Array:
+    """``XᵀX`` of ``x`` (..., d) with every leading axis a sample, in :func:`accumulate_dtype`."""
+    x = x.reshape(-1, x.shape[-1]).astype(accumulate_dtype())
+    return jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+
+
 @jax.jit
 def _add(h: jax.Array, x: jax.Array) -> jax.Array:
-    x = x.reshape(-1, x.shape[-1]).astype(h.dtype)
-    return h + jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+    return h + gram(x).astype(h.dtype)
 
 
 def layer_hessian(x: ArrayLike, into: Optional[ArrayLike] = None) -> jax.Array:
