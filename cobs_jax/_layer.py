@@ -164,9 +164,7 @@ def prune_layer(
         updated weights, OBS updates through the Cholesky factor of H⁻¹).
       update: ``None`` (the method's own weights) or ``"exact"``: the kept weights of every output
         unit re-solved to the least-squares optimum for the chosen mask (against the original
-        kernel, on the damped H). Known issue: after SparseGPT on SmolLM2-sized layers inside
-        :func:`cobs_jax.prune_layerwise` the exact solve has hung in XLA's CPU backend (jax
-        0.10.2); it is tested on small layers and ran on LLM layers with Wanda masks.
+        kernel, on the damped H).
       damping: relative damping: ``damping * mean(diag H)`` is added to H's diagonal (SparseGPT's
         ``percdamp``; used by ``sparsegpt`` and ``update="exact"``). If the damped H still fails
         to factor, the damping is multiplied by 10 and retried (up to 3 times), then an error is
@@ -221,9 +219,6 @@ def prune_layer(
     if method == "sparsegpt":
         counts = None if nm else jnp.asarray(sparsegpt_counts(sparsity, *w0.shape, block_size, gran))
         w, keep = sparsegpt(w0, u, counts, block_size=block_size, nm=nm, granularity=gran)
-        # Wait for SparseGPT before the exact solve is dispatched: on XLA's CPU backend the two
-        # programs overlapping (async dispatch) deadlocked at d_in >= 576 (seen on jax 0.10.2).
-        jax.block_until_ready((w, keep))
     else:
         score = jnp.abs(w0)
         if method == "wanda":

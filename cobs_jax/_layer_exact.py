@@ -9,8 +9,10 @@ with H the (damped) layer Hessian shared by all rows. Equivalently (the OBS form
 ``w* = w̄ - [H⁻¹]_{:,P} ([H⁻¹]_PP)⁻¹ w̄_P``, restricted to K. Each row needs one Cholesky of the
 smaller of the two systems (|K| or |P| unknowns), so the work is ``rows * min(|K|, |P|)³ / 3``.
 Rows differ in their sets: each row's system is gathered to a common padded size (identity on
-the padding), and rows are solved in chunks of a ``lax.map`` so memory stays at
-``chunk * size²``; no ``d_in² x rows`` tensor is formed.
+the padding), and the rows are solved one after another in a ``lax.map`` (memory ``size²``; no
+``d_in² x rows`` tensor is formed). One row at a time on purpose: jaxlib's *batched* CPU
+LAPACK kernels (potrf/trsm over a batch) wait on XLA's intra-op thread pool from inside it and
+deadlocked when two ran at once (seen with jax 0.10.2 on 2 cores, SmolLM2-sized layers).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import numpy as np
 __all__ = ["exact_update"]
 
 _PAD = 32  # padded system sizes are rounded up to a multiple of this (fewer compilations)
-_CHUNK_BYTES = 256 * 2**20  # memory for one chunk of gathered systems
 
 
 def _gather_indices(sel: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -35,27 +36,28 @@ def _gather_indices(sel: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]
     return order.astype(np.int32), valid
 
 
-@partial(jax.jit, static_argnames=("form", "chunk"))
-def _solve(w0, h, hinv, idx, valid, *, form: str, chunk: int):
+@partial(jax.jit, static_argnames=("form",))
+def _solve(w0, h, hinv, idx, valid, *, form: str):
+    # Only the gathers and the small factorisations run inside the loop; the products with H or
+    # H^-1 are one matmul each outside it.
+    rows, d = w0.shape
     eye = jnp.eye(idx.shape[1], dtype=h.dtype)
+    mat, b = (h, w0 @ h) if form == "kept" else (hinv, w0)  # kept: w_K = [H_KK]^-1 (H w̄)_K
+    rhs = jnp.where(valid, jnp.take_along_axis(b, idx, axis=1), 0.0)
 
     def one(args):
-        w, i, v = args
-        vv = v[:, None] & v[None, :]
-        if form == "kept":  # w_K = [H_KK]^-1 (H w̄)_K
-            a = jnp.where(vv, h[i][:, i], eye)
-            rhs = jnp.where(v, (h @ w)[i], 0.0)
-            z = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a, lower=True), rhs)
-            return jnp.zeros_like(w).at[i].add(jnp.where(v, z, 0.0))
-        # OBS form: w̄ - [H^-1]_{:,P} ([H^-1]_PP)^-1 w̄_P, then w_P = 0
-        a = jnp.where(vv, hinv[i][:, i], eye)
-        rhs = jnp.where(v, w[i], 0.0)
-        z = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a, lower=True), rhs)
-        z = jnp.where(v, z, 0.0)
-        new = w - hinv[:, i] @ z
-        return new.at[i].set(jnp.where(v, 0.0, new[i]))
+        i, v, r = args
+        a = jnp.where(v[:, None] & v[None, :], mat[i[:, None], i[None, :]], eye)
+        return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a, lower=True), r)
 
-    return jax.lax.map(one, (w0, idx, valid), batch_size=chunk)
+    z = jnp.where(valid, jax.lax.map(one, (idx, valid, rhs)), 0.0)
+    at = (jnp.arange(rows)[:, None], idx)
+    full = jnp.zeros_like(w0).at[at].add(z)
+    if form == "kept":
+        return full
+    # OBS form: w̄ - [H^-1]_{:,P} ([H^-1]_PP)^-1 w̄_P, then w_P = 0
+    pruned = jnp.zeros(w0.shape, bool).at[at].max(valid)
+    return jnp.where(pruned, 0.0, w0 - full @ hinv)
 
 
 def exact_update(w0: jax.Array, h: jax.Array, hinv: jax.Array, keep: np.ndarray) -> jax.Array:
@@ -74,5 +76,4 @@ def exact_update(w0: jax.Array, h: jax.Array, hinv: jax.Array, keep: np.ndarray)
     form, sel, n = ("kept", keep, k_max) if k_max <= p_max else ("pruned", ~keep, p_max)
     size = min(d, -(-n // _PAD) * _PAD)
     idx, valid = _gather_indices(sel, size)
-    chunk = int(max(1, min(rows, _CHUNK_BYTES // (3 * size * size * w0.dtype.itemsize))))
-    return _solve(w0, h, hinv, jnp.asarray(idx), jnp.asarray(valid), form=form, chunk=chunk)
+    return _solve(w0, h, hinv, jnp.asarray(idx), jnp.asarray(valid), form=form)

@@ -12,6 +12,7 @@ Ties are broken by position (stable sort), so the result is deterministic.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import jax
@@ -21,12 +22,41 @@ import numpy as np
 __all__ = ["prune_smallest", "prune_smallest_rows", "nm_prune", "span_counts"]
 
 
+def _order_keys(x: jax.Array) -> jax.Array:
+    """Unsigned ints whose order is the order of the (finite) floats ``x`` (-0.0 before +0.0)."""
+    bits = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+    u = jax.lax.bitcast_convert_type(x, bits)
+    sign = jnp.asarray(1, bits) << (8 * x.dtype.itemsize - 1)
+    return jnp.where(u & sign, ~u, u | sign)
+
+
+def _kth_key(keys: jax.Array, count) -> jax.Array:
+    """The smallest key t with ``#(keys <= t) >= count`` (bisection on the bits, no sort)."""
+    nbits = 8 * keys.dtype.itemsize
+
+    def step(_, lohi):
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(keys <= mid) >= count
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    lo, hi = jnp.min(keys), jnp.max(keys)
+    return jax.lax.fori_loop(0, nbits, step, (lo, hi))[1]
+
+
 def prune_smallest(score: jax.Array, count) -> jax.Array:
-    """Bool array of ``score``'s shape, True on its ``count`` smallest entries (flattened)."""
+    """Bool array of ``score``'s shape, True on its ``count`` smallest entries (flattened).
+
+    Ties at the threshold go to the earliest positions (as a stable sort would). The threshold
+    is found by bisection over the floats' bit patterns (one pass per bit, no sort): sorting
+    is the slow part on CPU, and this is the same on every backend.
+    """
     flat = score.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    pruned = jnp.zeros(flat.shape, bool).at[order].set(jnp.arange(flat.shape[0]) < count)
-    return pruned.reshape(score.shape)
+    keys = _order_keys(flat)
+    t = _kth_key(keys, jnp.maximum(count, 1))
+    less = keys < t
+    ties = (keys == t) & (jnp.cumsum(keys == t) <= count - jnp.sum(less))
+    return (less | ties).reshape(score.shape)
 
 
 def prune_smallest_rows(score: jax.Array, counts) -> jax.Array:
@@ -36,10 +66,16 @@ def prune_smallest_rows(score: jax.Array, counts) -> jax.Array:
 
 
 def nm_prune(score: jax.Array, n: int, m: int) -> jax.Array:
-    """Bool (rows, d): in every group of ``m`` consecutive entries of a row, the ``m - n`` smallest."""
+    """Bool (rows, d): in every group of ``m`` consecutive entries of a row, the ``m - n`` smallest.
+
+    The rank of an entry in its group is counted by comparing it with the group's other
+    ``m - 1`` entries (ties: the earlier position ranks lower), as a stable sort would rank them.
+    """
     rows, d = score.shape
     g = score.reshape(rows, d // m, m)
-    rank = jnp.argsort(jnp.argsort(g, axis=-1, stable=True), axis=-1, stable=True)
+    a, b = g[..., :, None], g[..., None, :]  # rank_i = #{j : g_j < g_i or (g_j == g_i and j < i)}
+    earlier = (jnp.arange(m)[None, :] < jnp.arange(m)[:, None])[None, None]
+    rank = jnp.sum((b < a) | ((b == a) & earlier), axis=-1)
     return (rank < m - n).reshape(rows, d)
 
 
@@ -55,6 +91,7 @@ def span_counts(sparsity: float, total: int, bounds: np.ndarray) -> np.ndarray:
     return np.diff(cum).astype(np.int32)
 
 
+@partial(jax.jit, static_argnames=("sparsity", "granularity", "nm"))
 def choose(score: jax.Array, sparsity: Optional[float], granularity: str, nm) -> jax.Array:
     """Pruned set (True = pruned) of a whole layer from ``score`` (rows, d_in), on the host's counts."""
     rows, d = score.shape
