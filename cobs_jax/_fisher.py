@@ -24,6 +24,7 @@ from jax.scipy.linalg import cho_factor, cho_solve
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ._layout import Layout, PyTree
+from ._progress import progress as show
 
 __all__ = ["Fisher", "per_example_grads", "check_finite_grads", "place", "row_axis"]
 
@@ -111,7 +112,7 @@ def check_rows_divisible(num_rows: int, mesh: Optional[Mesh]) -> None:
         )
 
 
-def _grads(loss_fn, layout, params, batch, n, mini_batch, chunk_size, mesh):
+def _grads(loss_fn, layout, params, batch, n, mini_batch, chunk_size, mesh, progress=False):
     """G filled chunk by chunk in place (peak memory: G plus one chunk, per device).
 
     The chunks are dispatched from Python rather than from a ``lax.map``: XLA's CPU backend runs
@@ -127,9 +128,12 @@ def _grads(loss_fn, layout, params, batch, n, mini_batch, chunk_size, mesh):
     sharding = None if mesh is None else NamedSharding(mesh, P(row_axis(mesh)))
     g = jnp.zeros((n, layout.size), layout.dtype, device=sharding)
     params, batch = place(params, mesh), place(batch, mesh, P(None if mesh is None else row_axis(mesh)))
-    for start in range(0, local_n, c):
+    starts = range(0, local_n, c)
+    for start in show(starts, progress, len(starts), "per-example gradients (chunks)"):
         start = min(start, local_n - c)
         g = _fill_rows(g, params, batch, jnp.int32(start), loss_fn, layout, mini_batch, c, mesh)
+        if progress:
+            jax.block_until_ready(g)
     return g
 
 
@@ -172,6 +176,7 @@ def per_example_grads(
     mini_batch: int = 1,
     chunk_size: int = 256,
     mesh: Optional[Mesh] = None,
+    progress: bool = False,
 ) -> jax.Array:
     """Rows of the gradient matrix G (N x D) over the prunable weights.
 
@@ -190,6 +195,7 @@ def per_example_grads(
       mesh: optional ``jax.sharding.Mesh``: the rows are computed data-parallel over its first
         axis (each device takes N / num_devices consecutive rows and their examples) and G is
         returned sharded by rows over that axis. N must be a multiple of the axis size.
+      progress: a progress bar over the chunks (each chunk is then waited for).
 
     Returns:
       G, an (N, D) array of the layout's dtype (row-sharded over ``mesh`` when one is given).
@@ -210,7 +216,7 @@ def per_example_grads(
         )
     check_rows_divisible(size // mini_batch, mesh)
     grads = _grads(
-        loss_fn, layout, params, batch, size // mini_batch, int(mini_batch), int(chunk_size), mesh
+        loss_fn, layout, params, batch, size // mini_batch, int(mini_batch), int(chunk_size), mesh, progress
     )
     check_finite_grads(grads, layout)
     return grads

@@ -9,8 +9,10 @@ import jax
 import numpy as np
 
 from ._budget import BudgetSpec, check_sparsity
+from ._keys import as_key
 from ._layout import PyTree
 from ._masks import apply_masks
+from ._progress import progress as show
 from ._prune import PruneResult, prune
 
 __all__ = ["sparsity_schedule", "prune_gradual"]
@@ -59,8 +61,9 @@ def prune_gradual(
     schedule: Schedule = "cubic",
     budget: BudgetSpec = "global",
     finetune: Optional[Callable[[PyTree, PyTree, int], PyTree]] = None,
-    key: Optional[jax.Array] = None,
+    key: Union[None, int, jax.Array] = None,
     verbose: bool = False,
+    progress: bool = False,
     **prune_kwargs,
 ) -> PruneResult:
     """Prune to ``sparsity`` in ``stages`` one-shot steps, recomputing the Fisher each time.
@@ -80,8 +83,9 @@ def prune_gradual(
       schedule: ``"cubic"``, ``"linear"`` or a callable (see :func:`sparsity_schedule`).
       finetune: optional ``finetune(params, masks, stage) -> params`` run after stages
         ``0 .. T-2`` (not after the last one: fine-tune the result yourself).
-      key: PRNG key; stage ``t`` uses ``fold_in(key, t)``.
+      key: PRNG key or int seed; stage ``t`` uses ``fold_in(key, t)``.
       verbose: print one line per stage.
+      progress: a progress bar (tqdm, or plain lines) over the stages.
       **prune_kwargs: passed to :func:`prune` (``method``, ``update``, ``damping``, ``blocks``, ``mesh``,
         ``loss_batch``, ...). ``masks``, ``grads`` and ``pattern`` are not allowed: the masks come
         from the previous stage and the gradients must be recomputed.
@@ -102,9 +106,9 @@ def prune_gradual(
     if sparsity is not None:
         check_sparsity(sparsity)
     fractions = _fractions(stages, schedule)
-    key = jax.random.key(0) if key is None else key
+    key = as_key(key)
     masks, res, history = None, None, []
-    for t, frac in enumerate(fractions):
+    for t, frac in show(enumerate(fractions), progress, len(fractions), f"prune_gradual ({stages} stages)"):
         stage_budget = (
             {name: frac * s for name, s in budget.items()} if isinstance(budget, Mapping) else budget
         )

@@ -17,6 +17,7 @@ from jax.typing import ArrayLike
 
 from ._budget import check_sparsity, parse_pattern
 from ._hessian import accumulate_dtype
+from ._keys import as_key
 from ._layer_exact import exact_update
 from ._layer_masks import choose
 from ._sparsegpt import sparsegpt, sparsegpt_counts
@@ -188,7 +189,7 @@ def prune_layer(
         non-square H, NaN/Inf in the kernel or H, or a factorisation that fails after re-damping.
     """
     _check_args(method, update, damping, block_size, granularity)
-    del key
+    as_key(key)  # validated for uniformity; these methods are deterministic
     kernel = jnp.asarray(kernel)
     h = jnp.asarray(hessian)
     if kernel.ndim < 2 or not jnp.issubdtype(kernel.dtype, jnp.floating):

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._capture import BlockAdapter, run_block
+from ._keys import as_key
 from ._layer import prune_layer
+from ._progress import progress as show
 
 __all__ = ["prune_layerwise", "LayerwiseResult"]
 
@@ -58,20 +60,6 @@ def _excluder(exclude) -> Callable[[str], bool]:
         exclude = [exclude]
     pats = [re.compile(p) for p in exclude]
     return lambda name: any(p.search(name) for p in pats)
-
-
-def _progress(it, enabled: bool, total: int, desc: str):
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: plain lines instead
-        def plain():
-            for i, v in enumerate(it):
-                print(f"{desc}: block {i + 1}/{total}", flush=True)
-                yield v
-        return plain()
-    return tqdm(it, total=total, desc=desc)
 
 
 def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture):
@@ -138,7 +126,7 @@ def prune_layerwise(
       ValueError: for bad arguments (see :func:`cobs_jax.prune_layer`), NaN/Inf in the inputs or
         in a layer's captured activations (named), or a block without prunable layers.
     """
-    del key
+    as_key(key)  # validated for uniformity; the methods are deterministic
     kwargs = dict(kwargs or {})
     x = jnp.asarray(inputs)
     if x.ndim < 1 or x.shape[0] == 0:
@@ -167,7 +155,7 @@ def prune_layerwise(
     t_start = time.perf_counter()
     new_blocks, masks, layers = [], [], []
     zeros = total = 0
-    for i, adapter in _progress(enumerate(adapters), progress, len(adapters), f"prune_layerwise ({method})"):
+    for i, adapter in show(enumerate(adapters), progress, len(adapters), f"prune_layerwise ({method})"):
         t0 = time.perf_counter()
         _, grams = _forward(adapter, adapter.params, x, args, kwargs, batch_size, sharding, capture=True)
         t_capture += time.perf_counter() - t0

@@ -126,6 +126,14 @@ class Layout:
             )
         return leaves
 
+    def check_finite(self, params: PyTree, name: str = "params") -> None:
+        """Raise ``ValueError`` naming the prunable layers of ``params`` that hold NaN or Inf."""
+        leaves = self._check(params, name)
+        flags = jax.device_get([jnp.all(jnp.isfinite(jnp.asarray(leaves[i]))) for i in self.leaf_ids])
+        bad = [n for n, ok in zip(self.names, flags) if not ok]
+        if bad:
+            raise ValueError(f"`{name}` contain NaN or Inf in prunable layer(s) {bad}")
+
     def ravel(self, params: PyTree) -> jax.Array:
         """Concatenate the prunable leaves of ``params`` into one (D,) vector (see module doc)."""
         leaves = self._check(params)

@@ -32,6 +32,7 @@ from ._budget import BudgetSpec, make_budget
 from ._cbs import CBS
 from ._fisher import Fisher, check_finite_grads, check_rows_divisible, per_example_grads, place, row_axis
 from ._iht import IHT
+from ._keys import as_key
 from ._layout import BlockSpec, Prunable, PyTree, make_layout
 from ._selectors import Magnitude, Problem, WoodFisher
 from ._update import cbs_update, obs_update
@@ -190,7 +191,7 @@ class _Setup(NamedTuple):
 
 
 def _setup(params, loss_fn, batch, *, method, update, damping, blocks, prunable, mini_batch, chunk_size,
-           loss_batch, update_scale, grads, mesh) -> _Setup:
+           loss_batch, update_scale, grads, mesh, progress=False) -> _Setup:
     """Check the arguments shared by prune and prune_sweep; compute (or place) G."""
     if not (isinstance(damping, (int, float, np.floating)) and float(damping) > 0 and np.isfinite(damping)):
         raise ValueError(f"`damping` must be a finite number > 0, got {damping!r}")
@@ -205,6 +206,7 @@ def _setup(params, loss_fn, batch, *, method, update, damping, blocks, prunable,
         raise ValueError(f"`mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     selector = make_selector(method)
     layout = make_layout(params, prunable)
+    layout.check_finite(params)
     blocks_t = layout.blocks(blocks)
     needs_fisher = update is not None or not isinstance(selector, _NO_FISHER)
     timings = {}
@@ -216,7 +218,7 @@ def _setup(params, loss_fn, batch, *, method, update, damping, blocks, prunable,
                 raise ValueError(f"`batch` is required for method={method!r}, update={update!r}")
             grads, timings["grads"] = _timed(
                 per_example_grads, loss_fn, params, batch, layout, mini_batch=mini_batch,
-                chunk_size=chunk_size, mesh=mesh,
+                chunk_size=chunk_size, mesh=mesh, progress=progress,
             )
         else:
             if np.ndim(grads) != 2 or np.shape(grads)[1] != layout.size:
@@ -285,7 +287,7 @@ def prune(
     update: Optional[str] = None,
     damping: float = 1e-3,
     blocks: BlockSpec = "model",
-    key: Optional[jax.Array] = None,
+    key: Union[None, int, jax.Array] = None,
     prunable: Prunable = None,
     mini_batch: int = 1,
     chunk_size: int = 256,
@@ -297,6 +299,7 @@ def prune(
     masks: Optional[PyTree] = None,
     mesh: Optional[Mesh] = None,
     verbose: bool = False,
+    progress: bool = False,
 ) -> PruneResult:
     """Prune a fraction ``sparsity`` of the prunable weights of ``params`` in one shot.
 
@@ -314,7 +317,8 @@ def prune(
         ``"cbs"`` (CBS-U, the exact multi-weight OBS update).
       damping: lambda > 0 in ``F_lambda = G^T G / N + lambda I`` (paper: 1e-3 MLPNet, 1e-5 convs).
       blocks: Fisher blocks: ``"model"``, ``"layer"`` or a chunk size (int).
-      key: PRNG key for randomised selectors (default ``jax.random.key(0)``).
+      key: PRNG key for randomised selectors: a ``jax.random.key``, a legacy ``PRNGKey`` or an
+        int seed (default ``jax.random.key(0)``).
       prunable: which leaves may be pruned (see :func:`cobs_jax.make_layout`).
       mini_batch: examples averaged per gradient row.
       chunk_size: gradient rows computed at once (per device; bounds memory).
@@ -341,6 +345,7 @@ def prune(
         depend on the number of devices beyond float rounding; the returned params are
         replicated over the mesh. ``None``: one device, as usual.
       verbose: print the time of each phase.
+      progress: a progress bar (tqdm, or plain lines) over the chunks of per-example gradients.
 
     Returns:
       A :class:`PruneResult` ``(params, masks, info)``.
@@ -355,12 +360,12 @@ def prune(
     st = _setup(
         params, loss_fn, batch, method=method, update=update, damping=damping, blocks=blocks,
         prunable=prunable, mini_batch=mini_batch, chunk_size=chunk_size, loss_batch=loss_batch,
-        update_scale=update_scale, grads=grads, mesh=mesh,
+        update_scale=update_scale, grads=grads, mesh=mesh, progress=progress,
     )
     layout = st.layout
     frozen = None if masks is None else ~np.asarray(layout.from_masks(masks))
     plan = make_budget(layout, sparsity, budget=budget, pattern=pattern, frozen=frozen)
-    key = jax.random.key(0) if key is None else key
+    key = as_key(key)
     new_params, pruned, stats, ustats = _run(st, loss_fn, update, mesh, plan.counts, plan.groups, key)
     res = _result(st, new_params, pruned, stats, ustats,
                   dict(update=update, blocks=blocks, budget=budget, pattern=pattern))
@@ -390,6 +395,7 @@ def prune_sweep(
     masks: Optional[PyTree] = None,
     mesh: Optional[Mesh] = None,
     verbose: bool = False,
+    progress: bool = False,
 ) -> list[PruneResult]:
     """:func:`prune` at several sparsity levels and PRNG keys as one batched, compiled computation.
 
@@ -416,11 +422,11 @@ def prune_sweep(
     keys = [jax.random.key(0)] if keys is None else list(keys)
     if not keys:
         raise ValueError("`keys` must hold at least one key (or be None)")
-    keys = [jax.random.key(int(k)) if isinstance(k, (int, np.integer)) else k for k in keys]
+    keys = [as_key(k, f"keys[{i}]") for i, k in enumerate(keys)]
     st = _setup(
         params, loss_fn, batch, method=method, update=update, damping=damping, blocks=blocks,
         prunable=prunable, mini_batch=mini_batch, chunk_size=chunk_size, loss_batch=loss_batch,
-        update_scale=update_scale, grads=grads, mesh=mesh,
+        update_scale=update_scale, grads=grads, mesh=mesh, progress=progress,
     )
     layout = st.layout
     frozen = None if masks is None else ~np.asarray(layout.from_masks(masks))

@@ -153,3 +153,30 @@ def test_apply_masks_and_mismatch():
     wrong = jax.tree.map(lambda m: m[..., :1], res.masks)
     with pytest.raises(ValueError, match="masks"):
         cobs_jax.apply_masks(params, wrong)
+
+
+@pytest.mark.parametrize("method,update", COMBOS + [("iht", None)])
+def test_nan_weights_raise_naming_the_layer(method, update):
+    params, loss_fn, batch = linen_setup()
+    bad = jax.tree.map(lambda a: a, params)
+    kernel = bad["params"]["Dense_1"]["kernel"]
+    bad["params"]["Dense_1"]["kernel"] = kernel.at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match="Dense_1"):
+        cobs_jax.prune(bad, loss_fn, batch, sparsity=0.5, method=method, update=update)
+    assert not np.isnan(np.asarray(params["params"]["Dense_1"]["kernel"])).any()
+
+
+def test_int_key_is_a_seed_and_bad_keys_are_named():
+    params, loss_fn, batch = linen_setup()
+    kw = dict(sparsity=0.5, method="cbs")
+    a = cobs_jax.prune(params, loss_fn, batch, key=3, **kw)
+    b = cobs_jax.prune(params, loss_fn, batch, key=jax.random.key(3), **kw)
+    c = cobs_jax.prune(params, loss_fn, batch, key=jax.random.PRNGKey(3), **kw)
+    for r in (b, c):
+        for x, y in zip(jax.tree.leaves(a.masks), jax.tree.leaves(r.masks)):
+            np.testing.assert_array_equal(x, y)
+    for key in ("seed", 1.5, jax.random.split(jax.random.key(0), 2)):
+        with pytest.raises(ValueError, match="`key`"):
+            cobs_jax.prune(params, loss_fn, batch, key=key, **kw)
+    with pytest.raises(ValueError, match=r"`keys\[1\]`"):
+        cobs_jax.prune_sweep(params, loss_fn, batch, sparsities=[0.5], keys=[0, "x"], method="cbs")
