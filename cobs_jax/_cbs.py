@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import cho_solve
+from jax.typing import ArrayLike
 
+from ._fisher import Fisher
 from ._iht import update_aware_objective
 from ._selectors import Problem, _rank_in_group, smallest_k
 from ._update import cbs_update
@@ -150,7 +152,9 @@ class CBS:
         return trial(best)[0], losses
 
     # ---- Algorithm 1, one pass ------------------------------------------------------------------
-    def ls_pass(self, fisher, w, pruned, k, groups=None):
+    def ls_pass(
+        self, fisher: Fisher, w: jax.Array, pruned: jax.Array, k: ArrayLike, groups: Optional[jax.Array] = None
+    ) -> tuple:
         """One pass of Algorithm 1 from ``pruned`` on the selection objective f(P).
 
         Args:
@@ -184,7 +188,9 @@ class CBS:
         v0 = jnp.zeros((len(fisher.blocks), g.shape[0]), w.dtype)  # this shard's rows
         return self._pass(fisher, w, pruned, k, groups, delta, accept, v0, self.epsilon)
 
-    def ua_pass(self, fisher, w, pruned, k, groups=None):
+    def ua_pass(
+        self, fisher: Fisher, w: jax.Array, pruned: jax.Array, k: ArrayLike, groups: Optional[jax.Array] = None
+    ) -> tuple:
         """One pass of Algorithm 1 on the update-aware objective (``objective="update_aware"``).
 
         Candidates are ordered as in :meth:`ls_pass`; a swap (i out of P, j into P) is accepted when

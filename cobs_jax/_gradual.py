@@ -64,7 +64,7 @@ def prune_gradual(
     key: Union[None, int, jax.Array] = None,
     verbose: bool = False,
     progress: bool = False,
-    **prune_kwargs,
+    **prune_kwargs: Any,
 ) -> PruneResult:
     """Prune to ``sparsity`` in ``stages`` one-shot steps, recomputing the Fisher each time.
 
@@ -75,7 +75,8 @@ def prune_gradual(
     never come back. This is WoodFisher's and CHITA's multi-stage scheme.
 
     Args:
-      params, loss_fn: as in :func:`prune`.
+      params: as in :func:`prune`.
+      loss_fn: as in :func:`prune`.
       batch: the Fisher examples, or ``batch(t) -> examples`` for a fresh sample at stage ``t``.
       sparsity: the final target (with ``budget`` as in :func:`prune`; a dict budget's per-layer
         sparsities are scaled by the same schedule).

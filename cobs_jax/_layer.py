@@ -8,7 +8,7 @@ driver (:func:`cobs_jax.prune_layerwise`) calls it for every kernel of every blo
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -147,7 +147,7 @@ def prune_layer(
     key: Any = None,
     return_info: bool = False,
     name: str = "layer",
-):
+) -> Union[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array, LayerInfo]]:
     """Prune one kernel to keep the layer's outputs on the calibration data that made ``hessian``.
 
     Args:
@@ -181,8 +181,9 @@ def prune_layer(
       name: the layer's name in error messages.
 
     Returns:
-      ``(new_kernel, mask)`` (and ``info`` with ``return_info=True``): the kernel in its own
-      layout and dtype with pruned entries exactly 0, and the bool keep-mask (True = kept).
+      ``(new_kernel, mask)``, or ``(new_kernel, mask, info)`` with ``return_info=True``: the
+      kernel in its own layout and dtype with pruned entries exactly 0, the bool keep-mask
+      (True = kept) and a :class:`LayerInfo`.
 
     Raises:
       ValueError: for a bad argument (naming it), shape mismatches between kernel and H, a

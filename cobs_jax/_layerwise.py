@@ -105,13 +105,19 @@ def prune_layerwise(
         the next hidden states (or a tuple whose first entry they are).
       inputs: calibration inputs of the first block, ``(n, ...)`` with the examples first (for an
         LLM: the token embeddings of n calibration sequences, ``(n, seq, d)``).
-      sparsity, pattern, method, update, damping, block_size, granularity: as in
-        :func:`cobs_jax.prune_layer`, for every pruned layer.
+      sparsity: as in :func:`cobs_jax.prune_layer`, for every pruned layer.
+      pattern: as in :func:`cobs_jax.prune_layer`.
+      method: as in :func:`cobs_jax.prune_layer`.
+      update: as in :func:`cobs_jax.prune_layer`.
+      damping: as in :func:`cobs_jax.prune_layer`.
+      block_size: as in :func:`cobs_jax.prune_layer`.
+      granularity: as in :func:`cobs_jax.prune_layer`.
       exclude: layers left dense: a regex (or list of them) searched in the layer's path within
         its block (``"mlp/down_proj"``), or ``callable(name) -> bool``. Embeddings and the LM head
         are not in ``blocks`` and so are never pruned.
-      args, kwargs: extra arguments of every block call (positions, RoPE tables, masks); they are
-        not split into chunks.
+      args: extra positional arguments of every block call (positions, RoPE tables, masks); they
+        are not split into chunks.
+      kwargs: extra keyword arguments of every block call.
       batch_size: examples per forward chunk (bounds the activation memory of a pass).
       mesh: optional ``jax.sharding.Mesh``: each chunk's examples are sharded over its first axis
         (``batch_size`` must be a multiple of that axis's size) and the Hessians are summed across

@@ -403,13 +403,13 @@ def prune_sweep(
     (sparsity, key) pairs, with the per-level state kept as static-shape masks, so whatever does
     not depend on the level (G, the WoodFisher inverse diagonal and its N x N factorisations, the
     RMP-independent parts of CBS) is computed once for the whole sweep. Each result equals the
-    :func:`prune` call with that sparsity and key (up to float rounding).
+    :func:`prune` call with that sparsity and key (up to float rounding). The other arguments are
+    as in :func:`prune` (``pattern`` fixes the sparsity, so it is not here).
 
     Args:
       sparsities: the target sparsity levels, each in [0, 1).
       keys: PRNG keys (or ints, used as ``jax.random.key(i)``) for randomised selectors; every
         level runs with every key. Default: one key, ``jax.random.key(0)``, as :func:`prune`.
-      everything else: as in :func:`prune` (``pattern`` fixes the sparsity, so it is not here).
 
     Returns:
       A list of :class:`PruneResult`, ``len(sparsities) * len(keys)`` long, sparsity-major

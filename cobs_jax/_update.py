@@ -9,12 +9,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jax.typing import ArrayLike
+
 from ._fisher import Fisher
 
 __all__ = ["cbs_update", "obs_update"]
 
 
-def cbs_update(w: jax.Array, pruned: jax.Array, fisher: Fisher, scale=1.0) -> jax.Array:
+def cbs_update(w: jax.Array, pruned: jax.Array, fisher: Fisher, scale: ArrayLike = 1.0) -> jax.Array:
     """CBS-U: the multi-weight OBS update for the pruned set P (paper section 6, cbs.md section 3).
 
     Minimises ``1/2 dw^T F_lambda dw`` subject to ``w_P + dw_P = 0`` in every block. The closed form
@@ -39,7 +41,7 @@ def cbs_update(w: jax.Array, pruned: jax.Array, fisher: Fisher, scale=1.0) -> ja
     return fisher.map_blocks(one, w, ~pruned)
 
 
-def obs_update(w: jax.Array, pruned: jax.Array, fisher: Fisher, scale=1.0) -> jax.Array:
+def obs_update(w: jax.Array, pruned: jax.Array, fisher: Fisher, scale: ArrayLike = 1.0) -> jax.Array:
     """WoodFisher's OBS-sum update (the "WF" baseline; CBS code ``weight_update_method=single``).
 
     ``dw = -F_lambda^{-1} sum_{q in P} (w_q / [F_lambda^{-1}]_qq) e_q`` per block: the sum of the
