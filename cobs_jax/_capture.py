@@ -139,9 +139,15 @@ def run_block(params, x, args, kwargs, *, static, capture: bool):
     """Block outputs and, with ``capture``, ``{layer name: XᵀX}`` of its Dense/Linear/Conv layers."""
     kind, obj = static
     grams: dict[str, jax.Array] = {}
+    seen: dict[int, tuple] = {}  # Dense/Linear layers fed the same input (q/k/v) share one XᵀX
 
     def record(name, module, inp):
-        g = gram(_layer_input(module, inp))
+        if isinstance(module, (nnx.Conv, nn.Conv)):
+            g = gram(_layer_input(module, inp))
+        else:
+            if id(inp) not in seen:  # the input is kept in `seen`, so its id stays unique
+                seen[id(inp)] = (inp, gram(inp))
+            g = seen[id(inp)][1]
         grams[name] = grams[name] + g if name in grams else g
 
     if kind == "nnx":

@@ -23,10 +23,26 @@ def accumulate_dtype() -> jnp.dtype:
     return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
 
 
+_GRAM_BLOCK = 256  # column block of the symmetric product
+
+
 def gram(x: jax.Array) -> jax.Array:
-    """``XᵀX`` of ``x`` (..., d) with every leading axis a sample, in :func:`accumulate_dtype`."""
+    """``XᵀX`` of ``x`` (..., d) with every leading axis a sample, in :func:`accumulate_dtype`.
+
+    H is symmetric, so for d > 256 only the blocks on and above the diagonal of a grid of
+    256-column blocks are multiplied (about (b + 1) / 2b of the flops for b blocks, 0.58x at
+    d = 1536) and the rest mirrored; XLA has no symmetric rank-k product of its own.
+    """
     x = x.reshape(-1, x.shape[-1]).astype(accumulate_dtype())
-    return jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+    d = x.shape[1]
+    nb = -(-d // _GRAM_BLOCK)
+    if nb < 2:
+        return jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+    edges = [round(i * d / nb) for i in range(nb + 1)]
+    cols = [x[:, edges[i] : edges[i + 1]] for i in range(nb)]
+    upper = {(i, j): jnp.matmul(cols[i].T, cols[j], precision=jax.lax.Precision.HIGHEST)
+             for i in range(nb) for j in range(i, nb)}
+    return jnp.block([[upper[i, j] if i <= j else upper[j, i].T for j in range(nb)] for i in range(nb)])
 
 
 @jax.jit
