@@ -161,7 +161,7 @@ def make_budget(
             groups = _layer_groups(layout)
             counts = np.array([int(round(s * n)) for n in layout.sizes])
     elif isinstance(budget, Mapping):
-        per_layer = [None] * len(layout.sizes)
+        per_layer: list[Optional[float]] = [None] * len(layout.sizes)
         for name, value in budget.items():
             per_layer[layer_index(layout, name)] = check_sparsity(value, f"budget[{name!r}]")
         if any(v is None for v in per_layer):
@@ -171,7 +171,7 @@ def make_budget(
             s = check_sparsity(sparsity)
             per_layer = [s if v is None else v for v in per_layer]
         groups = _layer_groups(layout)
-        counts = np.array([int(round(v * n)) for v, n in zip(per_layer, layout.sizes)])
+        counts = np.array([int(round(float(v or 0.0) * n)) for v, n in zip(per_layer, layout.sizes)])
     else:
         raise _bad_budget(budget)
 

@@ -82,6 +82,8 @@ class BlockAdapter:
     :meth:`with_kernels` returns a new one.
     """
 
+    static: tuple[str, Any]
+
     def __init__(self, block: Any):
         if isinstance(block, nnx.Module):
             self.kind = "nnx"

@@ -139,4 +139,5 @@ def prune_gradual(
                 f"prune {sum(entry['timings'].values()):.2f}s"
                 + (f", finetune {entry['finetune_time']:.2f}s" if "finetune_time" in entry else "")
             )
+    assert res is not None  # stages >= 1
     return PruneResult(params, masks, {**res.info, "stages": history, "schedule": schedule})

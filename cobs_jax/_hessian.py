@@ -20,7 +20,7 @@ __all__ = ["layer_hessian", "accumulate_dtype", "gram"]
 
 def accumulate_dtype() -> jnp.dtype:
     """float64 when ``jax_enable_x64`` is on, else float32 (the dtype H is accumulated in)."""
-    return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    return jnp.dtype(jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32)
 
 
 _GRAM_BLOCK = 256  # column block of the symmetric product

@@ -93,6 +93,7 @@ class IHT:
     def select(self, problem: Problem, k, key):
         del key
         fisher, wbar = problem.fisher, problem.w
+        assert fisher is not None  # IHT needs the Fisher
         if self.init == "woodfisher":
             score = wbar**2 / fisher.inv_diag()
         else:

@@ -20,10 +20,11 @@ def as_key(key: Any, name: str = "key") -> jax.Array:
     if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
         return jax.random.key(int(key))
     if isinstance(key, (jax.Array, np.ndarray)):
-        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
-            return key
-        if key.dtype == jnp.uint32 and key.shape == (2,):
-            return jax.random.wrap_key_data(key)
+        arr = jnp.asarray(key)
+        if jnp.issubdtype(arr.dtype, jax.dtypes.prng_key) and arr.shape == ():
+            return arr
+        if arr.dtype == jnp.uint32 and arr.shape == (2,):
+            return jax.random.wrap_key_data(arr)
     raise ValueError(
         f"`{name}` must be None, an int seed or a single PRNG key (jax.random.key(seed)), got "
         f"{type(key).__name__}{getattr(key, 'shape', '')}"

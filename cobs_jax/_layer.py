@@ -8,7 +8,7 @@ driver (:func:`cobs_jax.prune_layerwise`) calls it for every kernel of every blo
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, Literal, NamedTuple, Optional, Sequence, Union, overload
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,7 @@ def _as_rows(kernel: jax.Array, in_axes: Sequence[int]) -> tuple[jax.Array, tupl
 
 def _from_rows(rows: jax.Array, layout: tuple) -> jax.Array:
     perm, moved_shape = layout
-    return jnp.transpose(rows.T.reshape(moved_shape), np.argsort(perm))
+    return jnp.transpose(rows.T.reshape(moved_shape), tuple(int(a) for a in np.argsort(perm)))
 
 
 @jax.jit
@@ -130,6 +130,44 @@ def _resolve_sparsity(sparsity, pattern, d_in, method, block_size, name):
     if method == "sparsegpt" and block_size % m:
         raise ValueError(f"`block_size`={block_size} must be a multiple of M={m} for `pattern` {pattern!r}")
     return (m - n) / m, nm
+
+
+@overload
+def prune_layer(
+    kernel: ArrayLike,
+    hessian: ArrayLike,
+    *,
+    sparsity: Optional[float] = None,
+    pattern: Optional[str] = None,
+    method: str = "sparsegpt",
+    update: Optional[str] = None,
+    damping: float = 0.01,
+    block_size: int = 128,
+    granularity: Optional[str] = None,
+    in_axes: Optional[Sequence[int]] = None,
+    key: Any = None,
+    return_info: Literal[False] = False,
+    name: str = "layer",
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def prune_layer(
+    kernel: ArrayLike,
+    hessian: ArrayLike,
+    *,
+    sparsity: Optional[float] = None,
+    pattern: Optional[str] = None,
+    method: str = "sparsegpt",
+    update: Optional[str] = None,
+    damping: float = 0.01,
+    block_size: int = 128,
+    granularity: Optional[str] = None,
+    in_axes: Optional[Sequence[int]] = None,
+    key: Any = None,
+    return_info: Literal[True],
+    name: str = "layer",
+) -> tuple[jax.Array, jax.Array, LayerInfo]: ...
 
 
 def prune_layer(
@@ -219,7 +257,8 @@ def prune_layer(
         w0 = jnp.where(dead[None, :], 0.0, w0)
         factors = hd, hinv
     if method == "sparsegpt":
-        counts = None if nm else jnp.asarray(sparsegpt_counts(sparsity, *w0.shape, block_size, gran))
+        rows, d = w0.shape
+        counts = None if nm else jnp.asarray(sparsegpt_counts(sparsity, rows, d, block_size, gran))
         w, keep = sparsegpt(w0, u, counts, block_size=block_size, nm=nm, granularity=gran)
     else:
         score = jnp.abs(w0)
@@ -228,6 +267,7 @@ def prune_layer(
         keep = ~choose(score, sparsity, gran, nm)
         w = jnp.where(keep, w0, 0.0)
     if update == "exact":
+        assert factors is not None
         w = exact_update(w0, factors[0], factors[1], np.asarray(keep))
     if not bool(jnp.all(jnp.isfinite(w))):
         raise ValueError(f"{name}: the pruned kernel is not finite (ill-conditioned Hessian); raise `damping`")

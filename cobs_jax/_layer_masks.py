@@ -97,6 +97,7 @@ def choose(score: jax.Array, sparsity: Optional[float], granularity: str, nm) ->
     rows, d = score.shape
     if nm is not None:
         return nm_prune(score, *nm)
+    assert sparsity is not None  # unstructured
     if granularity == "unit":
         return prune_smallest_rows(score, int(round(sparsity * d)))
     return prune_smallest(score, int(round(sparsity * rows * d)))

@@ -153,8 +153,6 @@ def prune_layerwise(
             )
         sharding = NamedSharding(mesh, PartitionSpec(axis))
     skip = _excluder(exclude)
-    opts = dict(sparsity=sparsity, pattern=pattern, method=method, update=update, damping=damping,
-                block_size=block_size, granularity=granularity)
     adapters = [BlockAdapter(b) for b in blocks]
 
     t_capture = t_forward = 0.0
@@ -173,8 +171,11 @@ def prune_layerwise(
             if not bool(jnp.all(jnp.isfinite(h))):
                 raise ValueError(f"block {i}, layer {name!r}: its captured activations contain NaN or Inf")
             t1 = time.perf_counter()
-            new, mask, linfo = prune_layer(adapter.kernel(name), h, **opts, return_info=True,
-                                           name=f"block {i}, layer {name!r}")
+            new, mask, linfo = prune_layer(
+                adapter.kernel(name), h, sparsity=sparsity, pattern=pattern, method=method, update=update,
+                damping=damping, block_size=block_size, granularity=granularity, return_info=True,
+                name=f"block {i}, layer {name!r}",
+            )
             jax.block_until_ready(new)
             dt = time.perf_counter() - t1
             kernels[name], block_masks[name] = new, mask

@@ -25,6 +25,11 @@ BlockSpec = Union[str, int]
 __all__ = ["Layout", "make_layout", "default_prunable"]
 
 
+def same_structure(a: Any, b: Any) -> bool:
+    """Whether two ``PyTreeDef`` s are equal (typed ``Any``: jaxlib ships no stub for their ``==``)."""
+    return bool(a == b)
+
+
 def _is_floating(leaf) -> bool:
     return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
 
@@ -111,7 +116,7 @@ class Layout:
             raise ValueError(f"`blocks` must be 'model', 'layer' or a positive int, got {spec!r}")
         if spec <= 0:
             raise ValueError(f"`blocks` chunk size must be positive, got {spec}")
-        out = []
+        out: list[tuple[int, int]] = []
         for s, e in self.layer_ranges():
             out.extend((a, min(a + int(spec), e)) for a in range(s, e, int(spec)))
         return tuple(out)
@@ -227,7 +232,7 @@ def make_layout(params: PyTree, prunable: Prunable = None) -> Layout:
         flags = [bool(prunable(p, leaf)) for p, leaf in zip(paths, leaves)]
     else:
         pl, ptd = jax.tree_util.tree_flatten(prunable)
-        if ptd != treedef:
+        if not same_structure(ptd, treedef):
             raise ValueError(
                 "`prunable` must be a callable or a bool pytree with the structure of `params`; "
                 f"got structure {ptd}, expected {treedef}"

@@ -5,14 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._layout import PyTree
+from ._layout import PyTree, same_structure
 
 __all__ = ["apply_masks", "sparsity_of"]
 
 
 def check_same_structure(params: PyTree, masks: PyTree) -> None:
     pt, mt = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(masks)
-    if pt != mt:
+    if not same_structure(pt, mt):
         raise ValueError(f"`masks` must have the structure of `params`; got {mt}, expected {pt}")
     for (kp, p), m in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(masks)):
         if jnp.shape(m) != jnp.shape(p):

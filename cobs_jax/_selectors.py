@@ -94,5 +94,6 @@ class WoodFisher:
 
     def select(self, problem: Problem, k, key):
         del key
+        assert problem.fisher is not None  # WoodFisher needs the Fisher
         saliency = problem.w**2 / problem.fisher.inv_diag()
         return smallest_k(saliency, k, problem.groups), {}

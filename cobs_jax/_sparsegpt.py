@@ -64,6 +64,7 @@ def sparsegpt(
         w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
         du = jnp.diagonal(u1)
         if nm is None:
+            assert counts is not None  # given for unstructured sparsity
             score = w1**2 / du[None, :] ** 2
             if granularity == "unit":
                 pruned = prune_smallest_rows(score, counts[b])

@@ -41,6 +41,15 @@ def test_layer_hessian_streamed_equals_at_once():
     assert cobs_jax.layer_hessian(x.astype(np.float32)).dtype == jnp.float64  # accumulate dtype, not x's
 
 
+@pytest.mark.parametrize("d", [256, 257, 600, 1100])
+def test_layer_hessian_blocked_symmetric_product(d):
+    """Above 256 inputs only the upper blocks are multiplied and mirrored: still exactly XᵀX."""
+    x = np.random.default_rng(d).normal(size=(40, d))
+    h = np.asarray(cobs_jax.layer_hessian(x))
+    np.testing.assert_allclose(h, x.T @ x, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(h, h.T, rtol=1e-12, atol=1e-10)
+
+
 def test_layer_hessian_bad_input():
     with pytest.raises(ValueError, match="`x`"):
         cobs_jax.layer_hessian(np.ones(3))
