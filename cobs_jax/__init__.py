@@ -16,6 +16,12 @@ from ._budget import Budget as Budget
 from ._budget import make_budget as make_budget
 from ._cbs import CBS as CBS
 from ._cbs import rmp_mask as rmp_mask
+from ._export import NMPacked as NMPacked
+from ._export import load as load
+from ._export import pack_nm as pack_nm
+from ._export import save as save
+from ._export import to_sparse as to_sparse
+from ._export import unpack_nm as unpack_nm
 from ._fisher import Fisher as Fisher
 from ._fisher import per_example_grads as per_example_grads
 from ._gradual import prune_gradual as prune_gradual
@@ -63,6 +69,7 @@ __all__ = [
     "Layout",
     "METHODS",
     "Magnitude",
+    "NMPacked",
     "Problem",
     "PruneResult",
     "WoodFisher",
@@ -72,10 +79,12 @@ __all__ = [
     "default_prunable",
     "keep_sparsity",
     "layer_hessian",
+    "load",
     "make_budget",
     "make_layout",
     "make_selector",
     "obs_update",
+    "pack_nm",
     "per_example_grads",
     "prune",
     "prune_gradual",
@@ -84,8 +93,11 @@ __all__ = [
     "prune_sweep",
     "reconstruction_error",
     "rmp_mask",
+    "save",
     "smallest_k",
     "sparsity_of",
     "sparsity_schedule",
+    "to_sparse",
+    "unpack_nm",
     "update_aware_objective",
 ]
