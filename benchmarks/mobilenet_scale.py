@@ -110,7 +110,8 @@ def main(argv=None):
     record("setup (init, synthetic data)", 0.0)
     t0 = time.perf_counter()
     grads = jax.block_until_ready(cobs_jax.per_example_grads(
-        loss_fn, variables, batch, layout, mini_batch=args.mini_batch, chunk_size=args.grad_chunk))
+        loss_fn, variables, batch, layout, mini_batch=args.mini_batch, chunk_size=args.grad_chunk,
+        progress=True))
     record(f"gradients (N x D, {args.grad_chunk} row(s) per vmap)", time.perf_counter() - t0)
 
     methods = {
@@ -122,7 +123,8 @@ def main(argv=None):
     for label, method, update in (methods[m] for m in args.methods):
         for s, note in ((0.5, "incl. compile"), (0.7, "compiled")):
             res = cobs_jax.prune(variables, loss_fn, batch, sparsity=s, method=method, update=update,
-                                 damping=args.damping, blocks=args.chunk, grads=grads, loss_batch=loss_batch)
+                                 damping=args.damping, blocks=args.chunk, grads=grads, loss_batch=loss_batch,
+                                 progress=True)
             t = res.info["timings"]
             assert res.info["num_pruned"] == round(s * layout.size), res.info["num_pruned"]
             assert int(jnp.sum(layout.ravel(res.params) == 0)) >= res.info["num_pruned"]

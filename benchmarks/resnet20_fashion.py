@@ -97,7 +97,7 @@ def main(argv=None):
         batch = {**fisher_batch, "loss": fisher_batch}
         t0 = time.perf_counter()
         grads = jax.block_until_ready(cobs_jax.per_example_grads(
-            loss_fn, variables, fisher_batch, layout, chunk_size=args.chunk_size))
+            loss_fn, variables, fisher_batch, layout, chunk_size=args.chunk_size, progress=True))
         t_grads = time.perf_counter() - t0
         state["grads"][str(seed)] = {"seconds": t_grads, "rows_per_s": args.fisher_n / t_grads}
         print(f"seed {seed}: {args.fisher_n} per-example gradients of {layout.size} weights in {t_grads:.1f}s "

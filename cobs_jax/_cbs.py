@@ -46,6 +46,11 @@ def alpha_beta(fisher, w: jax.Array, pruned: jax.Array):
     return 2 * w * c - w * w * d, 2 * w * c + w * w * d, u
 
 
+def _report_pass(s, swaps, loss, best, done) -> None:
+    print(f"[cobs_jax] CBS local search pass {int(s)}: {int(swaps)} swaps, loss {float(loss):.6g}, "
+          f"best {float(best):.6g}" + (" (stop)" if bool(done) else ""), flush=True)
+
+
 def _num_buckets(d: int, num_buckets: Optional[int]) -> int:
     return int(num_buckets) if num_buckets else max(1, min(math.isqrt(d), 1000))
 
@@ -94,6 +99,9 @@ class CBS:
         rank-2 N x N updates (:meth:`ua_pass`; O(N^2) per candidate instead of O(N), plus one
         N x N inverse per block and pass), and the true-loss checks of the passes score the
         updated weights (one CBS-U solve per pass). Use it with ``update="cbs"``.
+      progress: print one line per local-search pass (swaps, its true loss, the best so far)
+        from inside the compiled loop (``jax.debug.callback``). ``prune(..., progress=True)``
+        turns it on.
       first_pair_stop: end the search when the best-ranked pair (pi_1, theta_1) fails to improve
         by epsilon (Algorithm 1, line 8). The paper does this; it often stops the search while
         improving swaps exist further down the window, so it is off by default: a pass then ends
@@ -116,6 +124,7 @@ class CBS:
     local_search: bool = True
     first_pair_stop: bool = False
     objective: str = "selection"
+    progress: bool = False
 
     def __post_init__(self):
         for name, lo in (("num_trials", 1), ("rho", 1), ("tau", 1), ("max_steps", 0), ("noimp_max", 0)):
@@ -378,6 +387,8 @@ class CBS:
             h_sw = h_sw.at[s].set(swaps)
             s_imp = jnp.where(better, s, s_imp)
             done = stop | (~better & (s - s_imp > self.noimp_max))
+            if self.progress:  # printed from the device loop, no host round-trip in between
+                jax.debug.callback(_report_pass, s, swaps, new_loss, best_loss, done)
             return (
                 s,
                 jnp.where(stop, pruned, new),

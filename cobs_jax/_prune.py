@@ -19,6 +19,7 @@ update uses 1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
@@ -205,6 +206,8 @@ def _setup(params, loss_fn, batch, *, method, update, damping, blocks, prunable,
     if mesh is not None and not isinstance(mesh, Mesh):
         raise ValueError(f"`mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     selector = make_selector(method)
+    if progress and isinstance(selector, CBS):
+        selector = dataclasses.replace(selector, progress=True)
     layout = make_layout(params, prunable)
     layout.check_finite(params)
     blocks_t = layout.blocks(blocks)
@@ -345,7 +348,8 @@ def prune(
         depend on the number of devices beyond float rounding; the returned params are
         replicated over the mesh. ``None``: one device, as usual.
       verbose: print the time of each phase.
-      progress: a progress bar (tqdm, or plain lines) over the chunks of per-example gradients.
+      progress: a progress bar (tqdm, or plain lines) over the chunks of per-example gradients,
+        and for CBS one line per local-search pass (see :class:`CBS`).
 
     Returns:
       A :class:`PruneResult` ``(params, masks, info)``.

@@ -26,8 +26,9 @@ def test_long_calls_report_progress(call, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
     params, loss_fn, batch = linen_setup(n=32)
     if call == "prune":
-        cobs_jax.prune(params, loss_fn, batch, sparsity=0.5, method="woodfisher", chunk_size=8, progress=True)
-        assert "per-example gradients (chunks): 4/4" in capsys.readouterr().out
+        cobs_jax.prune(params, loss_fn, batch, sparsity=0.5, method="cbs", chunk_size=8, progress=True)
+        out = capsys.readouterr().out
+        assert "per-example gradients (chunks): 4/4" in out and "CBS local search pass 1:" in out
     else:
         cobs_jax.prune_gradual(params, loss_fn, batch, sparsity=0.5, stages=3, update="cbs", progress=True)
         assert "prune_gradual (3 stages): 3/3" in capsys.readouterr().out
