@@ -220,10 +220,10 @@ def write_tables(meta, name):
                              f"{t['forward']:.1f} | {t['total'] / dense['floor_seconds']:.2f} |")
     lines += ["", f"Floor: two compiled forward passes of all 30 blocks over the calibration tokens: "
               f"{dense['floor_seconds']:.1f} s. Dense peak RSS {dense['peak_gib']:.2f} GiB.", "",
-              f"Greedy continuation of {PROMPT!r}: dense: {dense['sample']!r}"]
+              f"Greedy continuations (30 tokens) of {PROMPT!r}:", "", f"* dense: {dense['sample']!r}"]
     for k, v in cells.items():
         if "sample" in v and k != "dense":
-            lines.append(f"; {k}: {v['sample']!r}")
+            lines.append(f"* {k}: {v['sample']!r}")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     _plot(cells, confs, methods, dense, RESULTS / f"{name}.png")
 
