@@ -99,7 +99,7 @@ def floor_seconds(model, x, cos, sin, batch_size) -> float:
         h = x
         for a in adapters:
             h = jnp.concatenate([run_block(a.params, h[s : s + batch_size], (cos, sin), {}, static=a.static,
-                                           capture=False)[0] for s in range(0, h.shape[0], batch_size)])
+                                           capture=False) for s in range(0, h.shape[0], batch_size)])
         return jax.block_until_ready(h)
 
     one_pass()  # compile

@@ -22,7 +22,7 @@ from ._layer_exact import exact_update
 from ._layer_masks import choose
 from ._sparsegpt import sparsegpt, sparsegpt_counts
 
-__all__ = ["prune_layer", "LayerInfo", "LAYER_METHODS", "reconstruction_error"]
+__all__ = ["prune_layer", "LayerInfo", "LAYER_METHODS", "reconstruction_error", "Factors", "factor_hessian"]
 
 LAYER_METHODS = ("magnitude", "wanda", "sparsegpt")
 _DEFAULT_GRANULARITY = {"magnitude": "layer", "wanda": "unit", "sparsegpt": "layer"}
@@ -58,22 +58,43 @@ def _from_rows(rows: jax.Array, layout: tuple) -> jax.Array:
     return jnp.transpose(rows.T.reshape(moved_shape), tuple(int(a) for a in np.argsort(perm)))
 
 
+class Factors(NamedTuple):
+    """A layer Hessian prepared for pruning (one per distinct H; q/k/v or gate/up share one).
+
+    Attributes:
+      h: the damped H (dead inputs given ``H_jj = 1``, then ``damping * mean(diag H)`` added).
+      u: the upper Cholesky factor of ``h⁻¹`` (``h⁻¹ = uᵀu``), SparseGPT's ``Hinv``.
+      dead: bool (d_in,), inputs that never fire (``H_jj = 0``); their weights are zeroed.
+      damping: the relative damping used.
+    """
+
+    h: jax.Array
+    u: jax.Array
+    dead: jax.Array
+    damping: float
+
+
 @jax.jit
 def _damped_factor(h, damping):
-    """Dead inputs (H_jj = 0) get H_jj = 1, then H + damping * mean(diag H) * I; its factors."""
+    """Dead inputs (H_jj = 0) get H_jj = 1, then H + damping * mean(diag H) * I; U with H⁻¹ = UᵀU.
+
+    With J the order-reversing permutation and ``J H J = L Lᵀ`` (one Cholesky),
+    ``H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular with a positive diagonal:
+    it *is* the upper Cholesky factor of ``H⁻¹``, for one factorisation and one triangular
+    inverse (about half the flops of inverting H and factoring the inverse).
+    """
     diag = jnp.diagonal(h)
     dead = diag == 0
     h = h + jnp.diag(dead.astype(h.dtype))
     h = h + damping * jnp.mean(jnp.diagonal(h)) * jnp.eye(h.shape[0], dtype=h.dtype)
-    chol = jnp.linalg.cholesky(h)
-    hinv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(h.shape[0], dtype=h.dtype))
-    u = jnp.linalg.cholesky(hinv).T  # upper: H^-1 = U^T U
-    ok = jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.isfinite(u))
-    return h, hinv, u, dead, ok
+    low = jnp.linalg.cholesky(h[::-1, ::-1])
+    u = jax.scipy.linalg.solve_triangular(low, jnp.eye(h.shape[0], dtype=h.dtype), lower=True)[::-1, ::-1]
+    ok = jnp.all(jnp.isfinite(low)) & jnp.all(jnp.isfinite(u))
+    return h, u, dead, ok
 
 
-def factor_hessian(h: jax.Array, damping: float, name: str):
-    """Damped H, H⁻¹, upper Cholesky U of H⁻¹, dead inputs and the damping used.
+def factor_hessian(h: jax.Array, damping: float, name: str) -> Factors:
+    """The :class:`Factors` of ``h``, with the re-damping rule.
 
     Re-damping rule: if a factorisation fails (H not positive definite to working precision
     even after damping), the relative damping is multiplied by 10 and the factorisation retried,
@@ -81,9 +102,9 @@ def factor_hessian(h: jax.Array, damping: float, name: str):
     """
     used = float(damping)
     for _ in range(REDAMP_TRIES):
-        hd, hinv, u, dead, ok = _damped_factor(h, jnp.asarray(used, h.dtype))
+        hd, u, dead, ok = _damped_factor(h, jnp.asarray(used, h.dtype))
         if bool(ok):
-            return hd, hinv, u, dead, used
+            return Factors(hd, u, dead, used)
         used *= REDAMP_FACTOR
     raise ValueError(
         f"{name}: Cholesky factorisation of the damped Hessian failed even with relative damping "
@@ -98,12 +119,13 @@ def reconstruction_error(w0: jax.Array, w: jax.Array, h: jax.Array) -> jax.Array
     return jnp.sum((dw @ h) * dw) / jnp.sum((w0 @ h) * w0)
 
 
-def _check_finite(x: jax.Array, what: str) -> None:
+def check_finite(x: jax.Array, what: str) -> None:
     if not bool(jnp.all(jnp.isfinite(x))):
         raise ValueError(f"{what} contains NaN or Inf")
 
 
-def _check_args(method, update, damping, block_size, granularity):
+def check_layer_args(method, update, damping, block_size, granularity) -> None:
+    """ValueError naming the first bad argument of :func:`prune_layer`'s options."""
     if method not in LAYER_METHODS:
         raise ValueError(f"`method` must be one of {LAYER_METHODS}, got {method!r}")
     if update not in (None, "none", "exact"):
@@ -227,7 +249,7 @@ def prune_layer(
       ValueError: for a bad argument (naming it), shape mismatches between kernel and H, a
         non-square H, NaN/Inf in the kernel or H, or a factorisation that fails after re-damping.
     """
-    _check_args(method, update, damping, block_size, granularity)
+    check_layer_args(method, update, damping, block_size, granularity)
     as_key(key)  # validated for uniformity; these methods are deterministic
     kernel = jnp.asarray(kernel)
     h = jnp.asarray(hessian)
@@ -236,30 +258,60 @@ def prune_layer(
     axes = tuple(range(kernel.ndim - 1)) if in_axes is None else tuple(int(a) % kernel.ndim for a in in_axes)
     if not axes or len(set(axes)) != len(axes) or len(axes) >= kernel.ndim:
         raise ValueError(f"`in_axes` must name distinct axes of the {kernel.ndim}-d kernel, leaving an output axis; got {in_axes!r}")
-    w_rows, layout = _as_rows(kernel, axes)
-    d_in = w_rows.shape[1]
+    d_in = math.prod(kernel.shape[a] for a in axes)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"{name}: `hessian` must be a square (d_in, d_in) matrix, got shape {h.shape}")
     if h.shape[0] != d_in:
         raise ValueError(f"{name}: `hessian` is {h.shape} but the kernel {kernel.shape} has d_in = {d_in} (in_axes {axes})")
-    _check_finite(kernel, f"{name}: `kernel`")
-    _check_finite(h, f"{name}: `hessian`")
+    check_finite(kernel, f"{name}: `kernel`")
+    check_finite(h, f"{name}: `hessian`")
+    out = prune_checked(kernel, h.astype(accumulate_dtype()), sparsity=sparsity, pattern=pattern, method=method,
+                        update=update, damping=damping, block_size=block_size, granularity=granularity,
+                        in_axes=axes, name=name)
+    if not return_info:
+        return out[0], out[1]
+    return out
+
+
+def needs_factors(method: str, update: Optional[str]) -> bool:
+    """Whether ``method`` / ``update`` use the factorised Hessian."""
+    return method == "sparsegpt" or update == "exact"
+
+
+def prune_checked(
+    kernel: jax.Array,
+    h: jax.Array,
+    *,
+    sparsity: Optional[float],
+    pattern: Optional[str],
+    method: str,
+    update: Optional[str],
+    damping: float,
+    block_size: int,
+    granularity: Optional[str],
+    in_axes: tuple[int, ...],
+    name: str,
+    factors: Optional[Factors] = None,
+) -> tuple[jax.Array, jax.Array, LayerInfo]:
+    """:func:`prune_layer` on arguments already checked (finite, matching shapes, H in the
+    accumulation dtype), with optional precomputed :class:`Factors` of H (the model driver
+    factors a Hessian shared by several layers once)."""
+    w_rows, layout = _as_rows(kernel, in_axes)
+    d_in = w_rows.shape[1]
     sparsity, nm = _resolve_sparsity(sparsity, pattern, d_in, method, block_size, name)
     gran = granularity or _DEFAULT_GRANULARITY[method]
-
-    acc = accumulate_dtype()
-    h = h.astype(acc)
-    w0 = w_rows.astype(acc)
+    w0 = w_rows.astype(h.dtype)
     used = float(damping)
-    factors = None
-    if method == "sparsegpt" or update == "exact":
-        hd, hinv, u, dead, used = factor_hessian(h, damping, name)
-        w0 = jnp.where(dead[None, :], 0.0, w0)
-        factors = hd, hinv
+    if needs_factors(method, update):
+        if factors is None:
+            factors = factor_hessian(h, damping, name)
+        used = factors.damping
+        w0 = jnp.where(factors.dead[None, :], 0.0, w0)
     if method == "sparsegpt":
+        assert factors is not None
         rows, d = w0.shape
         counts = None if nm else jnp.asarray(sparsegpt_counts(sparsity, rows, d, block_size, gran))
-        w, keep = sparsegpt(w0, u, counts, block_size=block_size, nm=nm, granularity=gran)
+        w, keep = sparsegpt(w0, factors.u, counts, block_size=block_size, nm=nm, granularity=gran)
     else:
         score = jnp.abs(w0)
         if method == "wanda":
@@ -268,12 +320,15 @@ def prune_layer(
         w = jnp.where(keep, w0, 0.0)
     if update == "exact":
         assert factors is not None
-        w = exact_update(w0, factors[0], factors[1], np.asarray(keep))
-    if not bool(jnp.all(jnp.isfinite(w))):
+        w = exact_update(w0, factors.h, factors.u, np.asarray(keep))
+    err, finite = _error_and_finite(w_rows.astype(h.dtype), w, h)
+    if not bool(finite):
         raise ValueError(f"{name}: the pruned kernel is not finite (ill-conditioned Hessian); raise `damping`")
     new_kernel = _from_rows(w, layout).astype(kernel.dtype)
     mask = _from_rows(keep, layout)
-    if not return_info:
-        return new_kernel, mask
-    err = float(reconstruction_error(w_rows.astype(acc), w, h))
-    return new_kernel, mask, LayerInfo(used, err, 1.0 - float(jnp.mean(mask)))
+    return new_kernel, mask, LayerInfo(used, float(err), 1.0 - float(jnp.mean(mask)))
+
+
+@jax.jit
+def _error_and_finite(w0, w, h):
+    return reconstruction_error(w0, w, h), jnp.all(jnp.isfinite(w))

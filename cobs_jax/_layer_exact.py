@@ -60,10 +60,11 @@ def _solve(w0, h, hinv, idx, valid, *, form: str):
     return jnp.where(pruned, 0.0, w0 - full @ hinv)
 
 
-def exact_update(w0: jax.Array, h: jax.Array, hinv: jax.Array, keep: np.ndarray) -> jax.Array:
+def exact_update(w0: jax.Array, h: jax.Array, u: jax.Array, keep: np.ndarray) -> jax.Array:
     """Each row of ``w0`` (rows, d) re-solved on its kept set, for the damped Hessian ``h``.
 
-    ``hinv`` is ``h⁻¹`` (used by the OBS form when fewer weights are pruned than kept);
+    ``u`` is the upper Cholesky factor of ``h⁻¹`` (``h⁻¹ = uᵀu`` is formed only for the OBS
+    form, used when fewer weights are pruned than kept);
     ``keep`` is the (rows, d) host bool mask. Pruned entries of the result are exactly 0.
     """
     keep = np.asarray(keep, bool)
@@ -76,4 +77,5 @@ def exact_update(w0: jax.Array, h: jax.Array, hinv: jax.Array, keep: np.ndarray)
     form, sel, n = ("kept", keep, k_max) if k_max <= p_max else ("pruned", ~keep, p_max)
     size = min(d, -(-n // _PAD) * _PAD)
     idx, valid = _gather_indices(sel, size)
+    hinv = u.T @ u if form == "pruned" else None
     return _solve(w0, h, hinv, jnp.asarray(idx), jnp.asarray(valid), form=form)

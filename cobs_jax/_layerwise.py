@@ -24,7 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._capture import BlockAdapter, run_block
 from ._keys import as_key
-from ._layer import prune_layer
+from ._hessian import accumulate_dtype
+from ._layer import Factors, check_finite, check_layer_args, factor_hessian, needs_factors, prune_checked
 from ._progress import progress as show
 
 __all__ = ["prune_layerwise", "LayerwiseResult"]
@@ -63,19 +64,20 @@ def _excluder(exclude) -> Callable[[str], bool]:
 
 
 def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture):
-    """Outputs over all examples (chunked) and, with ``capture``, the summed Hessians."""
+    """Outputs over all examples (chunked), or with ``capture`` the summed Hessians."""
     outs, grams = [], {}
     for s in range(0, x.shape[0], batch_size):
         chunk = x[s : s + batch_size]
         if sharding is not None:
             chunk = jax.device_put(chunk, sharding)
-        y, g = run_block(params, chunk, args, kwargs, static=adapter.static, capture=capture)
-        outs.append(y)
-        for k, v in g.items():
+        out = run_block(params, chunk, args, kwargs, static=adapter.static, capture=capture)
+        if not capture:
+            outs.append(out)
+            continue
+        for k, v in out.items():
             grams[k] = grams[k] + v if k in grams else v
-    y = jnp.concatenate(outs, axis=0)
-    jax.block_until_ready((y, grams))
-    return y, grams
+    result = grams if capture else jnp.concatenate(outs, axis=0)
+    return jax.block_until_ready(result)
 
 
 def prune_layerwise(
@@ -133,6 +135,7 @@ def prune_layerwise(
         in a layer's captured activations (named), or a block without prunable layers.
     """
     as_key(key)  # validated for uniformity; the methods are deterministic
+    check_layer_args(method, update, damping, block_size, granularity)
     kwargs = dict(kwargs or {})
     x = jnp.asarray(inputs)
     if x.ndim < 1 or x.shape[0] == 0:
@@ -161,20 +164,30 @@ def prune_layerwise(
     zeros = total = 0
     for i, adapter in show(enumerate(adapters), progress, len(adapters), f"prune_layerwise ({method})"):
         t0 = time.perf_counter()
-        _, grams = _forward(adapter, adapter.params, x, args, kwargs, batch_size, sharding, capture=True)
+        grams = _forward(adapter, adapter.params, x, args, kwargs, batch_size, sharding, capture=True)
         t_capture += time.perf_counter() - t0
         if not grams:
             raise ValueError(f"block {i} has no Dense/Linear/Conv layers to prune")
         kernels, block_masks = {}, {}
+        shared: list[tuple[jax.Array, Factors]] = []  # q/k/v (gate/up) see one input: factor its H once
         for name in (n for n in grams if not skip(n)):
-            h = grams[name]
+            where = f"block {i}, layer {name!r}"
+            h = grams[name].astype(accumulate_dtype())
             if not bool(jnp.all(jnp.isfinite(h))):
-                raise ValueError(f"block {i}, layer {name!r}: its captured activations contain NaN or Inf")
+                raise ValueError(f"{where}: its captured activations contain NaN or Inf")
+            kernel = adapter.kernel(name)
+            check_finite(kernel, f"{where}: the kernel")
             t1 = time.perf_counter()
-            new, mask, linfo = prune_layer(
-                adapter.kernel(name), h, sparsity=sparsity, pattern=pattern, method=method, update=update,
-                damping=damping, block_size=block_size, granularity=granularity, return_info=True,
-                name=f"block {i}, layer {name!r}",
+            factors = None
+            if needs_factors(method, update):
+                factors = next((f for h2, f in shared if h2.shape == h.shape and bool(jnp.array_equal(h2, h))), None)
+                if factors is None:
+                    factors = factor_hessian(h, damping, where)
+                    shared.append((h, factors))
+            new, mask, linfo = prune_checked(
+                kernel, h, sparsity=sparsity, pattern=pattern, method=method, update=update, damping=damping,
+                block_size=block_size, granularity=granularity, in_axes=tuple(range(kernel.ndim - 1)),
+                name=where, factors=factors,
             )
             jax.block_until_ready(new)
             dt = time.perf_counter() - t1
@@ -185,7 +198,7 @@ def prune_layerwise(
             total += int(mask.size)
         params = adapter.with_kernels(kernels)
         t2 = time.perf_counter()
-        x, _ = _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture=False)
+        x = _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture=False)
         t_forward += time.perf_counter() - t2
         new_blocks.append(adapter.rebuild(params))
         masks.append(block_masks)

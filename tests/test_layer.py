@@ -105,6 +105,38 @@ def test_sparsegpt_nm_equals_dense_sequential_obs(pattern, nm):
     np.testing.assert_allclose(np.asarray(new), ref_w, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_sparsegpt_sub_blocks_equal_dense_sequential_obs(pattern):
+    # d_in = 80 in one block: the per-column loop runs in sub-blocks of 20 columns whose errors
+    # reach the later columns through the lazy product; the result must not change.
+    x, w, h = _problem(7, n=120, d=80, out=6)
+    if pattern is None:
+        new, mask = cobs_jax.prune_layer(w, h, sparsity=0.5, method="sparsegpt", block_size=80)
+        ref_w, ref_keep = _sequential_obs(w, h, 0.01, sparsity=0.5)
+    else:
+        new, mask = cobs_jax.prune_layer(w, h, pattern=pattern, method="sparsegpt", block_size=80)
+        ref_w, ref_keep = _sequential_obs(w, h, 0.01, nm=(2, 4))
+    np.testing.assert_array_equal(np.asarray(mask), ref_keep)
+    np.testing.assert_allclose(np.asarray(new), ref_w, rtol=1e-8, atol=1e-10)
+
+
+def test_factor_hessian_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    from cobs_jax._layer import factor_hessian
+
+    x, w, h = _problem(2, n=40, d=9, out=3)
+    h = h.copy()
+    h[4, :] = h[:, 4] = 0.0  # a dead input
+    f = factor_hessian(jnp.asarray(h), 0.01, "layer")
+    u = np.asarray(f.u)
+    hd = h + np.diag(np.diag(h) == 0)
+    hd = hd + 0.01 * np.mean(np.diag(hd)) * np.eye(9)
+    np.testing.assert_allclose(np.asarray(f.h), hd, rtol=1e-12)
+    np.testing.assert_array_equal(u, np.triu(u))
+    assert np.all(np.diag(u) > 0)
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(hd), rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(np.asarray(f.dead), np.arange(9) == 4)
+
+
 def test_sparsegpt_blocks_lazy_update_equals_one_block_when_mask_is_fixed():
     # With blocks, the mask of later blocks is chosen from updated weights; with 2:4 the mask of
     # every group is chosen at its first column from the updated weights in both cases, so the
