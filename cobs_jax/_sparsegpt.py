@@ -14,8 +14,10 @@ columns are processed left to right in blocks of ``block_size``:
 
 The per-column loop is a ``lax.fori_loop`` over sub-blocks of up to 32 columns, each swept column
 by column and then applied to the block's later columns in one product (the lazy scheme again,
-one level down: less memory traffic per column step); the block loop is unrolled at trace time
-(static slices, exact lazy-update flops), so one compilation serves every layer of the same shape.
+one level down: less memory traffic per column step). The blocks are a ``fori_loop`` too (the
+kernel padded to whole blocks with zero weights on identity rows of U): one small program per
+layer shape, compiled in about a second, at the price of lazy updates over the full width
+(``rows * d²`` extra flops, a few ms per layer).
 Counts are exact: the unstructured count of block b is ``round(s * n_b) - round(s * n_{b-1})``
 for the cumulative sizes n_b (the reference uses the per-slab quantile, which differs by at most
 one weight per slab), so the layer (or each row) prunes exactly ``round(s * size)`` weights.
@@ -113,25 +115,35 @@ def sparsegpt(
     Returns ``(new_w, keep)``; pruned entries are exactly 0.
     """
     rows, d = w.shape
-    keeps = []
-    for b, i1 in enumerate(range(0, d, block_size)):
-        i2 = min(i1 + block_size, d)
-        w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
+    bs = min(block_size, d)
+    nb = -(-d // bs)
+    pad = nb * bs - d
+    if pad:  # zero weights on identity rows of U: never pruned (unstructured), no error, no coupling
+        w = jnp.pad(w, ((0, 0), (0, pad)))
+        u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(d + pad) >= d).astype(u.dtype)
+    real = jnp.arange(d + pad) < d
+    cols = jnp.arange(d + pad)
+
+    def block(b, carry):
+        w, keep = carry
+        i1 = b * bs
+        w1 = jax.lax.dynamic_slice_in_dim(w, i1, bs, axis=1)
+        u1 = jax.lax.dynamic_slice(u, (i1, i1), (bs, bs))
         if nm is None:
-            du = jnp.diagonal(u1)
             assert counts is not None  # given for unstructured sparsity
-            score = w1**2 / du[None, :] ** 2
+            du = jnp.diagonal(u1)
+            score = jnp.where(jax.lax.dynamic_slice_in_dim(real, i1, bs)[None, :], w1**2 / du[None, :] ** 2, jnp.inf)
             if granularity == "unit":
-                pruned = prune_smallest_rows(score, counts[b])
+                keep1 = ~prune_smallest_rows(score, counts[b])
             else:
-                pruned = prune_smallest(score, counts[b])
-            keep1 = ~pruned
+                keep1 = ~prune_smallest(score, counts[b])
         else:
             keep1 = jnp.ones(w1.shape, bool)
-
         w1, keep1, err1 = _block_columns(w1, u1, keep1, nm)
-        w = w.at[:, i1:i2].set(jnp.where(keep1, w1, 0.0))
-        if i2 < d:
-            w = w.at[:, i2:].add(-(err1 @ u[i1:i2, i2:]))
-        keeps.append(keep1)
-    return w, jnp.concatenate(keeps, axis=1)
+        # the lazy update of every later column (U is upper triangular: earlier ones are untouched)
+        later = jnp.where(cols[None, :] >= i1 + bs, jax.lax.dynamic_slice_in_dim(u, i1, bs, axis=0), 0.0)
+        w = jax.lax.dynamic_update_slice_in_dim(w - err1 @ later, jnp.where(keep1, w1, 0.0), i1, axis=1)
+        return w, jax.lax.dynamic_update_slice_in_dim(keep, keep1, i1, axis=1)
+
+    w, keep = jax.lax.fori_loop(0, nb, block, (w, jnp.ones(w.shape, bool)))
+    return w[:, :d], keep[:, :d]

@@ -164,6 +164,26 @@ def test_exact_update_equals_lstsq_per_output_unit(method):
         assert np.all(new[~k, r] == 0)
 
 
+def test_exact_update_rows_of_different_counts_each_use_their_smaller_system():
+    # rows keeping 1..11 of 12 inputs (so both forms in one call, padded to min(|K|, |P|) <= 6)
+    from cobs_jax._layer import factor_hessian
+    from cobs_jax._layer_exact import exact_update
+
+    x, w, h = _problem(4, n=60, d=12, out=11)
+    rng = np.random.default_rng(0)
+    keep = np.zeros((11, 12), bool)
+    for r in range(11):
+        keep[r, rng.permutation(12)[: r + 1]] = True
+    f = factor_hessian(jnp.asarray(h), 0.01, "layer")
+    new = np.asarray(exact_update(jnp.asarray(w.T), f.h, f.u, keep))
+    hd = np.asarray(f.h)
+    for r in range(11):
+        k = keep[r]
+        sol = np.linalg.solve(hd[np.ix_(k, k)], (hd @ w[:, r])[k])
+        np.testing.assert_allclose(new[r, k], sol, rtol=1e-8, atol=1e-10)
+        assert np.all(new[r, ~k] == 0)
+
+
 def test_exact_update_both_forms_agree():
     # few pruned -> the OBS ("pruned") form; many pruned -> the kept form; both are the optimum
     x, w, h = _problem(2, n=50, d=12, out=6)
