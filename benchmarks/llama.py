@@ -186,8 +186,8 @@ class Llama(nnx.Module):
 
 def _set(module_param, value):
     value = np.asarray(value, np.float32)
-    assert module_param.value.shape == value.shape, (module_param.value.shape, value.shape)
-    module_param.value = jnp.asarray(value)
+    assert module_param.get_value().shape == value.shape, (module_param.get_value().shape, value.shape)
+    module_param.set_value(jnp.asarray(value))
 
 
 def _empty(c: LlamaConfig, max_len: int) -> Llama:

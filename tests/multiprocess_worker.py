@@ -35,3 +35,11 @@ for method, update in (("magnitude", None), ("woodfisher", "obs"), ("cbs", "cbs"
     for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(ref.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
     print("OK", method, flush=True)
+
+# Leave together: without this, the process hosting the coordinator could tear its gRPC server
+# down at exit while the other still had a request in flight (seen once as an abort in
+# ~RealRequestMatcher after every check had passed).
+from jax.experimental import multihost_utils  # noqa: E402
+
+multihost_utils.sync_global_devices("cobs_jax multiprocess test done")
+jax.distributed.shutdown()
