@@ -22,7 +22,7 @@ from ._layer_exact import exact_update
 from ._layer_masks import choose
 from ._sparsegpt import sparsegpt, sparsegpt_counts
 
-__all__ = ["prune_layer", "LayerInfo", "LAYER_METHODS", "reconstruction_error", "Factors", "factor_hessian"]
+__all__ = ["prune_layer", "LayerInfo", "LAYER_METHODS", "reconstruction_error"]
 
 LAYER_METHODS = ("magnitude", "wanda", "sparsegpt")
 _DEFAULT_GRANULARITY = {"magnitude": "layer", "wanda": "unit", "sparsegpt": "layer"}

@@ -184,3 +184,16 @@ def test_bad_input():
         cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.0,), mesh="rows")
     with pytest.raises(ValueError, match="multiple of 4"):
         cobs_jax.prune_layerwise([Block(6, 16, nnx.Rngs(0))], x[..., :6], pattern="2:4", args=(1.0,))
+
+
+def test_compiled_once_per_layer_shape_not_per_layer():
+    from cobs_jax import _capture, _layer, _layer_masks, _sparsegpt
+
+    fns = [_sparsegpt.sparsegpt, _capture.run_block, _layer._damped_factor, _layer._error_and_finite]
+    blocks = [Block(8, 24, nnx.Rngs(i)) for i in range(3)]  # shapes no other test uses
+    x = _data(n=6)
+    for opts in (dict(sparsity=0.5), dict(sparsity=0.5, method="wanda")):
+        cobs_jax.prune_layerwise(blocks[:1], x, args=(1.0,), batch_size=3, **opts)
+        sizes = [f._cache_size() for f in fns + [_layer_masks.choose]]
+        cobs_jax.prune_layerwise(blocks, x, args=(1.0,), batch_size=3, **opts)
+        assert [f._cache_size() for f in fns + [_layer_masks.choose]] == sizes
