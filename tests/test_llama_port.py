@@ -47,7 +47,7 @@ def test_load_safetensors_reads_a_hugging_face_directory(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     model = llama.Llama(CFG, nnx.Rngs(3), max_len=64)
     for layer in model.layers:  # non-trivial norms, so a swapped norm would show
-        layer.input_layernorm.weight[...] = jnp.linspace(0.5, 1.5, CFG.dim)
+        layer.input_layernorm.weight[...] = jnp.linspace(0.5, 1.5, CFG.dim, dtype=jnp.float32)
     safetensors.save_file(_hf_weights(model), str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(dict(
         vocab_size=CFG.vocab_size, hidden_size=CFG.dim, num_hidden_layers=CFG.num_layers,
