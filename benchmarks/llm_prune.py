@@ -11,7 +11,8 @@ calibration windows from 407 documents, perplexity on the other 93 (never calibr
 For every method (magnitude, Wanda, SparseGPT, each also with ``update="exact"``) and every
 sparsity (50/60/70 % unstructured, 2:4, 4:8) the 210 linear layers of the 30 blocks are pruned by
 ``cobs_jax.prune_layerwise`` (embeddings and LM head dense), and the perplexity of the pruned model
-on the evaluation windows is measured. Each finished cell is saved at once to
+on the evaluation windows is measured. Every cell runs in a fresh worker process (its peak memory
+and timings are its own, compilation included). Each finished cell is saved at once to
 ``results/llm_prune.json``; a rerun skips the cells already there (``--fresh`` starts over).
 The "floor" row times two forward passes of all blocks over the calibration tokens (what the
 sequential method cannot avoid), in the same run.
@@ -66,10 +67,11 @@ class PeakRSS:
         self.peak = max(self.peak, _rss())
 
 
-def _rss() -> float:
+def _rss(field: str = "VmRSS") -> float:
+    """This process's resident memory now (``VmRSS``) or its peak so far (``VmHWM``), in GiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 2**20
     return float("nan")
 
@@ -110,15 +112,6 @@ def floor_seconds(model, x, cos, sin, batch_size) -> float:
     return time.perf_counter() - t
 
 
-def _hwm() -> float:
-    """Peak resident memory of this process so far (GiB, ``VmHWM``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
 def run_cell(a, key: str) -> dict:
     """One cell, in this (fresh) process: the dense baseline or ``"method @ config"``."""
     t0 = time.perf_counter()
@@ -129,11 +122,11 @@ def run_cell(a, key: str) -> dict:
     x0 = model.embed(jnp.asarray(calib))
     model_gib = sum(v.nbytes for v in jax.tree.leaves(nnx.state(model))) / 2**30
     base = dict(load_seconds=t_load, split=split, model_gib=model_gib, hidden_gib=x0.nbytes / 2**30,
-                loaded_gib=_hwm())
+                loaded_gib=_rss("VmHWM"))
     if key == "dense":
         ppl = perplexity(model, ev)
         floor = floor_seconds(model, x0, cos, sin, a.batch)
-        return dict(base, ppl=ppl, floor_seconds=2 * floor, peak_gib=_hwm(), sample=greedy(model, tok, PROMPT, 30))
+        return dict(base, ppl=ppl, floor_seconds=2 * floor, peak_gib=_rss("VmHWM"), sample=greedy(model, tok, PROMPT, 30))
     m, conf = key.split(" @ ")
     method, update = METHODS[m]
     with PeakRSS() as mem:
@@ -141,7 +134,7 @@ def run_cell(a, key: str) -> dict:
         res = cobs_jax.prune_layerwise(list(model.layers), x0, method=method, update=update,
                                        args=(cos, sin), batch_size=a.batch, progress=True, **CONFIGS[conf])
         seconds = time.perf_counter() - t
-    hwm = _hwm()  # the process so far: loading, tokenising and the pruning run
+    hwm = _rss("VmHWM")  # the process so far: loading, tokenising and the pruning run
     pruned = with_blocks(model, res.blocks)
     errs = [l["error"] for l in res.info["layers"]]
     cell = dict(base, method=m, config=conf, ppl=perplexity(pruned, ev), seconds=seconds,
