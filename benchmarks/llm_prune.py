@@ -156,7 +156,7 @@ def main():
     ap.add_argument("--eval", type=int, default=32, help="evaluation windows of --seq tokens")
     ap.add_argument("--batch", type=int, default=8, help="sequences per forward chunk")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ",".join(METHODS))
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, of " + ",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, of " + ",".join(CONFIGS).replace("%", "%%"))
     ap.add_argument("--quick", action="store_true", help="50%% and 2:4, 8 calibration and 8 eval windows")
     ap.add_argument("--fresh", action="store_true", help="ignore saved results")
     ap.add_argument("--name", default=None, help="results file stem (default llm_prune, quick: llm_prune_quick)")
