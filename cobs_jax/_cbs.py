@@ -217,7 +217,7 @@ class CBS:
         u0 = fisher.gather_rows(fisher.project(jnp.where(pruned, w, 0.0)))
         eye = jnp.eye(n, dtype=w.dtype)
         minv0 = fisher.map_blocks(
-            lambda g, pb: cho_solve(fisher.gram_cholesky(jnp.where(pb, 0.0, g)), eye), pruned, out="blocks"
+            lambda g, pb: cho_solve(fisher.gram_cholesky(g, ~pb), eye), pruned, out="blocks"
         )
         col = fisher.gather_rows  # whole columns of G: minv, u and z are replicated N-vectors
 

@@ -379,10 +379,38 @@ class Fisher:
         return q + self.damping * jnp.sum(x * x) if damped else q
 
     # ---- F_lambda^{-1} via Woodbury -------------------------------------------------------------
-    def gram_cholesky(self, g: jax.Array):
-        """Cholesky factor (``cho_factor``) of ``N lambda I + g g^T`` for an (N, D_b) slice g of G."""
+    def kept_gram(self, g: jax.Array, keep: jax.Array, width: int = 256) -> jax.Array:
+        """``g_R g_R^T`` for the columns of g where ``keep`` (a (D_b,) bool) is True.
+
+        Unsharded, the kept columns are gathered ``width`` at a time (kept first, in order) and
+        only the chunks that hold kept columns are multiplied, so the cost is ``N^2 |R|``, not
+        ``N^2 D_b``: at 95 % sparsity a twentieth. Sharded over rows, the pruned columns are zeroed
+        and the ring of :meth:`gram` does the rest.
+        """
+        if self.axis_name is not None:
+            return self.gram(jnp.where(keep, g, 0.0))
+        d = g.shape[1]
+        c = min(width, d)
+        order = jnp.argsort(~keep, stable=True).astype(jnp.int32)  # kept columns first
+        order = jnp.concatenate([order, jnp.zeros(-d % c, jnp.int32)])
+        n_keep = jnp.sum(keep, dtype=jnp.int32)
+
+        def add(i, acc):
+            pos = i * c + jnp.arange(c, dtype=jnp.int32)
+            cols = jnp.where(pos < n_keep, g[:, jax.lax.dynamic_slice_in_dim(order, i * c, c)], 0.0)
+            return acc + cols @ cols.T
+
+        n = g.shape[0]
+        return jax.lax.fori_loop(0, (n_keep + c - 1) // c, add, jnp.zeros((n, n), g.dtype))
+
+    def gram_cholesky(self, g: jax.Array, keep: Optional[jax.Array] = None):
+        """Cholesky factor (``cho_factor``) of ``N lambda I + g g^T`` for an (N, D_b) slice g of G.
+
+        With ``keep`` (a (D_b,) bool) only its columns of g enter (:meth:`kept_gram`).
+        """
         n = self.num_rows
-        k = self.gram(g) + (n * self.damping) * jnp.eye(n, dtype=g.dtype)
+        gram = self.gram(g) if keep is None else self.kept_gram(g, keep)
+        k = gram + (n * self.damping) * jnp.eye(n, dtype=g.dtype)
         return cho_factor(k, lower=True)
 
     def gram_solve(self, chol, u: jax.Array) -> jax.Array:

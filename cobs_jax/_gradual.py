@@ -6,19 +6,24 @@ import time
 from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from ._budget import BudgetSpec, check_sparsity
 from ._keys import as_key
-from ._layout import PyTree
+from ._layout import PyTree, make_layout
 from ._masks import apply_masks
 from ._progress import progress as show
-from ._prune import PruneResult, prune
+from ._multistage import run_stages, stage_plan
+from ._prune import UPDATES, PruneResult, make_selector, prune
 
 __all__ = ["sparsity_schedule", "prune_gradual"]
 
 Schedule = Union[str, Callable[[float], float]]
 _POWERS = {"cubic": 3, "linear": 1}
+LOSS_CHECK: Optional[float] = 3.0
+LOSS_SLACK = 0.01
 
 
 def sparsity_schedule(target: float, stages: int, schedule: Schedule = "cubic") -> list[float]:
@@ -61,6 +66,11 @@ def prune_gradual(
     schedule: Schedule = "cubic",
     budget: BudgetSpec = "global",
     finetune: Optional[Callable[[PyTree, PyTree, int], PyTree]] = None,
+    compiled: Optional[bool] = None,
+    warm_start: bool = True,
+    loss_check: Optional[float] = LOSS_CHECK,
+    loss_slack: float = LOSS_SLACK,
+    max_stages: Optional[int] = None,
     key: Union[None, int, jax.Array] = None,
     verbose: bool = False,
     progress: bool = False,
@@ -68,46 +78,95 @@ def prune_gradual(
 ) -> PruneResult:
     """Prune to ``sparsity`` in ``stages`` one-shot steps, recomputing the Fisher each time.
 
-    Stage ``t`` calls :func:`prune` on the current params with the sparsity of
-    :func:`sparsity_schedule` and the masks of stage ``t - 1`` (so pruned weights stay pruned), with
-    any method and update. Between stages ``finetune(params, masks, t)`` may train the network
-    (use :func:`keep_sparsity` in its optimizer); its result is re-masked, so pruned weights can
-    never come back. This is WoodFisher's and CHITA's multi-stage scheme.
+    Stage ``t`` prunes the sparsity of :func:`sparsity_schedule` with the masks of stage ``t - 1``
+    frozen (pruned weights stay pruned) and the Fisher recomputed at the current weights, with any
+    method and update. This is WoodFisher's and CHITA++'s multi-stage scheme; without fine-tuning
+    it is the strongest one-shot path of this library (README, "Which path").
+
+    Without ``finetune`` (and with a fixed ``batch``) the whole schedule is **one compiled
+    program** (``compiled=True``, the default then): per-example gradients at the current weights,
+    selection, the update and the true loss of every stage run inside a ``lax.while_loop`` with the
+    pruned counts traced, so nothing returns to the host between stages and a new sparsity does not
+    recompile. There, the stages are also **checked by the true loss** on the loss batch: a stage
+    whose loss rises more than ``loss_check`` times what the quadratic model predicted (plus
+    ``loss_slack`` times the dense loss) is redone with half the step (down to an eighth), the rest
+    of the step becoming an extra stage, at most ``max_stages`` in all; ``info["stages"]`` reports
+    for every stage run its target, sparsity, the loss before, the predicted and the true loss
+    after, and the halvings. With ``warm_start`` (default) CBS runs its RMP trials only at the
+    first stage; later stages start the swap search from the previous mask completed by magnitude.
+
+    With ``finetune`` (or ``compiled=False``) each stage is a :func:`prune` call from Python and
+    ``finetune(params, masks, t)`` may train the network between stages (use
+    :func:`keep_sparsity` in its optimizer); its result is re-masked, so pruned weights can never
+    come back.
 
     Args:
       params: as in :func:`prune`.
       loss_fn: as in :func:`prune`.
-      batch: the Fisher examples, or ``batch(t) -> examples`` for a fresh sample at stage ``t``.
+      batch: the Fisher examples, or (loop only) ``batch(t) -> examples`` for a fresh sample at
+        stage ``t``.
       sparsity: the final target (with ``budget`` as in :func:`prune`; a dict budget's per-layer
-        sparsities are scaled by the same schedule).
-      stages: number of pruning steps ``T >= 1`` (1 is one-shot pruning).
+        sparsities are scaled by the same schedule). With ``pattern="N:M"`` (compiled only) it may
+        be omitted; stage t then prunes ``round(f_t (M - N))`` of every group of M.
+      stages: number of planned pruning steps ``T >= 1`` (1 is one-shot pruning).
       schedule: ``"cubic"``, ``"linear"`` or a callable (see :func:`sparsity_schedule`).
       finetune: optional ``finetune(params, masks, stage) -> params`` run after stages
-        ``0 .. T-2`` (not after the last one: fine-tune the result yourself).
+        ``0 .. T-2`` (not after the last one: fine-tune the result yourself). Loop path only.
+      compiled: ``None`` (compiled unless ``finetune`` or a callable ``batch`` needs the loop),
+        ``True`` or ``False``.
+      warm_start: compiled path: warm-start the selection from the previous stage's mask.
+      loss_check: compiled path: the ratio of true to predicted loss rise above which a stage is
+        redone with a smaller step; ``None`` turns the check off (every stage as planned).
+      loss_slack: compiled path: a rise up to ``loss_slack * dense loss`` is always accepted.
+      max_stages: compiled path: the most stages run, extra ones included (default ``2 * stages``).
       key: PRNG key or int seed; stage ``t`` uses ``fold_in(key, t)``.
       verbose: print one line per stage.
-      progress: a progress bar (tqdm, or plain lines) over the stages.
+      progress: a progress bar (tqdm, or plain lines) over the stages of the loop; the compiled
+        path prints one line per stage from the device loop.
       **prune_kwargs: passed to :func:`prune` (``method``, ``update``, ``damping``, ``blocks``, ``mesh``,
-        ``loss_batch``, ...). ``masks``, ``grads`` and ``pattern`` are not allowed: the masks come
-        from the previous stage and the gradients must be recomputed.
+        ``loss_batch``, ``prunable``, ``mini_batch``, ``chunk_size``, ``update_scale``; ``pattern``
+        on the compiled path). ``masks`` and ``grads`` are not allowed: the masks come from the
+        previous stage and the gradients must be recomputed.
 
     Returns:
-      The :class:`PruneResult` of the last stage, whose ``info["stages"]`` lists per stage the
-      target, the sparsity reached, the loss, the prune timings and the fine-tuning time.
+      A :class:`PruneResult`; ``info["stages"]`` lists the stages (see above; the loop path gives
+      per stage the target, the sparsity reached, the loss, the prune timings and the fine-tuning
+      time).
+
+    Raises:
+      ValueError: for ``stages < 1``, a schedule that does not rise to the target, a bad
+        ``loss_check``/``loss_slack``/``max_stages``, ``finetune`` or a callable ``batch`` with
+        ``compiled=True``, ``masks``/``grads`` given, and whatever :func:`prune` rejects.
     """
-    for name in ("masks", "grads", "pattern"):
+    for name in ("masks", "grads"):
         if name in prune_kwargs:
             raise ValueError(f"`prune_gradual` does not take `{name}` (see its docstring)")
     if finetune is not None and not callable(finetune):
         raise ValueError(f"`finetune` must be callable, got {finetune!r}")
-    if sparsity is None and not isinstance(budget, Mapping):
+    pattern = prune_kwargs.get("pattern")
+    if sparsity is None and not isinstance(budget, Mapping) and pattern is None:
         raise ValueError("`sparsity` is required")
     if isinstance(stages, bool) or not isinstance(stages, (int, np.integer)) or stages < 1:
         raise ValueError(f"`stages` must be an int >= 1, got {stages!r}")
     if sparsity is not None:
         check_sparsity(sparsity)
+    if compiled is None:
+        compiled = finetune is None and not callable(batch)
+    elif compiled and finetune is not None:
+        raise ValueError("`finetune` runs between stages from Python: it needs `compiled=False`")
+    elif compiled and callable(batch):
+        raise ValueError("a callable `batch` (a fresh sample per stage) needs `compiled=False`")
     fractions = _fractions(stages, schedule)
     key = as_key(key)
+    if compiled:
+        return _prune_compiled(
+            params, loss_fn, batch, sparsity=sparsity, fractions=fractions, budget=budget, key=key,
+            warm_start=warm_start, loss_check=loss_check, loss_slack=loss_slack,
+            max_stages=2 * stages if max_stages is None else max_stages, verbose=verbose or progress,
+            schedule=schedule, **prune_kwargs,
+        )
+    if pattern is not None:
+        raise ValueError("`pattern` needs the compiled schedule (no `finetune`, a fixed `batch`)")
     masks, res, history = None, None, []
     for t, frac in show(enumerate(fractions), progress, len(fractions), f"prune_gradual ({stages} stages)"):
         stage_budget = (
@@ -140,4 +199,50 @@ def prune_gradual(
                 + (f", finetune {entry['finetune_time']:.2f}s" if "finetune_time" in entry else "")
             )
     assert res is not None  # stages >= 1
-    return PruneResult(params, masks, {**res.info, "stages": history, "schedule": schedule})
+    return PruneResult(params, masks, {**res.info, "stages": history, "schedule": schedule, "compiled": False})
+
+
+def _prune_compiled(
+    params, loss_fn, batch, *, sparsity, fractions, budget, key, warm_start, loss_check, loss_slack, max_stages,
+    verbose, schedule, method="magnitude", update=None, damping=1e-3, blocks="model", prunable=None,
+    mini_batch=1, chunk_size=256, loss_batch=None, update_scale=1.0, mesh=None, pattern=None,
+) -> PruneResult:
+    """``prune_gradual``'s compiled path: check the arguments, plan the counts, run the schedule."""
+    if not (isinstance(damping, (int, float, np.floating)) and float(damping) > 0 and np.isfinite(damping)):
+        raise ValueError(f"`damping` must be a finite number > 0, got {damping!r}")
+    if update not in UPDATES:
+        raise ValueError(f"`update` must be one of {list(UPDATES)}, got {update!r}")
+    if isinstance(update_scale, str) or not np.isfinite(update_scale):
+        raise ValueError(f"the compiled schedule takes a finite number as `update_scale`, got {update_scale!r}")
+    if loss_check is not None and not (np.isfinite(loss_check) and loss_check > 0):
+        raise ValueError(f"`loss_check` must be a number > 0 or None, got {loss_check!r}")
+    if not (np.isfinite(loss_slack) and loss_slack >= 0):
+        raise ValueError(f"`loss_slack` must be a number >= 0, got {loss_slack!r}")
+    if isinstance(max_stages, bool) or not isinstance(max_stages, (int, np.integer)) or max_stages < len(fractions):
+        raise ValueError(f"`max_stages` must be an int >= stages ({len(fractions)}), got {max_stages!r}")
+    if int(mini_batch) < 1 or int(chunk_size) < 1:
+        raise ValueError(f"`mini_batch` and `chunk_size` must be >= 1, got {mini_batch}, {chunk_size}")
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise ValueError(f"`mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    if loss_fn is None or batch is None:
+        raise ValueError("the compiled schedule needs `loss_fn` and `batch` (every stage's true loss)")
+    selector = make_selector(method)
+    layout = make_layout(params, prunable)
+    layout.check_finite(params)
+    plan = stage_plan(layout, sparsity, fractions, budget, pattern)
+    targets = [None if sparsity is None else f * sparsity for f in fractions]
+    new_params, pruned, info = run_stages(
+        params, loss_fn, batch, layout=layout, selector=selector, update=update, plan=plan, targets=targets,
+        damping=damping, blocks=layout.blocks(blocks), key=key, loss_batch=batch if loss_batch is None else loss_batch,
+        loss_check=loss_check, loss_slack=loss_slack, max_stages=int(max_stages), warm_start=warm_start,
+        update_scale=float(update_scale), mini_batch=int(mini_batch), chunk_size=int(chunk_size), mesh=mesh,
+        progress=verbose,
+    )
+    keep = ~np.asarray(pruned)
+    info = {
+        "method": type(selector).__name__, "update": update, "blocks": blocks, "budget": budget, "pattern": pattern,
+        "num_prunable": layout.size, "num_pruned": int(np.sum(~keep)), "sparsity": float(1.0 - keep.mean()),
+        "layer_sparsity": layout.per_layer_sparsity(keep), "schedule": schedule, "compiled": True,
+        "loss_check": loss_check, **info,
+    }
+    return PruneResult(new_params, layout.to_masks(jnp.asarray(keep)), info)

@@ -38,7 +38,7 @@ def update_aware_objective(fisher: Fisher, w: jax.Array, pruned: jax.Array) -> j
     def one(g, wb, pb):
         wp = jnp.where(pb, wb, 0.0)
         u = g @ wp
-        z = fisher.gram_solve(fisher.gram_cholesky(jnp.where(pb, 0.0, g)), u)
+        z = fisher.gram_solve(fisher.gram_cholesky(g, ~pb), u)
         return jnp.sum(wp**2) + fisher.sum_rows(u @ z)
 
     return 0.5 * fisher.damping * jnp.sum(fisher.map_blocks(one, w, pruned, out="blocks"))

@@ -34,9 +34,8 @@ def cbs_update(w: jax.Array, pruned: jax.Array, fisher: Fisher, scale: ArrayLike
       scale: the update scale s (1 = the exact minimiser).
     """
     def one(g, wb, kb):
-        g_r = jnp.where(kb, g, 0.0)
-        z = fisher.gram_solve(fisher.gram_cholesky(g_r), g @ jnp.where(kb, 0.0, wb))  # G_P w_P
-        return jnp.where(kb, wb + scale * fisher.sum_rows(g_r.T @ z), 0.0)
+        z = fisher.gram_solve(fisher.gram_cholesky(g, kb), g @ jnp.where(kb, 0.0, wb))  # G_P w_P
+        return jnp.where(kb, wb + scale * fisher.sum_rows(g.T @ z), 0.0)
 
     return fisher.map_blocks(one, w, ~pruned)
 

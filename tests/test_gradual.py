@@ -89,10 +89,84 @@ def test_finetune_cannot_revive_pruned_weights():
     assert np.all(np.asarray(layout.ravel(res.params))[~keep] == 0.0)
 
 
-@pytest.mark.parametrize("kw,match", [({"masks": None}, "masks"), ({"pattern": "2:4"}, "pattern"),
+@pytest.mark.parametrize("kw,match", [({"masks": None}, "masks"), ({"pattern": "2:4", "compiled": False}, "pattern"),
+                                      ({"finetune": lambda p, m, t: p, "compiled": True}, "finetune"),
+                                      ({"compiled": True, "loss_check": 0.0}, "loss_check"),
+                                      ({"stages": 3, "max_stages": 2}, "max_stages"),
                                       ({"finetune": 3}, "finetune"), ({"stages": 0}, "stages"), ({}, "sparsity")])
 def test_gradual_bad_arguments(kw, match):
     params, loss_fn, batch = linen_setup(n=8)
     kw = {"sparsity": 0.5, **kw} if match != "sparsity" else kw
     with pytest.raises(ValueError, match=match):
         cobs_jax.prune_gradual(params, loss_fn, batch, **kw)
+
+
+@pytest.mark.parametrize("method,update", [("magnitude", "cbs"), ("woodfisher", "obs"), ("cbs", "cbs"), ("iht", "cbs")])
+def test_compiled_schedule_equals_a_loop_of_prune_calls(method, update):
+    params, loss_fn, batch = linen_setup(n=40, dtype=jnp.float64, hidden=8)
+    kw = dict(sparsity=0.8, stages=3, method=method, update=update, damping=1e-2, key=0)
+    loop = cobs_jax.prune_gradual(params, loss_fn, batch, compiled=False, **kw)
+    comp = cobs_jax.prune_gradual(params, loss_fn, batch, warm_start=False, loss_check=None, **kw)
+    assert comp.info["compiled"] and not loop.info["compiled"]
+    for a, b in zip(jax.tree.leaves(loop.masks), jax.tree.leaves(comp.masks)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(loop.params), jax.tree.leaves(comp.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose([e["loss"] for e in comp.info["stages"]], [e["loss"] for e in loop.info["stages"]],
+                               rtol=1e-10)
+
+
+@pytest.mark.parametrize("kw", [dict(sparsity=0.9), dict(budget={"Dense_0/kernel": 0.5, "Dense_1/kernel": 0.9}),
+                                dict(pattern="2:4")])
+def test_compiled_schedule_nested_exact_and_deterministic(kw):
+    params, loss_fn, batch = linen_setup(n=40, dtype=jnp.float64, hidden=8)
+    layout = cobs_jax.make_layout(params)
+    run = lambda: cobs_jax.prune_gradual(params, loss_fn, batch, stages=4, method="cbs", update="cbs",  # noqa: E731
+                                         damping=1e-2, key=1, loss_check=1.0, **kw)
+    res = run()
+    final = cobs_jax.make_budget(layout, kw.get("sparsity"), budget=kw.get("budget", "global"),
+                                 pattern=kw.get("pattern"))
+    pruned = ~np.asarray(layout.from_masks(res.masks))
+    assert pruned.sum() == final.total
+    if final.groups is not None:
+        np.testing.assert_array_equal(np.bincount(final.groups[pruned], minlength=len(final.counts)), final.counts)
+    got = [e["sparsity"] for e in res.info["stages"]]
+    assert got == sorted(got) and len(got) <= 8 and res.info["stages"][-1]["sparsity"] == pruned.mean()
+    assert np.all(np.asarray(layout.ravel(res.params))[pruned] == 0.0)
+    again = run()
+    for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(again.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_compiled_schedule_does_not_recompile_for_a_new_sparsity():
+    from cobs_jax import _multistage
+
+    params, loss_fn, batch = linen_setup(n=40, hidden=8)
+    kw = dict(stages=4, method="magnitude", update="cbs", damping=1e-2)
+    cobs_jax.prune_gradual(params, loss_fn, batch, sparsity=0.5, **kw)
+    size = _multistage._compiled._cache_size()
+    for s in (0.7, 0.9):
+        res = cobs_jax.prune_gradual(params, loss_fn, batch, sparsity=s, **kw)
+        assert res.info["num_pruned"] == round(s * res.info["num_prunable"])
+    assert _multistage._compiled._cache_size() == size
+
+
+def test_loss_check_splits_a_stage_whose_loss_rises_beyond_the_model():
+    params, loss_fn, batch = linen_setup(n=40, dtype=jnp.float64, hidden=8)
+    tx = optax.adam(3e-2)  # trained first: pruning a trained net raises its loss
+
+    def step(carry, _):
+        p, st = carry
+        u, st = tx.update(jax.grad(loss_fn)(p, batch), st, p)
+        return (optax.apply_updates(p, u), st), None
+
+    params = jax.lax.scan(step, (params, tx.init(params)), None, length=300)[0][0]
+    kw = dict(sparsity=0.9, stages=2, method="magnitude", update="cbs", damping=1e-2)
+    plain = cobs_jax.prune_gradual(params, loss_fn, batch, loss_check=None, **kw)
+    checked = cobs_jax.prune_gradual(params, loss_fn, batch, loss_check=1e-3, loss_slack=0.0, **kw)
+    assert len(plain.info["stages"]) == 2 and all(e["halvings"] == 0 for e in plain.info["stages"])
+    st = checked.info["stages"]
+    assert 2 < len(st) <= 4 and any(e["halvings"] > 0 for e in st)
+    assert checked.info["num_pruned"] == plain.info["num_pruned"]
+    for e in st:  # every stage reports the model's prediction next to the true loss
+        assert np.isfinite(e["predicted_loss"]) and np.isfinite(e["loss"])

@@ -31,6 +31,9 @@ def test_long_calls_report_progress(call, monkeypatch, capsys):
         assert "per-example gradients (chunks): 4/4" in out and "CBS local search pass 1:" in out
     else:
         cobs_jax.prune_gradual(params, loss_fn, batch, sparsity=0.5, stages=3, update="cbs", progress=True)
+        assert "prune_gradual stage 3: pruned 21/42" in capsys.readouterr().out  # from the compiled loop
+        cobs_jax.prune_gradual(params, loss_fn, batch, sparsity=0.5, stages=3, update="cbs", progress=True,
+                               compiled=False)
         assert "prune_gradual (3 stages): 3/3" in capsys.readouterr().out
     res = cobs_jax.prune(params, loss_fn, batch, sparsity=0.5, method="woodfisher", chunk_size=8)
     assert capsys.readouterr().out == "" and res.info["sparsity"] == pytest.approx(0.5, abs=0.02)

@@ -1,0 +1,248 @@
+"""Multi-stage one-shot pruning as one compiled program (``prune_gradual`` without fine-tuning).
+
+Every stage of the schedule runs on device inside one ``lax.while_loop``:
+
+1. the per-example gradients G at the current weights (the Fisher is recomputed each stage, as
+   CHITA++ and WoodFisher's multi-stage runs do);
+2. the selection of the stage's count with the earlier pruned set frozen (it stays pruned and
+   counts towards the target); with ``warm_start`` CBS runs its RMP trials only at the first
+   stage and later starts the swap search from the previous mask completed by magnitude;
+3. the update (CBS-U by default) and the true loss on the loss batch;
+4. the loss check: a stage whose true loss rises more than ``loss_check`` times the rise the
+   quadratic model predicted (``1/2 dw^T F_lambda dw``), plus a slack, is redone with half the
+   step (then a quarter, an eighth), and the rest of the step becomes an extra stage. At most
+   ``max_stages`` stages run, so the last planned stages always reach the exact target.
+
+The pruned counts are traced values: changing the sparsity or the schedule does not recompile, only
+the number of planned stages (a static shape) does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from ._budget import BudgetSpec, make_budget
+from ._cbs import CBS
+from ._fisher import _batch_size, _grad_rows, check_rows_divisible, place, row_axis
+from ._layout import Layout, PyTree
+from ._selectors import Magnitude, Problem
+
+__all__ = ["StagePlan", "stage_plan", "run_stages"]
+
+MAX_HALVINGS = 3  # a rejected step is retried at 1/2, 1/4 and 1/8 of its size
+
+
+class StagePlan(NamedTuple):
+    """Per-stage pruned counts of a schedule.
+
+    Attributes:
+      groups: (D,) int32 group of every weight (all 0 for a global budget; layers for per-layer
+        budgets; N:M groups for a pattern).
+      counts: (T, G) int32 cumulative pruned count of every group after each planned stage.
+    """
+
+    groups: np.ndarray
+    counts: np.ndarray
+
+
+def stage_plan(layout: Layout, sparsity: Optional[float], fractions: Sequence[float], budget: BudgetSpec,
+               pattern: Optional[str]) -> StagePlan:
+    """The counts of every planned stage: stage t reaches ``fractions[t]`` of the final target.
+
+    Unstructured budgets round each stage's sparsity exactly as :func:`cobs_jax.prune` would
+    (so the compiled schedule equals a loop of ``prune`` calls); an N:M pattern prunes
+    ``round(f (M - N))`` weights of every group of M at fraction f.
+    """
+    final = make_budget(layout, sparsity, budget=budget, pattern=pattern)
+    groups = np.zeros(layout.size, np.int32) if final.groups is None else np.asarray(final.groups, np.int32)
+    rows = []
+    for frac in fractions:
+        if pattern is not None:
+            rows.append(np.round(frac * np.asarray(final.counts)).astype(np.int64))
+            continue
+        scaled = {k: frac * v for k, v in budget.items()} if isinstance(budget, Mapping) else budget
+        plan = make_budget(layout, None if sparsity is None else frac * sparsity, budget=scaled)
+        rows.append(np.atleast_1d(np.asarray(plan.counts, np.int64)))
+    counts = np.maximum.accumulate(np.stack(rows), axis=0)  # nested masks need rising counts
+    if not np.array_equal(counts[-1], np.atleast_1d(final.counts)):
+        raise ValueError("the schedule does not reach the target at its last stage")
+    return StagePlan(groups, counts.astype(np.int32))
+
+
+def _report(e, total, pruned, size, loss, pred, halvings):
+    print(f"[cobs_jax] prune_gradual stage {int(e) + 1}: pruned {int(pruned)}/{int(size)}, loss {float(loss):.6g}"
+          f" (model predicted {float(pred):.6g})" + (f", step halved {int(halvings)}x" if int(halvings) else ""),
+          flush=True)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("selector", "warm", "update", "layout", "loss_fn", "blocks", "mesh", "mini_batch",
+                     "chunk_size", "max_stages", "needs_fisher", "progress"),
+)
+def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch, chunk_size, max_stages,
+              needs_fisher, progress, params, batch, loss_batch, damping, scale, counts, groups, key, check,
+              slack):
+    from ._prune import UPDATES, _fisher, _on_mesh  # the one-shot path's pieces
+
+    def body(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack):
+        num_planned, ng = counts.shape
+        d, dtype = layout.size, layout.dtype
+        n_local = _batch_size(batch) // mini_batch
+        c = min(chunk_size, n_local)
+        starts = [min(s, n_local - c) for s in range(0, n_local, c)]
+
+        def loss(w):
+            return loss_fn(layout.unravel(w, params), loss_batch)
+
+        w0 = layout.ravel(params)
+        loss0 = loss(w0)
+        tol = slack * jnp.abs(loss0)  # a rise this small is always accepted
+
+        def grads_at(w):  # G at the current weights, chunk by chunk in place (this device's rows)
+            p = layout.unravel(w, params)
+
+            def fill(i, g):
+                s = jnp.asarray(starts, jnp.int32)[i]
+                rows = _grad_rows(loss_fn, layout, p, batch, s, mini_batch, c).astype(dtype)
+                return jax.lax.dynamic_update_slice_in_dim(g, rows, s, axis=0)
+
+            return jax.lax.fori_loop(0, len(starts), fill, jnp.zeros((n_local, d), dtype))
+
+        def attempt(fisher, w, pruned, target, k_e, first):
+            held = jax.ops.segment_sum(pruned.astype(jnp.int32), groups, ng)
+            k = jnp.concatenate([target - held, jnp.sum(held)[None]])
+            problem = Problem(w, fisher, layout.layer_ranges(), loss, jnp.where(pruned, ng, groups))
+            if warm == selector:
+                new = selector.select(problem, k, k_e)[0]
+            else:
+                new = jax.lax.cond(first, lambda: selector.select(problem, k, k_e)[0],
+                                   lambda: warm.select(problem, k, k_e)[0])
+            w_new = jnp.where(new, 0.0, w) if update is None else UPDATES[update](w, new, fisher, scale)
+            pred = 0.5 * fisher.quadratic(w_new - w, damped=True) if fisher is not None else jnp.zeros((), dtype)
+            return new, w_new, pred, loss(w_new)
+
+        def stage(st):
+            e, t, w, pruned, loss_w, extra, hist, _ = st
+            if needs_fisher:
+                g = grads_at(w)
+                bad = jnp.sum(~jnp.isfinite(g))
+                fisher = _fisher(g, damping, blocks, mesh)
+                finite = fisher.sum_rows(bad) == 0
+            else:
+                fisher, finite = None, jnp.bool_(True)
+            k_e = jax.random.fold_in(key, e)
+            full = counts[t]
+            held = jax.ops.segment_sum(pruned.astype(jnp.int32), groups, ng)
+            # extra stages are spread over the schedule: planned stage t may have used (t+1)/T of them
+            allowed = (extra_total - extra) < (extra_total * (t + 1)) // num_planned
+            first = attempt(fisher, w, pruned, full, k_e, e == 0)
+
+            def rejected(a):
+                target, tries, (_, _, pred, new_loss) = a
+                smaller = held + (target - held) // 2
+                return ((new_loss - loss_w > check * jnp.maximum(pred, 0.0) + tol) & allowed
+                        & (tries < MAX_HALVINGS) & (jnp.sum(smaller - held) > 0))
+
+            def halve(a):
+                target, tries, _ = a
+                target = held + (target - held) // 2
+                return target, tries + 1, attempt(fisher, w, pruned, target, k_e, e == 0)
+
+            target, tries, (new, w_new, pred, new_loss) = jax.lax.while_loop(
+                rejected, halve, (full, jnp.int32(0), first)
+            )
+            done = jnp.all(target == full)
+            h_target, h_pruned, h_pred, h_loss, h_before, h_tries = hist
+            hist = (h_target.at[e].set(jnp.sum(target).astype(jnp.int32)), h_pruned.at[e].set(jnp.sum(new, dtype=jnp.int32)),
+                    h_pred.at[e].set(pred), h_loss.at[e].set(new_loss), h_before.at[e].set(loss_w),
+                    h_tries.at[e].set(tries))
+            if progress:
+                jax.debug.callback(_report, e, num_planned, jnp.sum(new), d, new_loss, loss_w + pred, tries)
+            return (e + 1, jnp.where(done, t + 1, t), w_new, new, new_loss, jnp.where(done, extra, extra - 1),
+                    hist, finite)
+
+        nan = jnp.full(max_stages, jnp.nan, dtype)
+        hist0 = (jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, jnp.int32), nan, nan, nan,
+                 jnp.zeros(max_stages, jnp.int32))
+        extra_total = max_stages - num_planned
+        init = (jnp.int32(0), jnp.int32(0), w0, jnp.zeros(d, bool), loss0, jnp.int32(extra_total),
+                hist0, jnp.bool_(True))
+        e, t, w, pruned, _, _, hist, finite = jax.lax.while_loop(
+            lambda st: (st[1] < num_planned) & st[7], stage, init
+        )
+        return w, pruned, e, hist, finite, loss0
+
+    return _on_mesh(body, mesh)(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack)
+
+
+def run_stages(
+    params: PyTree,
+    loss_fn: Callable[[PyTree, PyTree], Any],
+    batch: PyTree,
+    *,
+    layout: Layout,
+    selector: Any,
+    update: Optional[str],
+    plan: StagePlan,
+    targets: Sequence[Optional[float]],
+    damping: float,
+    blocks: tuple,
+    key: jax.Array,
+    loss_batch: PyTree,
+    loss_check: Optional[float],
+    loss_slack: float,
+    max_stages: int,
+    warm_start: bool,
+    update_scale: float,
+    mini_batch: int,
+    chunk_size: int,
+    mesh: Optional[Mesh],
+    progress: bool,
+) -> tuple[PyTree, jax.Array, dict]:
+    """Run the whole schedule compiled; returns (params, pruned (D,) bool, info)."""
+    n = _batch_size(batch)
+    if n < mini_batch or n % mini_batch:
+        raise ValueError(f"`batch` has {n} examples, which is not a positive multiple of `mini_batch`={mini_batch}")
+    check_rows_divisible(n // mini_batch, mesh)
+    _batch_size(loss_batch, "loss_batch")
+    warm = selector
+    if warm_start and isinstance(selector, CBS) and selector.num_trials > 1:
+        warm = dataclasses.replace(selector, num_trials=1)  # trial 0: the previous mask + magnitude
+    needs_fisher = update is not None or not isinstance(selector, Magnitude)
+    dtype = layout.dtype
+    t0 = time.perf_counter()
+    w, pruned, e, hist, finite, loss0 = jax.block_until_ready(_compiled(
+        selector, warm, update, layout, loss_fn, blocks, mesh, int(mini_batch), int(chunk_size), int(max_stages),
+        needs_fisher, bool(progress), place(params, mesh), place(batch, mesh, P(None if mesh is None else row_axis(mesh))),
+        place(loss_batch, mesh), place(jnp.asarray(damping, dtype), mesh),
+        place(jnp.asarray(update_scale, dtype), mesh), place(jnp.asarray(plan.counts), mesh),
+        place(jnp.asarray(plan.groups), mesh), place(key, mesh),
+        place(jnp.asarray(np.inf if loss_check is None else loss_check, dtype), mesh),
+        place(jnp.asarray(loss_slack, dtype), mesh),
+    ))
+    seconds = time.perf_counter() - t0
+    e = int(e)
+    if not bool(finite):
+        raise ValueError(f"the per-example gradients at stage {e} contain NaN or Inf (at the weights of "
+                         f"stage {e - 1}); lower the sparsity or raise `damping`")
+    h_target, h_pruned, h_pred, h_loss, h_before, h_tries = (np.asarray(x)[:e] for x in hist)
+    size = layout.size
+    stages = [
+        {"stage": i, "target": float(h_target[i]) / size, "sparsity": float(h_pruned[i]) / size,
+         "loss_before": float(h_before[i]), "predicted_loss": float(h_before[i] + h_pred[i]),
+         "loss": float(h_loss[i]), "halvings": int(h_tries[i])}
+        for i in range(e)
+    ]
+    info = {"stages": stages, "planned_targets": list(targets), "dense_loss": float(loss0),
+            "loss": stages[-1]["loss"] if stages else float(loss0), "timings": {"compiled_schedule": seconds}}
+    return layout.unravel(w, params), pruned, info
+
