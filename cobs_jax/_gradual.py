@@ -233,7 +233,7 @@ def _prune_compiled(
     targets = [None if sparsity is None else f * sparsity for f in fractions]
     new_params, pruned, info = run_stages(
         params, loss_fn, batch, layout=layout, selector=selector, update=update, plan=plan, targets=targets,
-        damping=damping, blocks=layout.blocks(blocks), key=key, loss_batch=batch if loss_batch is None else loss_batch,
+        damping=float(damping), blocks=layout.blocks(blocks), key=key, loss_batch=batch if loss_batch is None else loss_batch,
         loss_check=loss_check, loss_slack=loss_slack, max_stages=int(max_stages), warm_start=warm_start,
         update_scale=float(update_scale), mini_batch=int(mini_batch), chunk_size=int(chunk_size), mesh=mesh,
         progress=verbose,
