@@ -112,6 +112,22 @@ def check_rows_divisible(num_rows: int, mesh: Optional[Mesh]) -> None:
         )
 
 
+def check_grad_batch(batch: PyTree, mini_batch: int, chunk_size: int, mesh: Optional[Mesh]) -> int:
+    """Check the examples of G's rows and the chunking; returns the number of examples."""
+    if int(mini_batch) < 1:
+        raise ValueError(f"`mini_batch` must be >= 1, got {mini_batch}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
+    size = _batch_size(batch)
+    if size < mini_batch or size % mini_batch:
+        raise ValueError(
+            f"`batch` has {size} examples, which is not a positive multiple of "
+            f"`mini_batch`={mini_batch}"
+        )
+    check_rows_divisible(size // mini_batch, mesh)
+    return size
+
+
 def _grads(loss_fn, layout, params, batch, n, mini_batch, chunk_size, mesh, progress=False):
     """G filled chunk by chunk in place (peak memory: G plus one chunk, per device).
 
@@ -204,17 +220,7 @@ def per_example_grads(
       ValueError: on a batch with disagreeing leading axes, a size not divisible by
         ``mini_batch``, bad ``mini_batch``/``chunk_size``, or non-finite gradients (naming layers).
     """
-    if int(mini_batch) < 1:
-        raise ValueError(f"`mini_batch` must be >= 1, got {mini_batch}")
-    if int(chunk_size) < 1:
-        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
-    size = _batch_size(batch)
-    if size < mini_batch or size % mini_batch:
-        raise ValueError(
-            f"`batch` has {size} examples, which is not a positive multiple of "
-            f"`mini_batch`={mini_batch}"
-        )
-    check_rows_divisible(size // mini_batch, mesh)
+    size = check_grad_batch(batch, mini_batch, chunk_size, mesh)
     grads = _grads(
         loss_fn, layout, params, batch, size // mini_batch, int(mini_batch), int(chunk_size), mesh, progress
     )

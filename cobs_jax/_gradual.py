@@ -8,7 +8,6 @@ from typing import Any, Callable, Mapping, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 from ._budget import BudgetSpec, check_sparsity
 from ._keys import as_key
@@ -16,7 +15,7 @@ from ._layout import PyTree, make_layout
 from ._masks import apply_masks
 from ._progress import progress as show
 from ._multistage import run_stages, stage_plan
-from ._prune import UPDATES, PruneResult, make_selector, prune
+from ._prune import PruneResult, check_damping_update_mesh, make_selector, prune
 
 __all__ = ["sparsity_schedule", "prune_gradual"]
 
@@ -208,10 +207,7 @@ def _prune_compiled(
     mini_batch=1, chunk_size=256, loss_batch=None, update_scale=1.0, mesh=None, pattern=None,
 ) -> PruneResult:
     """``prune_gradual``'s compiled path: check the arguments, plan the counts, run the schedule."""
-    if not (isinstance(damping, (int, float, np.floating)) and float(damping) > 0 and np.isfinite(damping)):
-        raise ValueError(f"`damping` must be a finite number > 0, got {damping!r}")
-    if update not in UPDATES:
-        raise ValueError(f"`update` must be one of {list(UPDATES)}, got {update!r}")
+    check_damping_update_mesh(damping, update, mesh)
     if isinstance(update_scale, str) or not np.isfinite(update_scale):
         raise ValueError(f"the compiled schedule takes a finite number as `update_scale`, got {update_scale!r}")
     if loss_check is not None and not (np.isfinite(loss_check) and loss_check > 0):
@@ -220,10 +216,6 @@ def _prune_compiled(
         raise ValueError(f"`loss_slack` must be a number >= 0, got {loss_slack!r}")
     if isinstance(max_stages, bool) or not isinstance(max_stages, (int, np.integer)) or max_stages < len(fractions):
         raise ValueError(f"`max_stages` must be an int >= stages ({len(fractions)}), got {max_stages!r}")
-    if int(mini_batch) < 1 or int(chunk_size) < 1:
-        raise ValueError(f"`mini_batch` and `chunk_size` must be >= 1, got {mini_batch}, {chunk_size}")
-    if mesh is not None and not isinstance(mesh, Mesh):
-        raise ValueError(f"`mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     if loss_fn is None or batch is None:
         raise ValueError("the compiled schedule needs `loss_fn` and `batch` (every stage's true loss)")
     selector = make_selector(method)

@@ -31,9 +31,10 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from ._budget import BudgetSpec, make_budget
 from ._cbs import CBS
-from ._fisher import _batch_size, _grad_rows, check_rows_divisible, place, row_axis
+from ._fisher import _batch_size, _grad_rows, check_grad_batch, place, row_axis
 from ._layout import Layout, PyTree
-from ._selectors import Magnitude, Problem
+from ._prune import _NO_FISHER, UPDATES, _fisher, _on_mesh
+from ._selectors import Problem
 
 __all__ = ["StagePlan", "stage_plan", "run_stages"]
 
@@ -91,8 +92,6 @@ def _report(e, total, pruned, size, loss, pred, halvings):
 def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch, chunk_size, max_stages,
               needs_fisher, progress, params, batch, loss_batch, damping, scale, counts, groups, key, check,
               slack):
-    from ._prune import UPDATES, _fisher, _on_mesh  # the one-shot path's pieces
-
     def body(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack):
         num_planned, ng = counts.shape
         d, dtype = layout.size, layout.dtype
@@ -117,8 +116,7 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
 
             return jax.lax.fori_loop(0, len(starts), fill, jnp.zeros((n_local, d), dtype))
 
-        def attempt(fisher, w, pruned, target, k_e, first):
-            held = jax.ops.segment_sum(pruned.astype(jnp.int32), groups, ng)
+        def attempt(fisher, w, pruned, held, target, k_e, first):
             k = jnp.concatenate([target - held, jnp.sum(held)[None]])
             problem = Problem(w, fisher, layout.layer_ranges(), loss, jnp.where(pruned, ng, groups))
             if warm == selector:
@@ -144,7 +142,7 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             held = jax.ops.segment_sum(pruned.astype(jnp.int32), groups, ng)
             # extra stages are spread over the schedule: planned stage t may have used (t+1)/T of them
             allowed = (extra_total - extra) < (extra_total * (t + 1)) // num_planned
-            first = attempt(fisher, w, pruned, full, k_e, e == 0)
+            first = attempt(fisher, w, pruned, held, full, k_e, e == 0)
 
             def rejected(a):
                 target, tries, (_, _, pred, new_loss) = a
@@ -155,7 +153,7 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             def halve(a):
                 target, tries, _ = a
                 target = held + (target - held) // 2
-                return target, tries + 1, attempt(fisher, w, pruned, target, k_e, e == 0)
+                return target, tries + 1, attempt(fisher, w, pruned, held, target, k_e, e == 0)
 
             target, tries, (new, w_new, pred, new_loss) = jax.lax.while_loop(
                 rejected, halve, (full, jnp.int32(0), first)
@@ -209,15 +207,12 @@ def run_stages(
     progress: bool,
 ) -> tuple[PyTree, jax.Array, dict]:
     """Run the whole schedule compiled; returns (params, pruned (D,) bool, info)."""
-    n = _batch_size(batch)
-    if n < mini_batch or n % mini_batch:
-        raise ValueError(f"`batch` has {n} examples, which is not a positive multiple of `mini_batch`={mini_batch}")
-    check_rows_divisible(n // mini_batch, mesh)
+    check_grad_batch(batch, mini_batch, chunk_size, mesh)
     _batch_size(loss_batch, "loss_batch")
     warm = selector
     if warm_start and isinstance(selector, CBS) and selector.num_trials > 1:
         warm = dataclasses.replace(selector, num_trials=1)  # trial 0: the previous mask + magnitude
-    needs_fisher = update is not None or not isinstance(selector, Magnitude)
+    needs_fisher = update is not None or not isinstance(selector, _NO_FISHER)
     dtype = layout.dtype
     t0 = time.perf_counter()
     w, pruned, e, hist, finite, loss0 = jax.block_until_ready(_compiled(

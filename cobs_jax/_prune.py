@@ -191,20 +191,25 @@ class _Setup(NamedTuple):
     timings: dict
 
 
-def _setup(params, loss_fn, batch, *, method, update, damping, blocks, prunable, mini_batch, chunk_size,
-           loss_batch, update_scale, grads, mesh, progress=False) -> _Setup:
-    """Check the arguments shared by prune and prune_sweep; compute (or place) G."""
+def check_damping_update_mesh(damping, update, mesh) -> None:
+    """``ValueError`` for damping that is not a finite number > 0, an unknown update or a bad mesh."""
     if not (isinstance(damping, (int, float, np.floating)) and float(damping) > 0 and np.isfinite(damping)):
         raise ValueError(f"`damping` must be a finite number > 0, got {damping!r}")
     if update not in UPDATES:
         raise ValueError(f"`update` must be one of {list(UPDATES)}, got {update!r}")
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise ValueError(f"`mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+
+
+def _setup(params, loss_fn, batch, *, method, update, damping, blocks, prunable, mini_batch, chunk_size,
+           loss_batch, update_scale, grads, mesh, progress=False) -> _Setup:
+    """Check the arguments shared by prune and prune_sweep; compute (or place) G."""
+    check_damping_update_mesh(damping, update, mesh)
     auto_scale = isinstance(update_scale, str)
     if auto_scale and update_scale != "auto":
         raise ValueError(f"`update_scale` must be a number or 'auto', got {update_scale!r}")
     if not auto_scale and not np.isfinite(update_scale):
         raise ValueError(f"`update_scale` must be finite, got {update_scale!r}")
-    if mesh is not None and not isinstance(mesh, Mesh):
-        raise ValueError(f"`mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     selector = make_selector(method)
     if progress and isinstance(selector, CBS):
         selector = dataclasses.replace(selector, progress=True)
