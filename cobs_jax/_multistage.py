@@ -78,7 +78,7 @@ def stage_plan(layout: Layout, sparsity: Optional[float], fractions: Sequence[fl
     return StagePlan(groups, counts.astype(np.int32))
 
 
-def _report(e, total, pruned, size, loss, pred, halvings):
+def _report(e, pruned, size, loss, pred, halvings):
     print(f"[cobs_jax] prune_gradual stage {int(e) + 1}: pruned {int(pruned)}/{int(size)}, loss {float(loss):.6g}"
           f" (model predicted {float(pred):.6g})" + (f", step halved {int(halvings)}x" if int(halvings) else ""),
           flush=True)
@@ -129,7 +129,7 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             return new, w_new, pred, loss(w_new)
 
         def stage(st):
-            e, t, w, pruned, loss_w, extra, hist, _ = st
+            e, t, w, pruned, loss_w, hist, _ = st
             if needs_fisher:
                 g = grads_at(w)
                 bad = jnp.sum(~jnp.isfinite(g))
@@ -140,8 +140,8 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             k_e = jax.random.fold_in(key, e)
             full = counts[t]
             held = jax.ops.segment_sum(pruned.astype(jnp.int32), groups, ng)
-            # extra stages are spread over the schedule: planned stage t may have used (t+1)/T of them
-            allowed = (extra_total - extra) < (extra_total * (t + 1)) // num_planned
+            # e - t stages were inserted so far; planned stage t may have used (t+1)/T of the extra ones
+            allowed = (e - t) < (extra_total * (t + 1)) // num_planned
             first = attempt(fisher, w, pruned, held, full, k_e, e == 0)
 
             def rejected(a):
@@ -164,18 +164,16 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
                     h_pred.at[e].set(pred), h_loss.at[e].set(new_loss), h_before.at[e].set(loss_w),
                     h_tries.at[e].set(tries))
             if progress:
-                jax.debug.callback(_report, e, num_planned, jnp.sum(new), d, new_loss, loss_w + pred, tries)
-            return (e + 1, jnp.where(done, t + 1, t), w_new, new, new_loss, jnp.where(done, extra, extra - 1),
-                    hist, finite)
+                jax.debug.callback(_report, e, jnp.sum(new), d, new_loss, loss_w + pred, tries)
+            return e + 1, jnp.where(done, t + 1, t), w_new, new, new_loss, hist, finite
 
         nan = jnp.full(max_stages, jnp.nan, dtype)
         hist0 = (jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, jnp.int32), nan, nan, nan,
                  jnp.zeros(max_stages, jnp.int32))
         extra_total = max_stages - num_planned
-        init = (jnp.int32(0), jnp.int32(0), w0, jnp.zeros(d, bool), loss0, jnp.int32(extra_total),
-                hist0, jnp.bool_(True))
-        e, t, w, pruned, _, _, hist, finite = jax.lax.while_loop(
-            lambda st: (st[1] < num_planned) & st[7], stage, init
+        init = (jnp.int32(0), jnp.int32(0), w0, jnp.zeros(d, bool), loss0, hist0, jnp.bool_(True))
+        e, t, w, pruned, _, hist, finite = jax.lax.while_loop(
+            lambda st: (st[1] < num_planned) & st[6], stage, init
         )
         return w, pruned, e, hist, finite, loss0
 
