@@ -153,7 +153,7 @@ def _grads(loss_fn, layout, params, batch, n, mini_batch, chunk_size, mesh, prog
     return g
 
 
-def column_reduce(g: jax.Array, fn, reduce=jnp.sum, width: int = 8192) -> jax.Array:
+def column_reduce(g: jax.Array, fn, reduce=jnp.sum, width: int = 1024) -> jax.Array:
     """``reduce(fn(g), axis=0)`` over column chunks of ``width``: a (D,) array.
 
     XLA's CPU backend materialises an (N, D) temporary (a second G) for a reduction over the rows
@@ -372,7 +372,7 @@ class Fisher:
 
     def back_project(self, u: jax.Array) -> jax.Array:
         """``G_b^T u_b`` concatenated over blocks, for u of shape (num_blocks, N): a (D,) array."""
-        return self.sum_rows(self.map_blocks(lambda g, ub: g.T @ ub, block_args=(u,)))
+        return self.sum_rows(self.map_blocks(lambda g, ub: ub @ g, block_args=(u,)))
 
     def matvec(self, x: jax.Array, damped: bool = True) -> jax.Array:
         """``F_lambda x`` (or ``F x`` with ``damped=False``), blockwise, in O(N D)."""
@@ -447,7 +447,7 @@ class Fisher:
 
         def one(g, xb):
             z = self.gram_solve(self.gram_cholesky(g), g @ xb)
-            return (xb - self.sum_rows(g.T @ z)) / self.damping
+            return (xb - self.sum_rows(z @ g)) / self.damping
 
         return self.map_blocks(one, x)
 

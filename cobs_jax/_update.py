@@ -35,7 +35,7 @@ def cbs_update(w: jax.Array, pruned: jax.Array, fisher: Fisher, scale: ArrayLike
     """
     def one(g, wb, kb):
         z = fisher.gram_solve(fisher.gram_cholesky(g, kb), g @ jnp.where(kb, 0.0, wb))  # G_P w_P
-        return jnp.where(kb, wb + scale * fisher.sum_rows(g.T @ z), 0.0)
+        return jnp.where(kb, wb + scale * fisher.sum_rows(z @ g), 0.0)
 
     return fisher.map_blocks(one, w, ~pruned)
 

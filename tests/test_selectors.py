@@ -71,3 +71,16 @@ def test_smallest_k_traced_k_under_jit():
     x = jnp.array([3.0, 1.0, 2.0, 1.0])
     np.testing.assert_array_equal(f(x, 2), [False, True, False, True])
     np.testing.assert_array_equal(f(x, 3), [False, True, True, True])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_smallest_k_global_equals_stable_argsort(dtype):
+    rng = np.random.default_rng(4)
+    score = np.round(rng.normal(size=41), 1).astype(dtype)  # many ties
+    score[:4] = [-0.0, 0.0, np.inf, -np.inf]
+    score[10:14] = [-3.5e30, 2e-38, -2e-38, 7.0]
+    f = jax.jit(cobs_jax.smallest_k)
+    for k in range(42):
+        expected = np.zeros(41, bool)
+        expected[np.argsort(score, kind="stable")[:k]] = True
+        np.testing.assert_array_equal(np.asarray(f(jnp.asarray(score), k)), expected, err_msg=f"k={k}")
