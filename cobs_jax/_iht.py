@@ -99,35 +99,66 @@ class IHT:
         else:
             score = jnp.abs(wbar)
         groups = problem.groups
-        w0 = cbs_update(wbar, smallest_k(score, k, groups), fisher)
-        step = 1.0 / (1.05 * (fisher_max_eigenvalue(fisher) + fisher.damping))
-        mults = jnp.array([1.0, 2.0, 4.0, 8.0] if self.line_search else [1.0], wbar.dtype)
-        gbar = fisher.mean_grad() if self.first_order else 0.0
-        hist0 = jnp.full(self.max_iter + 1, jnp.nan, wbar.dtype).at[0].set(self.objective(fisher, wbar, w0))
 
-        def candidate(w, grad, m):
-            z = w - m * step * grad
-            return jnp.where(smallest_k(jnp.abs(z), k, groups), 0.0, z)
+        def support(w):  # exactly k pruned: the zeros, then the smallest kept if w has extra zeros
+            return smallest_k(jnp.where(w == 0.0, -1.0, jnp.abs(w)), k, groups)
+
+        def resolve(pruned):  # the exact minimiser of the quadratic on the support
+            return cbs_update(wbar, pruned, fisher)
+
+        w0 = resolve(smallest_k(score, k, groups))
+        step = 1.0 / (1.05 * (fisher_max_eigenvalue(fisher) + fisher.damping))
+        plain = [1.0, 2.0, 4.0, 8.0] if self.line_search else [1.0]
+        newton = [2.0, 1.0, 0.5, 0.25] if self.line_search else [1.0]
+        # per coordinate, a plain step (m / L) or a diagonal-Newton step (m / (F_jj + lambda))
+        precond = jnp.stack([jnp.full_like(wbar, m * step) for m in plain]
+                            + [m / (fisher.diag() + fisher.damping) for m in newton])
+        gbar = fisher.mean_grad() if self.first_order else 0.0
+        q0 = self.objective(fisher, wbar, w0)
+        hist0 = jnp.full(self.max_iter + 1, jnp.nan, wbar.dtype).at[0].set(q0)
+
+        dscale = jnp.sqrt(fisher.diag() + fisher.damping)
+
+        def candidate(w, grad, eta, metric):  # hard threshold by |z| or by |z| sqrt(F_jj + lambda)
+            z = w - eta * grad
+            return jnp.where(smallest_k(jnp.abs(z) * metric, k, groups), 0.0, z)
 
         def cond(st):
-            it, _, q, q_prev, _ = st
-            rel = (q_prev - q) / jnp.maximum(jnp.abs(q_prev), 1e-30)
-            return (it < self.max_iter) & ((it == 0) | (rel > self.tol))
+            it, _, _, _, _, done = st
+            return (it < self.max_iter) & ~done
 
         def body(st):
-            it, w, q, _, hist = st
+            it, w, q, hist, exact, _ = st
             grad = fisher.matvec(w - wbar) + gbar
-            cands = jax.vmap(lambda m: candidate(w, grad, m))(mults)
-            qs = jax.vmap(lambda c: self.objective(fisher, wbar, c))(cands)
-            b = jnp.argmin(qs)
-            better = qs[b] <= q
-            w_new = jnp.where(better, cands[b], w)
-            q_new = jnp.where(better, qs[b], q)
-            return it + 1, w_new, q_new, q, hist.at[it + 1].set(q_new)
+            cands = jnp.concatenate([jax.vmap(lambda eta: candidate(w, grad, eta, m))(precond)
+                                     for m in (1.0, dscale)])
 
-        q0 = hist0[0]
-        it, w, q, _, hist = jax.lax.while_loop(cond, body, (jnp.int32(0), w0, q0, q0, hist0))
-        pruned = w == 0.0
-        # H_k gives exactly k zeros unless some kept entries are exactly zero as well; keep k exact
-        pruned = smallest_k(jnp.where(pruned, -1.0, jnp.abs(w)), k, groups)
-        return pruned, {"iht_iterations": it, "iht_objective": hist, "iht_converged": it < self.max_iter}
+            def resolved():  # from an exact point, each proposed support is scored re-solved
+                ws = jax.vmap(lambda c: resolve(support(c)))(cands)
+                return ws, jax.vmap(lambda c: self.objective(fisher, wbar, c))(ws)
+
+            cands, qs = jax.lax.cond(
+                exact, resolved, lambda: (cands, jax.vmap(lambda c: self.objective(fisher, wbar, c))(cands))
+            )
+            b = jnp.argmin(qs)
+            improved = qs[b] < q - self.tol * jnp.abs(q)
+            w1 = jnp.where(improved, cands[b], w)
+            q1 = jnp.where(improved, qs[b], q)
+            same = jnp.all((w1 == 0.0) == (w == 0.0))
+            # re-solve exactly once the support stops changing (or no step helps any more)
+            redo = ~exact & (same | ~improved)
+
+            def exact_step():
+                w2 = resolve(support(w1))
+                q2 = self.objective(fisher, wbar, w2)
+                ok = q2 <= q1  # always, unless the first-order term is on
+                return jnp.where(ok, w2, w1), jnp.where(ok, q2, q1)
+
+            w2, q2 = jax.lax.cond(redo, exact_step, lambda: (w1, q1))
+            done = ~improved & exact  # no step improves on an exact point: converged
+            return it + 1, w2, q2, hist.at[it + 1].set(q2), exact | redo, done
+
+        it, w, q, hist, _, done = jax.lax.while_loop(
+            cond, body, (jnp.int32(0), w0, q0, hist0, jnp.bool_(True), jnp.bool_(self.max_iter == 0))
+        )
+        return support(w), {"iht_iterations": it, "iht_objective": hist, "iht_converged": done}
