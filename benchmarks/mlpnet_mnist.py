@@ -17,11 +17,20 @@ started from the WoodFisher support, then the exact CBS-U re-solve on its suppor
 ``--methods ... CBS-UA``): CBS whose swap search minimises the model loss after the CBS-U update.
 CBS-auto (``--methods ... CBS-auto``): CBS with ``update_scale="auto"`` (the CBS-U scale s in
 {0, 0.1, ..., 1} with the lowest loss on the loss batch).
+
+Multi-stage table (``--ms-methods``, ``--ms-sparsities``, ``--ms-seeds``; ``--ms-methods`` with no
+name skips it): ``cobs_jax.prune_gradual(stages=16)`` without fine-tuning, the Fisher recomputed at
+the updated weights before every stage, each stage selecting with MP, CBS (default columns) or
+IHT (``--ms-methods MP CBS IHT``; several minutes per run) and updating with CBS-U, the whole
+schedule one compiled program with loss-checked stages. Its time is set against the floor of 16 stages: 16 per-example-gradient passes and 16 loss evaluations on the loss batch,
+timed in the same run. Rows are saved as they finish (``<name>_multistage.json``) and a rerun
+skips them, so an interrupted run resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -131,6 +140,76 @@ def sweep(args, ds, params):
     return rows, wanted, speed
 
 
+MS_METHODS = {"MP": "magnitude", "CBS": "cbs", "IHT": "iht"}
+
+
+def multistage(args, ds, params, name):
+    """The multi-stage table: rows of prune_gradual runs, resumed from ``<name>_multistage.json``."""
+    path = RESULTS / f"{name}_multistage.json"
+    done = json.loads(path.read_text())["rows"] if path.exists() else []
+    x_tr, y_tr = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    n_loss = min(len(x_tr), args.ms_loss_examples)
+    floor = None
+    for seed in range(args.ms_seeds):
+        rng = np.random.default_rng(seed)
+        idx = rng.choice(len(x_tr), args.fisher_n, replace=False)
+        loss_idx = rng.choice(len(x_tr), n_loss, replace=False)
+        batch, loss_batch = {"x": x_tr[idx], "y": y_tr[idx]}, {"x": x_tr[loss_idx], "y": y_tr[loss_idx]}
+        if floor is None:  # 16 gradient passes + 16 loss evaluations, plain jitted JAX
+            layout = cobs_jax.make_layout(params)
+            grads = lambda p, b: cobs_jax.per_example_grads(loss_fn, p, b, layout)  # noqa: E731
+            loss = jax.jit(loss_fn)
+            jax.block_until_ready((grads(params, batch), loss(params, loss_batch)))
+            t0 = time.perf_counter()
+            for _ in range(args.ms_stages):
+                jax.block_until_ready((grads(params, batch), loss(params, loss_batch)))
+            floor = time.perf_counter() - t0
+            print(f"multi-stage floor ({args.ms_stages} gradient passes + loss evaluations): {floor:.2f}s")
+        for m in args.ms_methods:
+            warm = False
+            for s in args.ms_sparsities:
+                if any(r["seed"] == seed and r["method"] == m and r["sparsity"] == s for r in done):
+                    continue
+                run = lambda: cobs_jax.prune_gradual(  # noqa: E731
+                    params, loss_fn, batch, sparsity=s, stages=args.ms_stages, method=MS_METHODS[m],
+                    update="cbs", loss_batch=loss_batch, damping=args.damping, blocks="model", key=seed)
+                if not warm:  # compiled once per method: the counts are traced, so no recompilation
+                    jax.block_until_ready(run().params)
+                    warm = True
+                t0 = time.perf_counter()
+                res = run()
+                jax.block_until_ready(res.params)
+                dt = time.perf_counter() - t0
+                acc = float(accuracy(res.params, ds.x_test, ds.y_test))
+                done.append({"seed": seed, "method": m, "sparsity": s, "accuracy": acc, "time_s": dt,
+                             "floor_s": floor, "stages_run": len(res.info["stages"]),
+                             "loss": float(res.info["loss"])})
+                print(f"multi-stage seed {seed} {m} x{args.ms_stages} at {s}: {100 * acc:.2f}% in {dt:.1f}s "
+                      f"({dt / floor:.1f}x the floor, {len(res.info['stages'])} stages run)", flush=True)
+                path.write_text(json.dumps({"command": " ".join(sys.argv), "rows": done}, indent=1))
+    rows = [r for r in done if r["seed"] < args.ms_seeds and r["method"] in args.ms_methods
+            and r["sparsity"] in args.ms_sparsities]
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"Multi-stage, no fine-tuning: `prune_gradual(stages={args.ms_stages}, update=\"cbs\")`, loss batch "
+             f"{n_loss} training images, test accuracy (%) mean over seed(s) {seeds}; time per run (s) and "
+             f"its ratio to the floor ({args.ms_stages} gradient passes + loss evaluations, "
+             f"{rows[0]['floor_s'] if rows else float('nan'):.2f} s).", "",
+             "| sparsity | " + " | ".join(f"{m} x{args.ms_stages}" for m in args.ms_methods) + " |",
+             "|---|" + "---|" * len(args.ms_methods)]
+    for s in args.ms_sparsities:
+        cells = []
+        for m in args.ms_methods:
+            rs = [r for r in rows if r["method"] == m and r["sparsity"] == s]
+            if not rs:
+                cells.append("—")
+                continue
+            t = np.mean([r["time_s"] for r in rs])
+            cells.append(f"{100 * np.mean([r['accuracy'] for r in rs]):.2f} ({t:.0f} s, "
+                         f"{t / np.mean([r['floor_s'] for r in rs]):.1f}x)")
+        lines.append(f"| {s:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=("mnist", "fashion"), default="mnist")
@@ -148,9 +227,17 @@ def main(argv=None):
     p.add_argument("--no-loop-timing", action="store_true",
                    help="skip timing a loop of single prune calls against prune_sweep")
     p.add_argument("--out", default=None, help="output name under benchmarks/results/")
+    p.add_argument("--ms-methods", nargs="*", default=["MP", "CBS"], choices=list(MS_METHODS),
+                   help="multi-stage columns (none: skip the multi-stage table; IHT x16 takes minutes per run)")
+    p.add_argument("--ms-sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.98])
+    p.add_argument("--ms-seeds", type=int, default=1)
+    p.add_argument("--ms-stages", type=int, default=16)
+    p.add_argument("--ms-loss-examples", type=int, default=8000)
+    p.add_argument("--only-multistage", action="store_true", help="skip the one-shot table")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.sparsities, args.trials = 1, [0.8, 0.9, 0.95], 10
+        args.ms_methods, args.ms_sparsities = ["MP"], [0.95]
     name = args.out or f"mlpnet_{args.dataset}" + ("_quick" if args.quick else "")
 
     try:
@@ -163,6 +250,12 @@ def main(argv=None):
     dense = dense_accuracy(params, ds)
     print(f"MLPNet: dense test accuracy {100 * dense:.2f} %" + (f" (trained in {t_train:.1f}s)" if t_train else " (cached)"))
 
+    if args.ms_methods:
+        ms_md = multistage(args, ds, params, name)
+        print("\n" + ms_md)
+        (RESULTS / f"{name}_multistage.md").write_text(ms_md + "\n")
+    if args.only_multistage:
+        return
     t0 = time.perf_counter()
     rows, methods, speed = sweep(args, ds, params)
     wall = time.perf_counter() - t0

@@ -71,7 +71,8 @@ def test_iht_beats_woodfisher_support_on_quadratic():
 
 
 def test_bad_iht_options():
-    for kw, name in (({"max_iter": -1}, "max_iter"), ({"tol": -1.0}, "tol"), ({"init": "x"}, "init")):
+    for kw, name in (({"max_iter": -1}, "max_iter"), ({"tol": -1.0}, "tol"), ({"init": "x"}, "init"),
+                     ({"resolve_candidates": 0}, "resolve_candidates")):
         with pytest.raises(ValueError, match=name):
             cobs_jax.IHT(**kw)
 
