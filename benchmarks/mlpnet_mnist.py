@@ -155,7 +155,9 @@ def multistage(args, ds, params, name):
         idx = rng.choice(len(x_tr), args.fisher_n, replace=False)
         loss_idx = rng.choice(len(x_tr), n_loss, replace=False)
         batch, loss_batch = {"x": x_tr[idx], "y": y_tr[idx]}, {"x": x_tr[loss_idx], "y": y_tr[loss_idx]}
-        if floor is None:  # 16 gradient passes + 16 loss evaluations, plain jitted JAX
+        todo = [(m, s) for m in args.ms_methods for s in args.ms_sparsities
+                if not any(r["seed"] == seed and r["method"] == m and r["sparsity"] == s for r in done)]
+        if todo and floor is None:  # 16 gradient passes + 16 loss evaluations, plain jitted JAX
             layout = cobs_jax.make_layout(params)
             grads = lambda p, b: cobs_jax.per_example_grads(loss_fn, p, b, layout)  # noqa: E731
             loss = jax.jit(loss_fn)
@@ -168,7 +170,7 @@ def multistage(args, ds, params, name):
         for m in args.ms_methods:
             warm = False
             for s in args.ms_sparsities:
-                if any(r["seed"] == seed and r["method"] == m and r["sparsity"] == s for r in done):
+                if (m, s) not in todo:
                     continue
                 run = lambda: cobs_jax.prune_gradual(  # noqa: E731
                     params, loss_fn, batch, sparsity=s, stages=args.ms_stages, method=MS_METHODS[m],
