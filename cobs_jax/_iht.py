@@ -71,7 +71,8 @@ class IHT:
         O(N D) product each); without it the steps 1/L and 1 / (F_jj + lambda).
       first_order: include the gradient term ``g_bar^T (w - w_bar)``, ``g_bar = mean(G, 0)``.
       resolve_candidates: from an exact point, how many of the best new supports (by the
-        thresholded objective) are re-solved and compared exactly (one CBS-U solve each).
+        thresholded objective) are re-solved and compared exactly (one CBS-U solve each; at most
+        the number of candidates).
 
     The iterate is exact (the CBS-U minimiser on its support) at the start, whenever the support
     stops changing or no step lowers q, and after every move from an exact point; the search stops
@@ -122,13 +123,13 @@ class IHT:
         plain = [1.0, 2.0, 4.0, 8.0] if self.line_search else [1.0]
         newton = [2.0, 1.0, 0.5, 0.25] if self.line_search else [1.0]
         # per coordinate, a plain step (m / L) or a diagonal-Newton step (m / (F_jj + lambda))
-        precond = jnp.stack([jnp.full_like(wbar, m * step) for m in plain]
-                            + [m / (fisher.diag() + fisher.damping) for m in newton])
+        diag = fisher.diag() + fisher.damping
+        precond = jnp.stack([jnp.full_like(wbar, m * step) for m in plain] + [m / diag for m in newton])
         gbar = fisher.mean_grad() if self.first_order else 0.0
         q0 = self.objective(fisher, wbar, w0)
         hist0 = jnp.full(self.max_iter + 1, jnp.nan, wbar.dtype).at[0].set(q0)
 
-        dscale = jnp.sqrt(fisher.diag() + fisher.damping)
+        dscale = jnp.sqrt(diag)
 
         def candidate(w, grad, eta, metric):  # hard threshold by |z| or by |z| sqrt(F_jj + lambda)
             z = w - eta * grad
@@ -148,13 +149,14 @@ class IHT:
 
             def resolved():  # from an exact point, the best new supports are scored re-solved
                 fresh = ~jax.vmap(lambda c: jnp.all((c == 0.0) == (w == 0.0)))(cands)
-                top = jnp.argsort(jnp.where(fresh, q_thr, jnp.inf))[: self.resolve_candidates]
+                n = min(self.resolve_candidates, cands.shape[0])
+                top = jnp.argsort(jnp.where(fresh, q_thr, jnp.inf))[:n]
                 ws = jax.vmap(lambda c: resolve(support(c)))(cands[top])
                 qs = jax.vmap(lambda c: self.objective(fisher, wbar, c))(ws)
                 qs = jnp.where(fresh[top], qs, jnp.inf)
-                n = self.resolve_candidates  # padded to the shape of the other branch
-                return jnp.concatenate([ws, cands[n:]]), \
-                    jnp.concatenate([qs, jnp.full(cands.shape[0] - n, jnp.inf, qs.dtype)])
+                # padded to the shape of the other branch
+                return (jnp.concatenate([ws, cands[n:]]),
+                        jnp.concatenate([qs, jnp.full(cands.shape[0] - n, jnp.inf, qs.dtype)]))
 
             cands, qs = jax.lax.cond(exact, resolved, lambda: (cands, q_thr))
             b = jnp.argmin(qs)

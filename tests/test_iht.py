@@ -135,3 +135,12 @@ def test_iht_closes_the_gap_to_the_enumerated_optimum():
     print(f"IHT: closes {np.mean(closed):.0%} of the MP + CBS-U gap on average ({len(closed)} instances "
           f"with a gap); not worse than CBS in {not_worse}/16")
     assert np.mean(closed) >= 0.5 and not_worse >= 11
+
+
+def test_iht_without_line_search_resolves_at_most_its_candidates():
+    w, fisher = random_fisher(d=30, n=6, seed=2, damping=0.05)
+    pruned, stats = _select(cobs_jax.IHT(line_search=False, resolve_candidates=16), w, fisher, 20)
+    assert np.asarray(pruned).sum() == 20
+    hist = np.asarray(stats["iht_objective"])
+    hist = hist[~np.isnan(hist)]
+    assert np.all(np.diff(hist) <= 1e-12)
