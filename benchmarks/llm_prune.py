@@ -40,10 +40,11 @@ from llama import greedy, load_gguf
 from text import SOURCE, calibration_and_eval
 
 CONFIGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "70%": dict(sparsity=0.7),
-           "2:4": dict(pattern="2:4"), "4:8": dict(pattern="4:8")}
+           "80%": dict(sparsity=0.8), "2:4": dict(pattern="2:4"), "4:8": dict(pattern="4:8")}
 METHODS = {"magnitude": ("magnitude", None), "magnitude+exact": ("magnitude", "exact"),
            "wanda": ("wanda", None), "wanda+exact": ("wanda", "exact"),
-           "sparsegpt": ("sparsegpt", None), "sparsegpt+exact": ("sparsegpt", "exact")}
+           "sparsegpt": ("sparsegpt", None), "sparsegpt+exact": ("sparsegpt", "exact"),
+           "cbs": ("cbs", None)}
 PROMPT = "The history of the city began"
 
 
@@ -141,7 +142,8 @@ def run_cell(a, key: str) -> dict:
                 timings=res.info["timings"], sparsity=res.info["sparsity"], peak_gib=mem.peak,
                 start_gib=mem.start, process_peak_gib=hwm, layer_errors=errs, median_layer_error=float(np.median(errs)),
                 layer_seconds={l["layer"]: 0.0 for l in res.info["layers"]},
-                redamped=sum(l["damping"] > 0.01 for l in res.info["layers"]))
+                redamped=sum(l["damping"] > 0.01 for l in res.info["layers"]),
+                swaps=sum(l["swaps"] or 0 for l in res.info["layers"]))
     for l in res.info["layers"]:
         cell["layer_seconds"][l["layer"]] += l["seconds"]
     if conf == "50%":

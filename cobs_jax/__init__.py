@@ -33,6 +33,7 @@ from ._layer import LAYER_METHODS as LAYER_METHODS
 from ._layer import LayerInfo as LayerInfo
 from ._layer import prune_layer as prune_layer
 from ._layer import reconstruction_error as reconstruction_error
+from ._layer_budget import owl_sparsities as owl_sparsities
 from ._layerwise import LayerwiseResult as LayerwiseResult
 from ._layerwise import prune_layerwise as prune_layerwise
 from ._layout import Layout as Layout
@@ -90,6 +91,7 @@ __all__ = [
     "prune_gradual",
     "prune_layer",
     "prune_layerwise",
+    "owl_sparsities",
     "prune_sweep",
     "reconstruction_error",
     "rmp_mask",

@@ -18,13 +18,15 @@ from jax.typing import ArrayLike
 from ._budget import check_sparsity, parse_pattern
 from ._hessian import accumulate_dtype
 from ._keys import as_key
+from ._layer_cbs import cbs_layer
 from ._layer_exact import exact_update
 from ._layer_masks import choose
 from ._sparsegpt import sparsegpt, sparsegpt_counts
 
 __all__ = ["prune_layer", "LayerInfo", "LAYER_METHODS", "reconstruction_error"]
 
-LAYER_METHODS = ("magnitude", "wanda", "sparsegpt")
+LAYER_METHODS = ("magnitude", "wanda", "sparsegpt", "cbs")
+CBS_STARTS = ("magnitude", "wanda", "sparsegpt")
 _DEFAULT_GRANULARITY = {"magnitude": "layer", "wanda": "unit", "sparsegpt": "layer"}
 REDAMP_FACTOR, REDAMP_TRIES = 10.0, 4
 
@@ -37,11 +39,14 @@ class LayerInfo(NamedTuple):
         failed and it was raised, see :func:`prune_layer`).
       error: relative reconstruction error ``tr(ΔW H ΔWᵀ) / tr(W̄ H W̄ᵀ)`` on the undamped H.
       sparsity: the fraction of the kernel's entries that are zero in the mask.
+      swaps: ``method="cbs"``: how many kept/pruned swaps the search made over the layer
+        (``None`` for the other methods).
     """
 
     damping: float
     error: float
     sparsity: float
+    swaps: Optional[int] = None
 
 
 def _as_rows(kernel: jax.Array, in_axes: Sequence[int]) -> tuple[jax.Array, tuple]:
@@ -124,16 +129,27 @@ def check_finite(x: jax.Array, what: str) -> None:
         raise ValueError(f"{what} contains NaN or Inf")
 
 
-def check_layer_args(method, update, damping, block_size, granularity) -> None:
+def _positive_int(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{what}` must be a positive int, got {value!r}")
+
+
+def check_layer_args(method, update, damping, block_size, granularity, start="sparsegpt", window=64,
+                     max_swaps=64) -> None:
     """ValueError naming the first bad argument of :func:`prune_layer`'s options."""
     if method not in LAYER_METHODS:
         raise ValueError(f"`method` must be one of {LAYER_METHODS}, got {method!r}")
+    if start not in CBS_STARTS:
+        raise ValueError(f"`start` must be one of {CBS_STARTS}, got {start!r}")
+    _positive_int(window, "window")
+    if window < 2:
+        raise ValueError(f"`window` must be at least 2, got {window}")
+    _positive_int(max_swaps, "max_swaps")
     if update not in (None, "none", "exact"):
         raise ValueError(f"`update` must be None, 'none' or 'exact', got {update!r}")
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
         raise ValueError(f"`damping` must be a positive number, got {damping!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"`block_size` must be a positive int, got {block_size!r}")
+    _positive_int(block_size, "block_size")
     if granularity not in (None, "layer", "unit"):
         raise ValueError(f"`granularity` must be None, 'layer' or 'unit', got {granularity!r}")
 
@@ -166,6 +182,9 @@ def prune_layer(
     damping: float = 0.01,
     block_size: int = 128,
     granularity: Optional[str] = None,
+    start: str = "sparsegpt",
+    window: int = 64,
+    max_swaps: int = 64,
     in_axes: Optional[Sequence[int]] = None,
     key: Any = None,
     return_info: Literal[False] = False,
@@ -185,6 +204,9 @@ def prune_layer(
     damping: float = 0.01,
     block_size: int = 128,
     granularity: Optional[str] = None,
+    start: str = "sparsegpt",
+    window: int = 64,
+    max_swaps: int = 64,
     in_axes: Optional[Sequence[int]] = None,
     key: Any = None,
     return_info: Literal[True],
@@ -203,6 +225,9 @@ def prune_layer(
     damping: float = 0.01,
     block_size: int = 128,
     granularity: Optional[str] = None,
+    start: str = "sparsegpt",
+    window: int = 64,
+    max_swaps: int = 64,
     in_axes: Optional[Sequence[int]] = None,
     key: Any = None,
     return_info: bool = False,
@@ -220,9 +245,12 @@ def prune_layer(
       sparsity: fraction of weights to set to exactly zero, in [0, 1). Optional with ``pattern``.
       pattern: ``None``/``"unstructured"`` or ``"N:M"`` (N of every M consecutive inputs of each
         output unit kept, along the flattened input axis: ``"2:4"``, ``"4:8"``).
-      method: ``"magnitude"`` (|W|), ``"wanda"`` (|W_ij| * ||X_j||_2, Sun et al. 2024; no update)
-        or ``"sparsegpt"`` (Frantar & Alistarh 2023: mask per column block from the partly
-        updated weights, OBS updates through the Cholesky factor of H⁻¹).
+      method: ``"magnitude"`` (|W|), ``"wanda"`` (|W_ij| * ||X_j||_2, Sun et al. 2024; no update),
+        ``"sparsegpt"`` (Frantar & Alistarh 2023: mask per column block from the partly
+        updated weights, OBS updates through the Cholesky factor of H⁻¹) or ``"cbs"``
+        (Combinatorial Brain Surgeon on the layer objective: from ``start``'s mask, a swap
+        search per output unit on the loss after the optimal update, then the exact weights;
+        never worse than ``start`` with ``update="exact"``; see ``cobs_jax._layer_cbs``).
       update: ``None`` (the method's own weights) or ``"exact"``: the kept weights of every output
         unit re-solved to the least-squares optimum for the chosen mask (against the original
         kernel, on the damped H).
@@ -234,7 +262,13 @@ def prune_layer(
       granularity: where the unstructured count is exact: ``"layer"`` (``round(s * size)`` over the
         kernel; SparseGPT: the block's share over the rows x block slab, as published) or ``"unit"``
         (``round(s * d_in)`` in every output unit). Default: the method's published choice
-        (magnitude and SparseGPT ``"layer"``, Wanda ``"unit"``). Ignored with ``pattern``.
+        (magnitude and SparseGPT ``"layer"``, Wanda ``"unit"``; CBS: its ``start``'s). Ignored
+        with ``pattern``.
+      start: ``method="cbs"`` only: the method whose mask the search starts from
+        (``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``).
+      window: ``method="cbs"`` only: inputs per output unit whose keep/prune decision is
+        reopened (its least salient kept and most salient pruned inputs; N:M: whole groups).
+      max_swaps: ``method="cbs"`` only: at most this many swaps per output unit.
       in_axes: the contraction (input) axes of ``kernel``; default all axes but the last.
       key: accepted for API uniformity with randomised selectors; these methods are deterministic.
       return_info: also return a :class:`LayerInfo` (damping used, reconstruction error, sparsity).
@@ -249,7 +283,7 @@ def prune_layer(
       ValueError: for a bad argument (naming it), shape mismatches between kernel and H, a
         non-square H, NaN/Inf in the kernel or H, or a factorisation that fails after re-damping.
     """
-    check_layer_args(method, update, damping, block_size, granularity)
+    check_layer_args(method, update, damping, block_size, granularity, start, window, max_swaps)
     as_key(key)  # validated for uniformity; these methods are deterministic
     kernel = jnp.asarray(kernel)
     h = jnp.asarray(hessian)
@@ -267,7 +301,7 @@ def prune_layer(
     check_finite(h, f"{name}: `hessian`")
     out = prune_checked(kernel, h.astype(accumulate_dtype()), sparsity=sparsity, pattern=pattern, method=method,
                         update=update, damping=damping, block_size=block_size, granularity=granularity,
-                        in_axes=axes, name=name)
+                        start=start, window=window, max_swaps=max_swaps, in_axes=axes, name=name)
     if not return_info:
         return out[0], out[1]
     return out
@@ -275,7 +309,7 @@ def prune_layer(
 
 def needs_factors(method: str, update: Optional[str]) -> bool:
     """Whether ``method`` / ``update`` use the factorised Hessian."""
-    return method == "sparsegpt" or update == "exact"
+    return method in ("sparsegpt", "cbs") or update == "exact"
 
 
 def prune_checked(
@@ -291,6 +325,9 @@ def prune_checked(
     granularity: Optional[str],
     in_axes: tuple[int, ...],
     name: str,
+    start: str = "sparsegpt",
+    window: int = 64,
+    max_swaps: int = 64,
     factors: Optional[Factors] = None,
 ) -> tuple[jax.Array, jax.Array, LayerInfo]:
     """:func:`prune_layer` on arguments already checked (finite, matching shapes, H in the
@@ -298,8 +335,9 @@ def prune_checked(
     factors a Hessian shared by several layers once)."""
     w_rows, layout = _as_rows(kernel, in_axes)
     d_in = w_rows.shape[1]
-    sparsity, nm = _resolve_sparsity(sparsity, pattern, d_in, method, block_size, name)
-    gran = granularity or _DEFAULT_GRANULARITY[method]
+    select = start if method == "cbs" else method  # the method whose mask is chosen first
+    sparsity, nm = _resolve_sparsity(sparsity, pattern, d_in, select, block_size, name)
+    gran = granularity or _DEFAULT_GRANULARITY[select]
     w0 = w_rows.astype(h.dtype)
     used = float(damping)
     if needs_factors(method, update):
@@ -307,18 +345,22 @@ def prune_checked(
             factors = factor_hessian(h, damping, name)
         used = factors.damping
         w0 = jnp.where(factors.dead[None, :], 0.0, w0)
-    if method == "sparsegpt":
+    if select == "sparsegpt":
         assert factors is not None
         rows, d = w0.shape
         counts = None if nm else jnp.asarray(sparsegpt_counts(sparsity, rows, d, block_size, gran))
         w, keep = sparsegpt(w0, factors.u, counts, block_size=block_size, nm=nm, granularity=gran)
     else:
         score = jnp.abs(w0)
-        if method == "wanda":
+        if select == "wanda":
             score = score * jnp.sqrt(jnp.maximum(jnp.diagonal(h), 0.0))[None, :]
         keep = ~choose(score, sparsity, gran, nm)
         w = jnp.where(keep, w0, 0.0)
-    if update == "exact":
+    swaps = None
+    if method == "cbs":
+        assert factors is not None
+        w, keep, swaps = cbs_layer(w0, factors.h, factors.u, keep, window=window, max_swaps=max_swaps, nm=nm)
+    elif update == "exact":
         assert factors is not None
         w = exact_update(w0, factors.h, factors.u, np.asarray(keep))
     err, finite = _error_and_finite(w_rows.astype(h.dtype), w, h)
@@ -326,7 +368,7 @@ def prune_checked(
         raise ValueError(f"{name}: the pruned kernel is not finite (ill-conditioned Hessian); raise `damping`")
     new_kernel = _from_rows(w, layout).astype(kernel.dtype)
     mask = _from_rows(keep, layout)
-    return new_kernel, mask, LayerInfo(used, float(err), 1.0 - float(jnp.mean(mask)))
+    return new_kernel, mask, LayerInfo(used, float(err), 1.0 - float(jnp.mean(mask)), swaps)
 
 
 @jax.jit

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ._budget import check_sparsity
 from ._capture import BlockAdapter, run_block
 from ._keys import as_key
 from ._hessian import accumulate_dtype
@@ -41,7 +42,7 @@ class LayerwiseResult(NamedTuple):
         the block, e.g. ``"mlp/up_proj"``) of block ``i``.
       outputs: the pruned model's hidden states after the last block, on the calibration inputs.
       info: ``"layers"``: one dict per pruned layer (block, layer, shape, error = relative
-        reconstruction error, damping used, sparsity, seconds); ``"timings"``: seconds spent
+        reconstruction error, damping used, sparsity, seconds, swaps made by ``method="cbs"``); ``"timings"``: seconds spent
         capturing (dense forward + Hessians), pruning and in the pruned forward, and in total;
         ``"sparsity"``: the fraction of zeros over all pruned kernels.
     """
@@ -61,6 +62,29 @@ def _excluder(exclude) -> Callable[[str], bool]:
         exclude = [exclude]
     pats = [re.compile(p) for p in exclude]
     return lambda name: any(p.search(name) for p in pats)
+
+
+def _per_block_sparsity(sparsity, n_blocks: int) -> list:
+    """``sparsity`` as one entry per block (float, ``{layer: float}`` or None), validated."""
+    if sparsity is None or isinstance(sparsity, (int, float)):
+        return [sparsity] * n_blocks
+    if not isinstance(sparsity, Sequence) or len(sparsity) != n_blocks:
+        raise ValueError(f"`sparsity` must be a float or one entry per block ({n_blocks}), got {sparsity!r:.80}")
+    out = []
+    for i, entry in enumerate(sparsity):
+        if isinstance(entry, Mapping):
+            out.append({k: check_sparsity(v, f"sparsity[{i}][{k!r}]") for k, v in entry.items()})
+        else:
+            out.append(check_sparsity(entry, f"sparsity[{i}]"))
+    return out
+
+
+def _layer_sparsity(entry, name: str, where: str):
+    if not isinstance(entry, dict):
+        return entry
+    if name not in entry:
+        raise ValueError(f"{where}: no sparsity given for it in this block's `sparsity` dict (has {sorted(entry)})")
+    return entry[name]
 
 
 def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture):
@@ -84,13 +108,16 @@ def prune_layerwise(
     blocks: Sequence[Any],
     inputs: jax.typing.ArrayLike,
     *,
-    sparsity: Optional[float] = None,
+    sparsity: Union[None, float, Sequence[Union[float, Mapping[str, float]]]] = None,
     pattern: Optional[str] = None,
     method: str = "sparsegpt",
     update: Optional[str] = None,
     damping: float = 0.01,
     block_size: int = 128,
     granularity: Optional[str] = None,
+    start: str = "sparsegpt",
+    window: int = 64,
+    max_swaps: int = 64,
     exclude: Union[None, str, Sequence[str], Callable[[str], bool]] = None,
     args: tuple = (),
     kwargs: Optional[dict] = None,
@@ -107,13 +134,18 @@ def prune_layerwise(
         the next hidden states (or a tuple whose first entry they are).
       inputs: calibration inputs of the first block, ``(n, ...)`` with the examples first (for an
         LLM: the token embeddings of n calibration sequences, ``(n, seq, d)``).
-      sparsity: as in :func:`cobs_jax.prune_layer`, for every pruned layer.
+      sparsity: as in :func:`cobs_jax.prune_layer`, for every pruned layer; or one entry per
+        block: a float for all its layers, or ``{layer name: sparsity}`` for each of its pruned
+        layers (a non-uniform budget, e.g. from :func:`cobs_jax.owl_sparsities`).
       pattern: as in :func:`cobs_jax.prune_layer`.
       method: as in :func:`cobs_jax.prune_layer`.
       update: as in :func:`cobs_jax.prune_layer`.
       damping: as in :func:`cobs_jax.prune_layer`.
       block_size: as in :func:`cobs_jax.prune_layer`.
       granularity: as in :func:`cobs_jax.prune_layer`.
+      start: as in :func:`cobs_jax.prune_layer` (``method="cbs"``).
+      window: as in :func:`cobs_jax.prune_layer` (``method="cbs"``).
+      max_swaps: as in :func:`cobs_jax.prune_layer` (``method="cbs"``).
       exclude: layers left dense: a regex (or list of them) searched in the layer's path within
         its block (``"mlp/down_proj"``), or ``callable(name) -> bool``. Embeddings and the LM head
         are not in ``blocks`` and so are never pruned.
@@ -135,7 +167,7 @@ def prune_layerwise(
         in a layer's captured activations (named), or a block without prunable layers.
     """
     as_key(key)  # validated for uniformity; the methods are deterministic
-    check_layer_args(method, update, damping, block_size, granularity)
+    check_layer_args(method, update, damping, block_size, granularity, start, window, max_swaps)
     kwargs = dict(kwargs or {})
     x = jnp.asarray(inputs)
     if x.ndim < 1 or x.shape[0] == 0:
@@ -157,6 +189,7 @@ def prune_layerwise(
         sharding = NamedSharding(mesh, PartitionSpec(axis))
     skip = _excluder(exclude)
     adapters = [BlockAdapter(b) for b in blocks]
+    per_block = _per_block_sparsity(sparsity, len(adapters))
 
     t_capture = t_forward = 0.0
     t_start = time.perf_counter()
@@ -185,15 +218,15 @@ def prune_layerwise(
                     factors = factor_hessian(h, damping, where)
                     shared.append((h, factors))
             new, mask, linfo = prune_checked(
-                kernel, h, sparsity=sparsity, pattern=pattern, method=method, update=update, damping=damping,
+                kernel, h, sparsity=_layer_sparsity(per_block[i], name, where), pattern=pattern, method=method, update=update, damping=damping,
                 block_size=block_size, granularity=granularity, in_axes=tuple(range(kernel.ndim - 1)),
-                name=where, factors=factors,
+                name=where, start=start, window=window, max_swaps=max_swaps, factors=factors,
             )
             jax.block_until_ready(new)
             dt = time.perf_counter() - t1
             kernels[name], block_masks[name] = new, mask
             layers.append(dict(block=i, layer=name, shape=tuple(new.shape), error=linfo.error,
-                               damping=linfo.damping, sparsity=linfo.sparsity, seconds=dt))
+                               damping=linfo.damping, sparsity=linfo.sparsity, seconds=dt, swaps=linfo.swaps))
             zeros += int(mask.size - jnp.sum(mask))
             total += int(mask.size)
         params = adapter.with_kernels(kernels)

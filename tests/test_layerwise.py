@@ -84,7 +84,8 @@ def _data(n=12, t=5, d=8):
 
 
 @pytest.mark.parametrize("opts", [dict(sparsity=0.5), dict(pattern="2:4", update="exact"),
-                                  dict(sparsity=0.6, method="wanda", update="exact")])
+                                  dict(sparsity=0.6, method="wanda", update="exact"),
+                                  dict(sparsity=0.5, method="cbs", window=4), dict(pattern="2:4", method="cbs", start="wanda")])
 def test_nnx_driver_equals_pruning_by_hand(opts):
     blocks = [Block(8, 16, nnx.Rngs(i)) for i in range(2)]
     x = _data()
