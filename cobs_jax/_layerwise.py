@@ -70,7 +70,7 @@ def _per_block_sparsity(sparsity, n_blocks: int) -> list:
         return [sparsity] * n_blocks
     if not isinstance(sparsity, Sequence) or len(sparsity) != n_blocks:
         raise ValueError(f"`sparsity` must be a float or one entry per block ({n_blocks}), got {sparsity!r:.80}")
-    out = []
+    out: list = []
     for i, entry in enumerate(sparsity):
         if isinstance(entry, Mapping):
             out.append({k: check_sparsity(v, f"sparsity[{i}][{k!r}]") for k, v in entry.items()})
