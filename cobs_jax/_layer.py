@@ -13,6 +13,7 @@ from typing import Any, Literal, NamedTuple, Optional, Sequence, Union, overload
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
 from ._budget import check_sparsity, parse_pattern
@@ -186,6 +187,7 @@ def prune_layer(
     window: int = 64,
     max_swaps: int = 64,
     in_axes: Optional[Sequence[int]] = None,
+    mesh: Optional[Mesh] = None,
     key: Any = None,
     return_info: Literal[False] = False,
     name: str = "layer",
@@ -208,6 +210,7 @@ def prune_layer(
     window: int = 64,
     max_swaps: int = 64,
     in_axes: Optional[Sequence[int]] = None,
+    mesh: Optional[Mesh] = None,
     key: Any = None,
     return_info: Literal[True],
     name: str = "layer",
@@ -229,6 +232,7 @@ def prune_layer(
     window: int = 64,
     max_swaps: int = 64,
     in_axes: Optional[Sequence[int]] = None,
+    mesh: Optional[Mesh] = None,
     key: Any = None,
     return_info: bool = False,
     name: str = "layer",
@@ -270,6 +274,9 @@ def prune_layer(
         reopened (its least salient kept and most salient pruned inputs; N:M: whole groups).
       max_swaps: ``method="cbs"`` only: at most this many swaps per output unit.
       in_axes: the contraction (input) axes of ``kernel``; default all axes but the last.
+      mesh: optional ``jax.sharding.Mesh``: the per-output-unit work of ``method="cbs"`` and
+        ``update="exact"`` (each unit's factorisation and swap search) is split over its first
+        axis; the result equals the single-device one.
       key: accepted for API uniformity with randomised selectors; these methods are deterministic.
       return_info: also return a :class:`LayerInfo` (damping used, reconstruction error, sparsity).
       name: the layer's name in error messages.
@@ -299,9 +306,11 @@ def prune_layer(
         raise ValueError(f"{name}: `hessian` is {h.shape} but the kernel {kernel.shape} has d_in = {d_in} (in_axes {axes})")
     check_finite(kernel, f"{name}: `kernel`")
     check_finite(h, f"{name}: `hessian`")
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise ValueError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     out = prune_checked(kernel, h.astype(accumulate_dtype()), sparsity=sparsity, pattern=pattern, method=method,
                         update=update, damping=damping, block_size=block_size, granularity=granularity,
-                        start=start, window=window, max_swaps=max_swaps, in_axes=axes, name=name)
+                        start=start, window=window, max_swaps=max_swaps, in_axes=axes, name=name, mesh=mesh)
     if not return_info:
         return out[0], out[1]
     return out
@@ -329,6 +338,7 @@ def prune_checked(
     window: int = 64,
     max_swaps: int = 64,
     factors: Optional[Factors] = None,
+    mesh: Optional[Mesh] = None,
 ) -> tuple[jax.Array, jax.Array, LayerInfo]:
     """:func:`prune_layer` on arguments already checked (finite, matching shapes, H in the
     accumulation dtype), with optional precomputed :class:`Factors` of H (the model driver
@@ -359,10 +369,11 @@ def prune_checked(
     swaps = None
     if method == "cbs":
         assert factors is not None
-        w, keep, swaps = cbs_layer(w0, factors.h, factors.u, keep, window=window, max_swaps=max_swaps, nm=nm)
+        w, keep, swaps = cbs_layer(w0, factors.h, factors.u, keep, window=window, max_swaps=max_swaps, nm=nm,
+                                   mesh=mesh)
     elif update == "exact":
         assert factors is not None
-        w = exact_update(w0, factors.h, factors.u, np.asarray(keep))
+        w = exact_update(w0, factors.h, factors.u, np.asarray(keep), mesh=mesh)
     err, finite = _error_and_finite(w_rows.astype(h.dtype), w, h)
     if not bool(finite):
         raise ValueError(f"{name}: the pruned kernel is not finite (ill-conditioned Hessian); raise `damping`")

@@ -38,12 +38,15 @@ shapes), each row's factorisation alone in a ``lax.map`` (unbatched LAPACK, see
 
 from __future__ import annotations
 
+import functools
+import math
 from functools import partial
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 
 __all__ = ["cbs_layer", "window_indices", "spd_inverse"]
 
@@ -136,7 +139,6 @@ def _scatter(values, idx, d):
     return jnp.zeros(values.shape[:1] + (d,), values.dtype).at[jnp.arange(values.shape[0])[:, None], idx].add(values)
 
 
-@jax.jit
 def _kept_form(h, w0, idx, valid, widx, wvalid):
     """Kept form: eliminate the fixed kept set K0 with one Cholesky of ``H_K0K0`` per row.
 
@@ -149,7 +151,6 @@ def _kept_form(h, w0, idx, valid, widx, wvalid):
     return (y_w, y), t, g
 
 
-@jax.jit
 def _pruned_form(q, w0, idx, valid, widx, wvalid):
     """Pruned (OBS) form: eliminate the fixed pruned set P0 with one Cholesky of ``Q_P0P0`` per row
     (Q = H⁻¹). The window's conditional covariance ``S = Q_WW - Q_WP0 [Q_P0P0]⁻¹ Q_P0W`` is ``T⁻¹``
@@ -162,7 +163,6 @@ def _pruned_form(q, w0, idx, valid, widx, wvalid):
     return (x_w, w1, r), t, jnp.einsum("rij,rj->ri", t, r)
 
 
-@jax.jit
 def _weights(q, parts, t, idx, valid, widx, beta):
     """The row weights for window weights ``beta`` (zero outside the window's kept set).
 
@@ -201,11 +201,11 @@ def _masked_inverse(t, kept):
     return jnp.where(both, spd_inverse(jnp.where(both, t, eye)), 0.0)
 
 
-@partial(jax.jit, static_argnames=("max_swaps",))
 def _search(t, g, kept0, allowed, *, max_swaps: int):
     """Best-improvement swap search on f(B) = g_Bᵀ T_BB⁻¹ g_B for a batch of rows.
 
-    Returns the final kept set of every window, its weights β and the number of swaps made.
+    Returns the final kept set of every window and its weights β. Rows are independent (each
+    stops when it no longer improves), so any split of the rows gives the same result.
     """
     rows, m = g.shape
     rtol = 16 * jnp.finfo(t.dtype).eps
@@ -237,20 +237,38 @@ def _search(t, g, kept0, allowed, *, max_swaps: int):
         v = jnp.where(go[:, None, None], v2, v)
         return it + 1, kept, v, go
 
-    it, kept, _, _ = jax.lax.while_loop(cond, body, (0, kept0, v0, jnp.ones(rows, bool)))
+    _, kept, _, _ = jax.lax.while_loop(cond, body, (0, kept0, v0, jnp.ones(rows, bool)))
     v = _masked_inverse(t, kept)  # fresh, not the updated one
     beta = jnp.einsum("rij,rj->ri", v, g)
     f = jnp.sum(g * beta, -1)
     worse = f < f0  # rounding only; such a row keeps its start
     kept = jnp.where(worse[:, None], kept0, kept)
     beta = jnp.where(worse[:, None], jnp.einsum("rij,rj->ri", v0, g), beta)
-    return kept, beta, it
+    return kept, beta
 
 
 def _group_ids(widx, nm):
     if nm is None:
         return jnp.zeros_like(widx)
     return widx // nm[1]
+
+
+def rows_sharded(fn, mesh: Optional[Mesh], replicated: int, sharded: int):
+    """``fn`` jitted; with ``mesh``, under ``shard_map``: its first ``replicated`` arguments whole
+    on every device, the next ``sharded`` ones (and the outputs) split by rows over the first axis."""
+    if mesh is None:
+        return jax.jit(fn)
+    ax = mesh.axis_names[0]
+    specs = (P(),) * replicated + (P(ax),) * sharded
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(ax), check_vma=False))
+
+
+@functools.lru_cache(maxsize=None)
+def _row_functions(mesh: Optional[Mesh], max_swaps: int) -> dict:
+    """The per-chunk programs (one set per mesh and ``max_swaps``)."""
+    return dict(kept=rows_sharded(_kept_form, mesh, 1, 5), pruned=rows_sharded(_pruned_form, mesh, 1, 5),
+                search=rows_sharded(partial(_search, max_swaps=max_swaps), mesh, 0, 4),
+                weights=rows_sharded(_weights, mesh, 1, 6))
 
 
 def _chunks(rows: np.ndarray) -> list[np.ndarray]:
@@ -270,13 +288,15 @@ def cbs_layer(
     window: int,
     max_swaps: int,
     nm: Optional[tuple[int, int]],
+    mesh: Optional[Mesh] = None,
 ) -> tuple[jax.Array, jax.Array, int]:
     """Swap search from ``keep`` on every row of ``w0`` (rows, d), then exact weights.
 
     ``h`` is the damped Hessian, ``u`` the upper Cholesky factor of its inverse (``h⁻¹ = uᵀu``).
     Returns ``(w, keep, stats)``: the new weights (pruned entries exactly 0), the new keep-mask
     (same count per row, and per N:M group, as ``keep``) and the number of swaps (inputs that
-    went from kept to pruned) over all rows.
+    went from kept to pruned) over all rows. With ``mesh``, each chunk's rows are split over
+    the mesh's first axis (every row's work is its own: the result is the same).
     """
     rows, d = w0.shape
     if nm is not None:
@@ -292,26 +312,28 @@ def cbs_layer(
     fixed = np.where(kept_form[:, None], k0, p0)
     sizes = fixed.sum(1)
     order = np.lexsort((sizes, ~kept_form))  # kept-form rows first, then by size
+    fns = _row_functions(mesh, max_swaps)
+    step = _ROWS if mesh is None else math.lcm(_ROWS, mesh.shape[mesh.axis_names[0]])
     out_w, out_k = [], []
     swaps = 0
     n_kept = int(kept_form.sum())
     for sel in (c for b, e in ((0, n_kept), (n_kept, rows)) for c in _chunks(order[b:e])):
         form = bool(kept_form[sel[0]])
         n = min(d, max(_PAD, -(-int(sizes[sel].max()) // _PAD) * _PAD))
-        size = -(-len(sel) // _ROWS) * _ROWS  # padded to a multiple of _ROWS rows: few compiled shapes
+        size = -(-len(sel) // step) * step  # padded to a multiple of `step` rows: few compiled shapes
         sel_p = np.concatenate([sel, np.repeat(sel[:1], size - len(sel))])
         idx = jnp.asarray(np.argsort(~fixed[sel_p], axis=1, kind="stable")[:, :n].astype(np.int32))
         valid = jnp.asarray(np.arange(n)[None, :] < sizes[sel_p][:, None])
         wi, wv, kw = widx[sel_p], wvalid[sel_p], kept_w[sel_p]
         if form:
-            parts, t, g = _kept_form(h, w0[sel_p], idx, valid, wi, wv)
+            parts, t, g = fns["kept"](h, w0[sel_p], idx, valid, wi, wv)
         else:
-            parts, t, g = _pruned_form(q, w0[sel_p], idx, valid, wi, wv)
+            parts, t, g = fns["pruned"](q, w0[sel_p], idx, valid, wi, wv)
         grp = _group_ids(wi, nm)
         allowed = (grp[:, :, None] == grp[:, None, :]) & wv[:, :, None] & wv[:, None, :]
-        kept, beta, _ = _search(t, g, kw, allowed, max_swaps=max_swaps)
+        kept, beta = fns["search"](t, g, kw, allowed)
         kp = jnp.asarray(k0[sel_p]).at[jnp.arange(len(sel_p))[:, None], wi].max(kept & wv)
-        w = jnp.where(kp, _weights(q, parts, t, idx, valid, wi, jnp.where(kept & wv, beta, 0.0)), 0.0)
+        w = jnp.where(kp, fns["weights"](q, parts, t, idx, valid, wi, jnp.where(kept & wv, beta, 0.0)), 0.0)
         nreal = len(sel)
         out_w.append(w[:nreal])
         out_k.append(kp[:nreal])

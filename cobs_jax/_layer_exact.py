@@ -17,9 +17,15 @@ deadlocked when two ran at once (seen with jax 0.10.2 on 2 cores, SmolLM2-sized 
 
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+
+from ._layer_cbs import rows_sharded
 
 __all__ = ["exact_update"]
 
@@ -34,8 +40,7 @@ def _gather_indices(sel: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]
     return order.astype(np.int32), valid
 
 
-@jax.jit
-def _solve(w0, h, hinv, idx, valid, kept_form):
+def _solve(h, hinv, w0, idx, valid, kept_form):
     # Row r solves the smaller of its two systems: kept form [H_KK] w_K = (H w̄)_K, or OBS form
     # [H^-1]_PP z = w̄_P then w = w̄ - z [H^-1]_{P,:}. Both read one stacked (2d, d) matrix, so a
     # row picks its form by an index offset. Only the gathers and the small factorisations run
@@ -60,13 +65,19 @@ def _solve(w0, h, hinv, idx, valid, kept_form):
     return jnp.where(kept_form[:, None], full, obs)
 
 
-def exact_update(w0: jax.Array, h: jax.Array, u: jax.Array, keep: np.ndarray) -> jax.Array:
+@functools.lru_cache(maxsize=None)
+def _solver(mesh: Optional[Mesh]):
+    return rows_sharded(_solve, mesh, 2, 4)
+
+
+def exact_update(w0: jax.Array, h: jax.Array, u: jax.Array, keep: np.ndarray, mesh: Optional[Mesh] = None) -> jax.Array:
     """Each row of ``w0`` (rows, d) re-solved on its kept set, for the damped Hessian ``h``.
 
     ``u`` is the upper Cholesky factor of ``h⁻¹`` (``h⁻¹ = uᵀu``; the OBS form needs ``h⁻¹``);
     ``keep`` is the (rows, d) host bool mask. Each row solves the smaller of its two systems,
     so the padded size is ``max_r min(|K_r|, |P_r|) <= d / 2`` even when the rows' counts differ
-    (a per-layer mask). Pruned entries of the result are exactly 0.
+    (a per-layer mask). Pruned entries of the result are exactly 0. With ``mesh``, the rows are
+    split over the mesh's first axis (each row's solve is its own: the result is the same).
     """
     keep = np.asarray(keep, bool)
     rows, d = keep.shape
@@ -80,4 +91,11 @@ def exact_update(w0: jax.Array, h: jax.Array, u: jax.Array, keep: np.ndarray) ->
     n = int(np.minimum(kept, pruned).max())
     size = min(d, max(_PAD, -(-n // _PAD) * _PAD))
     idx, valid = _gather_indices(sel, size)
-    return _solve(w0, h, u.T @ u, jnp.asarray(idx), jnp.asarray(valid), jnp.asarray(kept_form))
+    pad = 0 if mesh is None else -rows % mesh.shape[mesh.axis_names[0]]
+    if pad:  # whole rows per device: repeat row 0, drop it after
+        w0p = jnp.concatenate([w0, jnp.repeat(w0[:1], pad, 0)])
+        idx, valid, kept_form = (np.concatenate([a, np.repeat(a[:1], pad, 0)]) for a in (idx, valid, kept_form))
+    else:
+        w0p = w0
+    out = _solver(mesh)(h, u.T @ u, w0p, jnp.asarray(idx), jnp.asarray(valid), jnp.asarray(kept_form))
+    return out[:rows]

@@ -155,7 +155,8 @@ def prune_layerwise(
       batch_size: examples per forward chunk (bounds the activation memory of a pass).
       mesh: optional ``jax.sharding.Mesh``: each chunk's examples are sharded over its first axis
         (``batch_size`` must be a multiple of that axis's size) and the Hessians are summed across
-        devices by XLA's all-reduce; the result equals the single-device one.
+        devices by XLA's all-reduce; the output units of ``method="cbs"`` and ``update="exact"``
+        are split over the same axis; the result equals the single-device one.
       progress: a tqdm bar over blocks (plain lines without tqdm).
       key: accepted for API uniformity; the methods are deterministic.
 
@@ -220,7 +221,7 @@ def prune_layerwise(
             new, mask, linfo = prune_checked(
                 kernel, h, sparsity=_layer_sparsity(per_block[i], name, where), pattern=pattern, method=method, update=update, damping=damping,
                 block_size=block_size, granularity=granularity, in_axes=tuple(range(kernel.ndim - 1)),
-                name=where, start=start, window=window, max_swaps=max_swaps, factors=factors,
+                name=where, start=start, window=window, max_swaps=max_swaps, factors=factors, mesh=mesh,
             )
             jax.block_until_ready(new)
             dt = time.perf_counter() - t1

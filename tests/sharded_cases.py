@@ -128,7 +128,8 @@ def test_rows_must_split_over_the_mesh(setup):
         cobs_jax.prune(params, loss_fn, batch, sparsity=0.5, method="woodfisher", mesh="rows")
 
 
-@pytest.mark.parametrize("opts", [dict(sparsity=0.5), dict(pattern="2:4", method="wanda", update="exact")])
+@pytest.mark.parametrize("opts", [dict(sparsity=0.5), dict(pattern="2:4", method="wanda", update="exact"),
+                                  dict(sparsity=0.5, method="cbs", window=4)])
 def test_prune_layerwise_examples_sharded_equals_single_device(opts):
     """Calibration examples sharded over 8 devices (Hessians summed across them) == 1 device."""
     from flax import nnx
@@ -148,3 +149,16 @@ def test_prune_layerwise_examples_sharded_equals_single_device(opts):
     np.testing.assert_allclose(one.outputs, many.outputs, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="multiple of the mesh axis"):
         cobs_jax.prune_layerwise(blocks, x, args=(1.0,), batch_size=4, mesh=mesh(8), **opts)
+
+
+@pytest.mark.parametrize("opts", [dict(sparsity=0.6, method="cbs", window=8), dict(pattern="4:8", method="cbs"),
+                                  dict(sparsity=0.5, method="wanda", update="exact")])
+def test_prune_layer_output_units_sharded_equals_single_device(opts):
+    """The per-unit work of CBS and the exact re-solve split over 8 devices (37 units: padded) == 1 device."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 24)) @ (np.eye(24) + 0.4 * rng.normal(size=(24, 24)))
+    w = rng.normal(size=(24, 37))
+    one = cobs_jax.prune_layer(w, x.T @ x, **opts)
+    many = cobs_jax.prune_layer(w, x.T @ x, mesh=mesh(8), **opts)
+    np.testing.assert_array_equal(one[1], many[1])
+    np.testing.assert_allclose(one[0], many[0], rtol=1e-9, atol=1e-12)
