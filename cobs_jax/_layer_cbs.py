@@ -52,7 +52,7 @@ __all__ = ["cbs_layer", "window_indices", "spd_inverse"]
 
 _PAD = 64  # |K0| is padded to a multiple of this (one compiled program per padded size)
 _CHUNK = 256  # rows per chunk at most
-_ROWS = 32  # chunks are padded to a multiple of this many rows
+_ROWS = 64  # chunks are padded to a multiple of this many rows
 
 
 def spd_inverse(a: jax.Array) -> jax.Array:
@@ -247,12 +247,6 @@ def _search(t, g, kept0, allowed, *, max_swaps: int):
     return kept, beta
 
 
-def _group_ids(widx, nm):
-    if nm is None:
-        return jnp.zeros_like(widx)
-    return widx // nm[1]
-
-
 def rows_sharded(fn, mesh: Optional[Mesh], replicated: int, sharded: int):
     """``fn`` jitted; with ``mesh``, under ``shard_map``: its first ``replicated`` arguments whole
     on every device, the next ``sharded`` ones (and the outputs) split by rows over the first axis."""
@@ -263,12 +257,28 @@ def rows_sharded(fn, mesh: Optional[Mesh], replicated: int, sharded: int):
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(ax), check_vma=False))
 
 
+def _chunk(h, q, w0, idx, valid, widx, wvalid, kept_w, k0, *, kept_form: bool, group: int, max_swaps: int):
+    """One chunk of rows, end to end: eliminate the fixed sets, search the windows, weights.
+
+    Returns the rows' weights (pruned entries exactly 0), keep-masks and swaps made.
+    """
+    if kept_form:
+        parts, t, g = _kept_form(h, w0, idx, valid, widx, wvalid)
+    else:
+        parts, t, g = _pruned_form(q, w0, idx, valid, widx, wvalid)
+    grp = widx // group
+    allowed = (grp[:, :, None] == grp[:, None, :]) & wvalid[:, :, None] & wvalid[:, None, :]
+    kept, beta = _search(t, g, kept_w, allowed, max_swaps=max_swaps)
+    kept = kept & wvalid
+    keep = k0.at[jnp.arange(k0.shape[0])[:, None], widx].max(kept)
+    w = jnp.where(keep, _weights(q, parts, t, idx, valid, widx, jnp.where(kept, beta, 0.0)), 0.0)
+    return w, keep, jnp.sum(kept & ~kept_w, axis=1)
+
+
 @functools.lru_cache(maxsize=None)
-def _row_functions(mesh: Optional[Mesh], max_swaps: int) -> dict:
-    """The per-chunk programs (one set per mesh and ``max_swaps``)."""
-    return dict(kept=rows_sharded(_kept_form, mesh, 1, 5), pruned=rows_sharded(_pruned_form, mesh, 1, 5),
-                search=rows_sharded(partial(_search, max_swaps=max_swaps), mesh, 0, 4),
-                weights=rows_sharded(_weights, mesh, 1, 6))
+def _chunk_program(mesh: Optional[Mesh], kept_form: bool, group: int, max_swaps: int):
+    """The compiled chunk program (one per mesh, form, N:M group size and ``max_swaps``)."""
+    return rows_sharded(partial(_chunk, kept_form=kept_form, group=group, max_swaps=max_swaps), mesh, 2, 7)
 
 
 def _chunks(rows: np.ndarray) -> list[np.ndarray]:
@@ -312,7 +322,6 @@ def cbs_layer(
     fixed = np.where(kept_form[:, None], k0, p0)
     sizes = fixed.sum(1)
     order = np.lexsort((sizes, ~kept_form))  # kept-form rows first, then by size
-    fns = _row_functions(mesh, max_swaps)
     step = _ROWS if mesh is None else math.lcm(_ROWS, mesh.shape[mesh.axis_names[0]])
     out_w, out_k = [], []
     swaps = 0
@@ -324,19 +333,12 @@ def cbs_layer(
         sel_p = np.concatenate([sel, np.repeat(sel[:1], size - len(sel))])
         idx = jnp.asarray(np.argsort(~fixed[sel_p], axis=1, kind="stable")[:, :n].astype(np.int32))
         valid = jnp.asarray(np.arange(n)[None, :] < sizes[sel_p][:, None])
-        wi, wv, kw = widx[sel_p], wvalid[sel_p], kept_w[sel_p]
-        if form:
-            parts, t, g = fns["kept"](h, w0[sel_p], idx, valid, wi, wv)
-        else:
-            parts, t, g = fns["pruned"](q, w0[sel_p], idx, valid, wi, wv)
-        grp = _group_ids(wi, nm)
-        allowed = (grp[:, :, None] == grp[:, None, :]) & wv[:, :, None] & wv[:, None, :]
-        kept, beta = fns["search"](t, g, kw, allowed)
-        kp = jnp.asarray(k0[sel_p]).at[jnp.arange(len(sel_p))[:, None], wi].max(kept & wv)
-        w = jnp.where(kp, fns["weights"](q, parts, t, idx, valid, wi, jnp.where(kept & wv, beta, 0.0)), 0.0)
+        program = _chunk_program(mesh, form, nm[1] if nm else d, max_swaps)
+        w, kp, made = program(h, q, w0[sel_p], idx, valid, widx[sel_p], wvalid[sel_p], kept_w[sel_p],
+                              jnp.asarray(k0[sel_p]))
         nreal = len(sel)
         out_w.append(w[:nreal])
         out_k.append(kp[:nreal])
-        swaps += int(jnp.sum(kept[:nreal] & ~kw[:nreal]))
+        swaps += int(jnp.sum(made[:nreal]))
     inv = np.argsort(order)
     return jnp.concatenate(out_w)[inv], jnp.concatenate(out_k)[inv], swaps
