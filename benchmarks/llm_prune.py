@@ -265,12 +265,16 @@ def write_tables(meta, name):
                 t = v["timings"]
                 lines.append(f"| {m} @ {c} | {v['seconds']:.1f} | {t['capture']:.1f} | {t['prune']:.1f} | "
                              f"{t['forward']:.1f} | {v['seconds'] / dense['floor_seconds']:.2f} |")
-    beats = [f"{c}: {sum(a < b for a, b in zip(cells[f'cbs @ {c}']['layer_errors'], cells[f'sparsegpt @ {c}']['layer_errors']))}"
-             f"/{len(cells[f'cbs @ {c}']['layer_errors'])}" for c in confs
-             if f"cbs @ {c}" in cells and f"sparsegpt @ {c}" in cells]
-    if beats:
-        lines += ["", "Layers whose relative reconstruction error (each on its own run's calibration inputs) is "
-                  "lower with CBS than with SparseGPT: " + ", ".join(beats) + "."]
+    for ref in ("sparsegpt", "sparsegpt+exact"):
+        beats = [f"{c}: {sum(a < b for a, b in zip(cells[f'cbs @ {c}']['layer_errors'], cells[f'{ref} @ {c}']['layer_errors']))}"
+                 f"/{len(cells[f'cbs @ {c}']['layer_errors'])}" for c in confs
+                 if f"cbs @ {c}" in cells and f"{ref} @ {c}" in cells]
+        if beats:
+            lines += ["", "Layers whose relative reconstruction error (each on its own run's calibration inputs) is "
+                      f"lower with CBS than with {ref}: " + ", ".join(beats) + "."]
+    swaps = [f"{k}: {v['swaps']:,}" for k, v in cells.items() if v.get("swaps")]
+    if swaps:
+        lines += ["", "Swaps made by the CBS search over the whole model: " + ", ".join(swaps) + "."]
     lines += ["", f"Floor: two compiled forward passes of all 30 blocks over the calibration tokens: "
               f"{dense['floor_seconds']:.1f} s (timed in the dense cell's process).", "",
               f"Greedy continuations (30 tokens) of {PROMPT!r}:", "", f"* dense: {dense['sample']!r}"]

@@ -20,6 +20,7 @@ import numpy as np
 
 from ._budget import check_sparsity
 from ._capture import BlockAdapter
+from ._layerwise import _excluder, _forward  # the driver's own passes and layer filter
 
 __all__ = ["owl_sparsities", "allocate_counts"]
 
@@ -92,8 +93,6 @@ def owl_sparsities(
     Raises:
       ValueError: for a bad argument.
     """
-    from ._layerwise import _excluder, _forward  # the driver's own passes and layer filter
-
     s = check_sparsity(sparsity)
     if not outlier_threshold > 0:
         raise ValueError(f"`outlier_threshold` must be positive, got {outlier_threshold!r}")
