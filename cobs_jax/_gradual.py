@@ -89,9 +89,11 @@ def prune_gradual(
     recompile. There, the stages are also **checked by the true loss** on the loss batch: a stage
     whose loss rises more than ``loss_check`` times what the quadratic model predicted (plus
     ``loss_slack`` times the dense loss) is redone with half the step (down to an eighth), the rest
-    of the step becoming an extra stage, at most ``max_stages`` in all; ``info["stages"]`` reports
+    of the step becoming an extra stage, at most ``max_stages`` in all. A split stage whose path
+    ends above the full step it replaced is undone (``"reverted"``), so checking never ends a
+    planned stage higher than the unchecked step from the same weights. ``info["stages"]`` reports
     for every stage run its target, sparsity, the loss before, the predicted and the true loss
-    after, and the halvings. With ``warm_start`` (default) CBS runs its RMP trials only at the
+    after, the halvings and whether it was reverted. With ``warm_start`` (default) CBS runs its RMP trials only at the
     first stage; later stages start the swap search from the previous mask completed by magnitude.
 
     With ``finetune`` (or ``compiled=False``) each stage is a :func:`prune` call from Python and

@@ -11,7 +11,10 @@ Every stage of the schedule runs on device inside one ``lax.while_loop``:
 4. the loss check: a stage whose true loss rises more than ``loss_check`` times the rise the
    quadratic model predicted (``1/2 dw^T F_lambda dw``), plus a slack, is redone with half the
    step (then a quarter, an eighth), and the rest of the step becomes an extra stage. At most
-   ``max_stages`` stages run, so the last planned stages always reach the exact target.
+   ``max_stages`` stages run, so the last planned stages always reach the exact target. When the
+   split path reaches the planned count, its true loss is compared with the full step tried at
+   the planned stage's start (and any full step tried on the way): if a full step was lower, the
+   split is undone. So a planned stage never ends above the step it would have taken unchecked.
 
 The pruned counts are traced values: changing the sparsity or the schedule does not recompile, only
 the number of planned stages (a static shape) does.
@@ -78,10 +81,10 @@ def stage_plan(layout: Layout, sparsity: Optional[float], fractions: Sequence[fl
     return StagePlan(groups, counts.astype(np.int32))
 
 
-def _report(e, pruned, size, loss, pred, halvings):
+def _report(e, pruned, size, loss, pred, halvings, reverted):
     print(f"[cobs_jax] prune_gradual stage {int(e) + 1}: pruned {int(pruned)}/{int(size)}, loss {float(loss):.6g}"
-          f" (model predicted {float(pred):.6g})" + (f", step halved {int(halvings)}x" if int(halvings) else ""),
-          flush=True)
+          f" (model predicted {float(pred):.6g})" + (f", step halved {int(halvings)}x" if int(halvings) else "")
+          + (", split undone (the full step was lower)" if bool(reverted) else ""), flush=True)
 
 
 @functools.partial(
@@ -129,7 +132,7 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             return new, w_new, pred, loss(w_new)
 
         def stage(st):
-            e, t, w, pruned, loss_w, hist, _ = st
+            e, t, w, pruned, loss_w, hist, _, fb = st
             if needs_fisher:
                 g = grads_at(w)
                 bad = jnp.sum(~jnp.isfinite(g))
@@ -159,20 +162,29 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
                 rejected, halve, (full, jnp.int32(0), first)
             )
             done = jnp.all(target == full)
-            h_target, h_pruned, h_pred, h_loss, h_before, h_tries = hist
+            # the best full step tried during this planned stage: a split path that ends the stage
+            # above it is undone (so splitting never ends a planned stage higher than not splitting)
+            better = first[3] < fb[3]
+            fb = jax.tree.map(lambda a, b: jnp.where(better, a, b), (first[0], first[1], first[2], first[3]), fb)
+            revert = done & (fb[3] < new_loss)
+            new, w_new, pred, new_loss = jax.tree.map(lambda a, b: jnp.where(revert, a, b), fb,
+                                                      (new, w_new, pred, new_loss))
+            fb = jax.tree.map(lambda a, b: jnp.where(done, a, b), fb0, fb)
+            h_target, h_pruned, h_pred, h_loss, h_before, h_tries, h_revert = hist
             hist = (h_target.at[e].set(jnp.sum(target).astype(jnp.int32)), h_pruned.at[e].set(jnp.sum(new, dtype=jnp.int32)),
                     h_pred.at[e].set(pred), h_loss.at[e].set(new_loss), h_before.at[e].set(loss_w),
-                    h_tries.at[e].set(tries))
+                    h_tries.at[e].set(tries), h_revert.at[e].set(revert))
             if progress:
-                jax.debug.callback(_report, e, jnp.sum(new), d, new_loss, loss_w + pred, tries)
-            return e + 1, jnp.where(done, t + 1, t), w_new, new, new_loss, hist, finite
+                jax.debug.callback(_report, e, jnp.sum(new), d, new_loss, loss_w + pred, tries, revert)
+            return e + 1, jnp.where(done, t + 1, t), w_new, new, new_loss, hist, finite, fb
 
         nan = jnp.full(max_stages, jnp.nan, dtype)
         hist0 = (jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, jnp.int32), nan, nan, nan,
-                 jnp.zeros(max_stages, jnp.int32))
+                 jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, bool))
         extra_total = max_stages - num_planned
-        init = (jnp.int32(0), jnp.int32(0), w0, jnp.zeros(d, bool), loss0, hist0, jnp.bool_(True))
-        e, t, w, pruned, _, hist, finite = jax.lax.while_loop(
+        fb0 = (jnp.zeros(d, bool), w0, jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype))  # no full step yet
+        init = (jnp.int32(0), jnp.int32(0), w0, jnp.zeros(d, bool), loss0, hist0, jnp.bool_(True), fb0)
+        e, t, w, pruned, _, hist, finite, _ = jax.lax.while_loop(
             lambda st: (st[1] < num_planned) & st[6], stage, init
         )
         return w, pruned, e, hist, finite, loss0
@@ -227,12 +239,13 @@ def run_stages(
     if not bool(finite):
         raise ValueError(f"the per-example gradients at stage {e} contain NaN or Inf (at the weights of "
                          f"stage {e - 1}); lower the sparsity or raise `damping`")
-    h_target, h_pruned, h_pred, h_loss, h_before, h_tries = (np.asarray(x)[:e] for x in hist)
+    h_target, h_pruned, h_pred, h_loss, h_before, h_tries, h_revert = (np.asarray(x)[:e] for x in hist)
     size = layout.size
     stages = [
         {"stage": i, "target": float(h_target[i]) / size, "sparsity": float(h_pruned[i]) / size,
          "loss_before": float(h_before[i]), "predicted_loss": float(h_before[i] + h_pred[i]),
-         "loss": float(h_loss[i]), "halvings": int(h_tries[i])}
+         "loss": float(h_loss[i]), "halvings": int(h_tries[i]),
+         "reverted": bool(h_revert[i])}
         for i in range(e)
     ]
     info = {"stages": stages, "planned_targets": list(targets), "dense_loss": float(loss0),

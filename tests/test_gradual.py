@@ -151,16 +151,21 @@ def test_compiled_schedule_does_not_recompile_for_a_new_sparsity():
     assert _multistage._compiled._cache_size() == size
 
 
-def test_loss_check_splits_a_stage_whose_loss_rises_beyond_the_model():
+def _trained_setup():
+    """A tiny float64 MLP trained first: pruning a trained net raises its loss."""
     params, loss_fn, batch = linen_setup(n=40, dtype=jnp.float64, hidden=8)
-    tx = optax.adam(3e-2)  # trained first: pruning a trained net raises its loss
+    tx = optax.adam(3e-2)
 
     def step(carry, _):
         p, st = carry
         u, st = tx.update(jax.grad(loss_fn)(p, batch), st, p)
         return (optax.apply_updates(p, u), st), None
 
-    params = jax.lax.scan(step, (params, tx.init(params)), None, length=300)[0][0]
+    return jax.lax.scan(step, (params, tx.init(params)), None, length=300)[0][0], loss_fn, batch
+
+
+def test_loss_check_splits_a_stage_whose_loss_rises_beyond_the_model():
+    params, loss_fn, batch = _trained_setup()
     kw = dict(sparsity=0.9, stages=2, method="magnitude", update="cbs", damping=1e-2)
     plain = cobs_jax.prune_gradual(params, loss_fn, batch, loss_check=None, **kw)
     checked = cobs_jax.prune_gradual(params, loss_fn, batch, loss_check=1e-3, loss_slack=0.0, **kw)
@@ -170,3 +175,27 @@ def test_loss_check_splits_a_stage_whose_loss_rises_beyond_the_model():
     assert checked.info["num_pruned"] == plain.info["num_pruned"]
     for e in st:  # every stage reports the model's prediction next to the true loss
         assert np.isfinite(e["predicted_loss"]) and np.isfinite(e["loss"])
+
+
+def test_loss_checked_stage_never_ends_above_the_plain_step():
+    # the full step overshoots the quadratic model in every case here, so every stage is split; a
+    # split path that ends the planned stage above the full step is undone (without that, 11 of
+    # these 18 cases ended above the plain schedule)
+    params, loss_fn, batch = _trained_setup()
+    reverted = improved = 0
+    for method in ("magnitude", "cbs"):
+        for s in (0.5, 0.7, 0.9):
+            kw = dict(sparsity=s, stages=1, method=method, update="cbs", damping=1e-2, key=0)
+            plain = cobs_jax.prune_gradual(params, loss_fn, batch, loss_check=None, **kw)
+            checked = cobs_jax.prune_gradual(params, loss_fn, batch, loss_check=1.0, **kw)
+            st = checked.info["stages"]
+            assert st[0]["halvings"] > 0 and checked.info["num_pruned"] == plain.info["num_pruned"]
+            assert checked.info["loss"] <= plain.info["loss"] * (1 + 1e-12)
+            np.testing.assert_allclose(float(loss_fn(checked.params, batch)), checked.info["loss"], rtol=1e-12)
+            if st[-1]["reverted"]:
+                reverted += 1
+                for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(checked.params)):
+                    np.testing.assert_array_equal(a, b)  # the full step, as the plain schedule took it
+            else:
+                improved += checked.info["loss"] < plain.info["loss"]
+    assert reverted > 0 and improved > 0
