@@ -165,7 +165,7 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             # the best full step tried during this planned stage: a split path that ends the stage
             # above it is undone (so splitting never ends a planned stage higher than not splitting)
             better = first[3] < fb[3]
-            fb = jax.tree.map(lambda a, b: jnp.where(better, a, b), (first[0], first[1], first[2], first[3]), fb)
+            fb = jax.tree.map(lambda a, b: jnp.where(better, a, b), first, fb)
             revert = done & (fb[3] < new_loss)
             new, w_new, pred, new_loss = jax.tree.map(lambda a, b: jnp.where(revert, a, b), fb,
                                                       (new, w_new, pred, new_loss))
