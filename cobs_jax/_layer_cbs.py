@@ -339,6 +339,6 @@ def cbs_layer(
         nreal = len(sel)
         out_w.append(w[:nreal])
         out_k.append(kp[:nreal])
-        swaps += int(jnp.sum(made[:nreal]))
+        swaps = swaps + jnp.sum(made[:nreal])  # summed on device: no host sync per chunk
     inv = np.argsort(order)
-    return jnp.concatenate(out_w)[inv], jnp.concatenate(out_k)[inv], swaps
+    return jnp.concatenate(out_w)[inv], jnp.concatenate(out_k)[inv], int(swaps)

@@ -179,8 +179,8 @@ def test_loss_check_splits_a_stage_whose_loss_rises_beyond_the_model():
 
 def test_loss_checked_stage_never_ends_above_the_plain_step():
     # the full step overshoots the quadratic model in every case here, so every stage is split; a
-    # split path that ends the planned stage above the full step is undone (without that, 11 of
-    # these 18 cases ended above the plain schedule)
+    # split path that ends the planned stage above the full step is undone (without that, 4 of
+    # these 6 cases ended above the plain schedule)
     params, loss_fn, batch = _trained_setup()
     reverted = improved = 0
     for method in ("magnitude", "cbs"):
