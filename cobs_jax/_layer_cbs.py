@@ -324,7 +324,7 @@ def cbs_layer(
     order = np.lexsort((sizes, ~kept_form))  # kept-form rows first, then by size
     step = _ROWS if mesh is None else math.lcm(_ROWS, mesh.shape[mesh.axis_names[0]])
     out_w, out_k = [], []
-    swaps = 0
+    swaps = jnp.zeros((), jnp.int32)
     n_kept = int(kept_form.sum())
     for sel in (c for b, e in ((0, n_kept), (n_kept, rows)) for c in _chunks(order[b:e])):
         form = bool(kept_form[sel[0]])
