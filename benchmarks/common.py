@@ -16,6 +16,22 @@ import cobs_jax
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+_COMPILE_S = [0.0]
+
+
+def _on_duration(event: str, duration: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILE_S[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def compile_seconds() -> float:
+    """Seconds XLA spent compiling in this process so far (JAX's backend-compile events)."""
+    return _COMPILE_S[0]
+
+
 def run_one(spec, results, params, loss_fn, batch, grads, sparsity, key, *, damping, blocks, prunable=None):
     """Run one method of a sweep's method table.
 
@@ -109,6 +125,30 @@ def markdown(table, methods, sparsities, dense_acc, header):
               "|---|" + "---|" * len(sparsities)]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(f"{table[(s, m)][2]:.2f}" for s in sparsities) + " |")
+    return "\n".join(lines)
+
+
+def multistage_table(rows, methods, sparsities, stages, header):
+    """Markdown: accuracy mean ± std over the rows' seeds, time per run and its ratio to the floor.
+
+    ``rows`` are dicts with ``method``, ``sparsity``, ``accuracy`` (fraction), ``time_s``,
+    ``floor_s`` and ``stages_run``; a missing (method, sparsity) cell shows a dash.
+    """
+    lines = [header, "", "| sparsity | " + " | ".join(f"{m} x{stages}" for m in methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for s in sparsities:
+        cells = []
+        for m in methods:
+            rs = [r for r in rows if r["method"] == m and r["sparsity"] == s]
+            if not rs:
+                cells.append("—")
+                continue
+            t = np.mean([r["time_s"] for r in rs])
+            acc = 100 * np.asarray([r["accuracy"] for r in rs])
+            cells.append(f"{acc.mean():.2f} ± {acc.std():.2f} ({t:.0f} s, "
+                         f"{t / np.mean([r['floor_s'] for r in rs]):.1f}x, "
+                         f"{np.mean([r['stages_run'] for r in rs]):.0f} st.)")
+        lines.append(f"| {s:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

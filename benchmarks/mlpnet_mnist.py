@@ -42,8 +42,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
-from common import (RESULTS, markdown, metadata, plot, run_one, run_sweep, summarise,  # noqa: E402
-                    time_loop_vs_sweep, write)
+from common import (RESULTS, markdown, metadata, multistage_table, plot, run_one, run_sweep,  # noqa: E402
+                    summarise, time_loop_vs_sweep, write)
 from data import CACHE, DataUnavailable, load_fashion_mnist, load_mnist  # noqa: E402
 from models import accuracy, dense_accuracy, loss_fn, trained_mlpnet  # noqa: E402
 
@@ -191,25 +191,12 @@ def multistage(args, ds, params, name):
     rows = [r for r in done if r["seed"] < args.ms_seeds and r["method"] in args.ms_methods
             and r["sparsity"] in args.ms_sparsities]
     seeds = sorted({r["seed"] for r in rows})
-    lines = [f"Multi-stage, no fine-tuning: `prune_gradual(stages={args.ms_stages}, update=\"cbs\")`, loss batch "
-             f"{n_loss} training images, test accuracy (%) mean ± std over seed(s) {seeds}; time per run (s) and "
-             f"its ratio to the floor ({args.ms_stages} gradient passes + loss evaluations, "
-             f"{rows[0]['floor_s'] if rows else float('nan'):.2f} s).", "",
-             "| sparsity | " + " | ".join(f"{m} x{args.ms_stages}" for m in args.ms_methods) + " |",
-             "|---|" + "---|" * len(args.ms_methods)]
-    for s in args.ms_sparsities:
-        cells = []
-        for m in args.ms_methods:
-            rs = [r for r in rows if r["method"] == m and r["sparsity"] == s]
-            if not rs:
-                cells.append("—")
-                continue
-            t = np.mean([r["time_s"] for r in rs])
-            acc = 100 * np.asarray([r["accuracy"] for r in rs])
-            cells.append(f"{acc.mean():.2f} ± {acc.std():.2f} ({t:.0f} s, "
-                         f"{t / np.mean([r['floor_s'] for r in rs]):.1f}x)")
-        lines.append(f"| {s:.2f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    header = (f"Multi-stage, no fine-tuning: `prune_gradual(stages={args.ms_stages}, update=\"cbs\")`, loss batch "
+              f"{n_loss} training images, test accuracy (%) mean ± std over seed(s) {seeds}; time per run (s), "
+              f"its ratio to the floor ({args.ms_stages} gradient passes + loss evaluations, "
+              f"{rows[0]['floor_s'] if rows else float('nan'):.2f} s) and the stages run (loss-checked "
+              "stages split, at most twice the planned number).")
+    return multistage_table(rows, args.ms_methods, args.ms_sparsities, args.ms_stages, header)
 
 
 def main(argv=None):

@@ -5,8 +5,16 @@ Per-layer Fisher blocks for selection and update, N = 1000 Fisher rows (one exam
 does the same for ResNet20). The BatchNorm statistics are used in eval mode and never change.
 Methods: MP, WF-S, WF (OBS-sum update, scale 1 as the paper's ResNet20 runs), CBS-S, CBS.
 
+Multi-stage table (``--ms-methods``, default MP and CBS; ``--ms-methods`` with no name skips it):
+``cobs_jax.prune_gradual(stages=16, update="cbs")`` without fine-tuning, the whole schedule one
+compiled program (per-layer Fisher blocks recomputed at the updated weights every stage, loss-checked
+stages on the 1000 Fisher examples), at 0.8 / 0.9 / 0.95 for ``--ms-seeds`` seeds (default 1: a run
+takes several minutes). Its time (compilation left out) is set against the floor of 16 stages:
+16 x (one per-example-gradient pass + one loss evaluation), timed in the same run.
+
     python benchmarks/resnet20.py             # once (about 25 min, resumable): the dense model
     python benchmarks/resnet20_fashion.py     # the sweep; resumable: run again until it says done
+    python benchmarks/resnet20_fashion.py --only-multistage   # the multi-stage table alone
 
 Each (seed, sparsity) result is saved as it completes (``results/<name>.partial.json``); a run stops
 before ``--budget`` seconds and the next run continues. Writes ``results/<name>.{md,json}`` and
@@ -29,7 +37,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
-from common import RESULTS, markdown, metadata, plot, run_one, summarise, write  # noqa: E402
+from common import (RESULTS, compile_seconds, markdown, metadata, multistage_table, plot,  # noqa: E402
+                    run_one, summarise, write)
 from data import DataUnavailable, load_fashion_mnist  # noqa: E402
 from resnet20 import evaluate, loss_fn, pad32, paper_prunable, trained_resnet20  # noqa: E402
 
@@ -60,6 +69,12 @@ def main(argv=None):
                    help="per-example gradients computed at once (small chunks are fastest for convs on CPU)")
     p.add_argument("--budget", type=float, default=540, help="stop before this many seconds; run again to resume")
     p.add_argument("--out", default="resnet20_fashion")
+    p.add_argument("--ms-methods", nargs="*", default=["MP", "CBS"], choices=["MP", "CBS"],
+                   help="multi-stage columns (none: skip the multi-stage table)")
+    p.add_argument("--ms-sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    p.add_argument("--ms-seeds", type=int, default=1)
+    p.add_argument("--ms-stages", type=int, default=16)
+    p.add_argument("--only-multistage", action="store_true", help="skip the one-shot sweep")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     try:
@@ -79,6 +94,13 @@ def main(argv=None):
     print(f"data: {ds.source}; ResNet20 dense test accuracy {100 * dense:.2f} % (eval {eval_ips:.0f} images/s)")
 
     layout = cobs_jax.make_layout(variables, paper_prunable)
+    x_tr, y_tr = jnp.asarray(pad32(ds.x_train)), jnp.asarray(ds.y_train)
+    if args.ms_methods:
+        ms_md = multistage(args, variables, layout, x_tr, y_tr, x_te, ds.y_test, t_start)
+        print("\n" + ms_md)
+        (RESULTS / f"{args.out}_multistage.md").write_text(ms_md + "\n")
+    if args.only_multistage:
+        return
     methods = method_table(args)
     partial = RESULTS / f"{args.out}.partial.json"
     state = json.loads(partial.read_text()) if partial.exists() else {"rows": [], "grads": {}}
@@ -86,14 +108,12 @@ def main(argv=None):
         sys.exit(f"{partial} was made with other settings ({state['args']}); delete it or use --out")
     state["args"] = _job_args(args)
     done_jobs = {(r["seed"], r["sparsity"]) for r in state["rows"]}
-    x_tr, y_tr = jnp.asarray(pad32(ds.x_train)), jnp.asarray(ds.y_train)
     first_job, last_job = True, 0.0  # the first job of a run compiles; a job's time predicts the next
     for seed in range(args.seeds):
         todo = [s for s in args.sparsities if (seed, s) not in done_jobs]
         if not todo:
             continue
-        idx = np.random.default_rng(seed).choice(len(x_tr), args.fisher_n, replace=False)
-        fisher_batch = {"x": x_tr[idx], "y": y_tr[idx]}
+        fisher_batch = fisher_sample(x_tr, y_tr, seed, args.fisher_n)
         batch = {**fisher_batch, "loss": fisher_batch}
         t0 = time.perf_counter()
         grads = jax.block_until_ready(cobs_jax.per_example_grads(
@@ -146,6 +166,72 @@ def main(argv=None):
          "ResNet20, Fashion-MNIST-32")
     partial.unlink()
     print(f"done: wrote {RESULTS / args.out}.{{md,json}} and plots")
+
+
+def fisher_sample(x_tr, y_tr, seed, n):
+    """The seed's N Fisher examples (also the loss batch, as the one-shot sweep uses them)."""
+    idx = np.random.default_rng(seed).choice(len(x_tr), n, replace=False)
+    return {"x": x_tr[idx], "y": y_tr[idx]}
+
+
+def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, t_start):
+    """The multi-stage table; rows saved as they finish (``results/<out>_multistage.json``), resumed."""
+    path = RESULTS / f"{args.out}_multistage.json"
+    state = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    settings = {k: getattr(args, k) for k in ("fisher_n", "damping", "trials", "ms_stages")}
+    if state.get("args") not in (None, settings):
+        sys.exit(f"{path} was made with other settings ({state['args']}); delete it or use --out")
+    state["args"] = settings
+    selectors = {"MP": "magnitude", "CBS": cobs_jax.CBS(num_trials=args.trials)}
+    last_run = 0.0
+    for seed in range(args.ms_seeds):
+        todo = [(m, s) for m in args.ms_methods for s in args.ms_sparsities
+                if not any(r["seed"] == seed and r["method"] == m and r["sparsity"] == s for r in state["rows"])]
+        if not todo:
+            continue
+        batch = fisher_sample(x_tr, y_tr, seed, args.fisher_n)
+        if "floor_s" not in state:  # one gradient pass and one loss evaluation, compiled, times the stages
+            grads = lambda: cobs_jax.per_example_grads(loss_fn, variables, batch, layout,  # noqa: E731
+                                                       chunk_size=args.chunk_size)
+            loss = jax.jit(loss_fn)
+            jax.block_until_ready((grads(), loss(variables, batch)))
+            t0 = time.perf_counter()
+            jax.block_until_ready(grads())
+            t_g = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            jax.block_until_ready(loss(variables, batch))
+            state["floor_s"] = args.ms_stages * (t_g + time.perf_counter() - t0)
+            print(f"multi-stage floor: {args.ms_stages} x (gradient pass {t_g:.1f}s + loss evaluation) = "
+                  f"{state['floor_s']:.1f}s", flush=True)
+        for m, s in todo:
+            if time.perf_counter() - t_start + last_run > args.budget:
+                path.write_text(json.dumps(state, indent=1))
+                sys.exit(f"budget reached after {len(state['rows'])} multi-stage rows: run the same command again")
+            t0, c0 = time.perf_counter(), compile_seconds()
+            res = cobs_jax.prune_gradual(
+                variables, loss_fn, batch, sparsity=s, stages=args.ms_stages, method=selectors[m], update="cbs",
+                loss_batch=batch, damping=args.damping, blocks="layer", prunable=paper_prunable,
+                chunk_size=args.chunk_size, key=seed, progress=True)
+            jax.block_until_ready(res.params)
+            last_run = time.perf_counter() - t0
+            compile_s = compile_seconds() - c0
+            acc = evaluate(res.params, x_te, y_te)
+            state["rows"].append({"seed": seed, "method": m, "sparsity": s, "accuracy": acc,
+                                  "time_s": last_run - compile_s, "compile_s": compile_s,
+                                  "floor_s": state["floor_s"], "stages_run": len(res.info["stages"]),
+                                  "loss": res.info["loss"], "stages": res.info["stages"]})
+            print(f"multi-stage seed {seed} {m} x{args.ms_stages} at {s}: {100 * acc:.2f} % in {last_run:.0f}s "
+                  f"({compile_s:.0f}s compiling; {len(res.info['stages'])} stages run)", flush=True)
+            path.write_text(json.dumps(state, indent=1))
+    rows = [r for r in state["rows"] if r["seed"] < args.ms_seeds]
+    seeds = sorted({r["seed"] for r in rows})
+    header = (f"ResNet20 multi-stage, no fine-tuning: `prune_gradual(stages={args.ms_stages}, update=\"cbs\", "
+              f"blocks=\"layer\")` (CBS: {args.trials} RMP trials at the first stage, warm-started swap search "
+              f"after), N = {args.fisher_n} (also the loss batch), damping {args.damping}; test accuracy (%) mean "
+              f"± std over seed(s) {seeds}; time per run without compilation (s), its ratio to the floor "
+              f"({args.ms_stages} gradient passes + loss evaluations, {state.get('floor_s', float('nan')):.0f} s) "
+              "and the stages run.")
+    return multistage_table(rows, args.ms_methods, args.ms_sparsities, args.ms_stages, header)
 
 
 def _job_args(args):
