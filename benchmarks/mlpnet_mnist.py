@@ -9,6 +9,7 @@ sweep is also timed against a loop of single ``prune`` calls (``--no-loop-timing
     python benchmarks/mlpnet_mnist.py                 # MNIST, 5 seeds, 7 sparsities
     python benchmarks/mlpnet_mnist.py --quick         # a one-minute look
     python benchmarks/mlpnet_mnist.py --dataset fashion
+    python benchmarks/mlpnet_mnist.py --train sgd     # MLPNet trained by SGD (momentum 0.9) instead of Adam
 
 Methods (paper names): MP, WF-S, WF (OBS-sum update, scale 0.9 as the paper's MLPNet runs), CBS-S
 (RMP + local search) and CBS (CBS-S + CBS-U). WF and CBS reuse the masks of WF-S and CBS-S, as the
@@ -204,6 +205,8 @@ def main(argv=None):
     p.add_argument("--dataset", choices=("mnist", "fashion"), default="mnist")
     p.add_argument("--data-dir", help="folder with the four standard IDX files")
     p.add_argument("--download", action="store_true", help="download the full data set if not available offline")
+    p.add_argument("--train", choices=("adam", "sgd"), default="adam",
+                   help="how the dense MLPNet is trained (40 epochs; cached per choice)")
     p.add_argument("--quick", action="store_true", help="1 seed, 3 sparsities, 10 RMP trials")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
@@ -227,15 +230,16 @@ def main(argv=None):
     if args.quick:
         args.seeds, args.sparsities, args.trials = 1, [0.8, 0.9, 0.95], 10
         args.ms_methods, args.ms_sparsities, args.ms_seeds = ["MP"], [0.95], 1
-    name = args.out or f"mlpnet_{args.dataset}" + ("_quick" if args.quick else "")
+    name = args.out or (f"mlpnet_{args.dataset}" + ("_sgd" if args.train == "sgd" else "")
+                        + ("_quick" if args.quick else ""))
 
     try:
         ds = (load_mnist if args.dataset == "mnist" else load_fashion_mnist)(args.data_dir, args.download)
     except DataUnavailable as e:
         sys.exit(f"error: {e}")
     print(f"data: {ds.source}; train {len(ds.x_train)}, test {len(ds.x_test)}")
-    tag = f"{args.dataset}_{len(ds.x_train)}"
-    params, t_train = trained_mlpnet(ds, CACHE, tag, epochs=40)
+    tag = f"{args.dataset}_{len(ds.x_train)}" + ("_sgd" if args.train == "sgd" else "")
+    params, t_train = trained_mlpnet(ds, CACHE, tag, epochs=40, optimizer=args.train)
     dense = dense_accuracy(params, ds)
     print(f"MLPNet: dense test accuracy {100 * dense:.2f} %" + (f" (trained in {t_train:.1f}s)" if t_train else " (cached)"))
 

@@ -41,8 +41,14 @@ def accuracy(params, x, y):
     return jnp.mean(jnp.argmax(MODEL.apply(params, x), -1) == y)
 
 
-def train(x, y, *, epochs=30, batch_size=128, lr=1e-3, seed=0, params=None, masks=None, on_epoch=None):
-    """Adam on mean cross-entropy; returns params.
+# name -> (optimizer from a learning rate, default learning rate)
+OPTIMIZERS = {"adam": (optax.adam, 1e-3), "sgd": (lambda lr: optax.sgd(lr, momentum=0.9), 0.02)}
+
+
+def train(x, y, *, epochs=30, batch_size=128, optimizer="adam", lr=None, seed=0, params=None, masks=None,
+          on_epoch=None):
+    """Mini-batch training on mean cross-entropy with ``OPTIMIZERS[optimizer]`` (Adam, or SGD with
+    momentum 0.9) at ``lr`` (default: the optimizer's); returns params.
 
     From scratch, or from ``params`` (fine-tuning); with ``masks`` the optimizer is chained with
     ``cobs_jax.keep_sparsity`` so pruned weights stay exactly zero. ``on_epoch(epoch, params)`` is
@@ -51,7 +57,8 @@ def train(x, y, *, epochs=30, batch_size=128, lr=1e-3, seed=0, params=None, mask
     key = jax.random.key(seed)
     if params is None:
         params = MODEL.init(key, x[:1])
-    opt = optax.adam(lr)
+    make, default_lr = OPTIMIZERS[optimizer]
+    opt = make(default_lr if lr is None else lr)
     if masks is not None:
         opt = optax.chain(opt, cobs_jax.keep_sparsity(masks))
     state = opt.init(params)
