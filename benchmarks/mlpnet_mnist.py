@@ -23,8 +23,10 @@ Multi-stage table (``--ms-methods``, ``--ms-sparsities``, ``--ms-seeds``; ``--ms
 name skips it): ``cobs_jax.prune_gradual(stages=16)`` without fine-tuning, the Fisher recomputed at
 the updated weights before every stage, each stage selecting with MP, CBS (default columns) or
 IHT (``--ms-methods MP CBS IHT``; several minutes per run) and updating with CBS-U, the whole
-schedule one compiled program with loss-checked stages. Its time is set against the floor of 16 stages: 16 per-example-gradient passes and 16 loss evaluations on the loss batch,
-timed in the same run. Rows are saved as they finish (``<name>_multistage.json``) and a rerun
+schedule one compiled program with loss-checked stages (``--ms-loss-check``, default 3.0 as in
+``prune_gradual``; 0 turns the check off and runs exactly the planned stages, written to
+``<name>_check0_multistage.*``). Its time is set against the floor of 16 stages: 16
+per-example-gradient passes and 16 loss evaluations on the loss batch, timed in the same run. Rows are saved as they finish (``<name>_multistage.json``) and a rerun
 skips them, so an interrupted run resumes.
 """
 
@@ -142,6 +144,7 @@ def sweep(args, ds, params):
 
 
 MS_METHODS = {"MP": "magnitude", "CBS": "cbs", "IHT": "iht"}
+TRAINED = {"adam": "Adam-trained", "sgd": "SGD-trained"}
 
 
 def multistage(args, ds, params, name):
@@ -174,7 +177,8 @@ def multistage(args, ds, params, name):
                     continue
                 run = lambda: cobs_jax.prune_gradual(  # noqa: E731
                     params, loss_fn, batch, sparsity=s, stages=args.ms_stages, method=MS_METHODS[m],
-                    update="cbs", loss_batch=loss_batch, damping=args.damping, blocks="model", key=seed)
+                    update="cbs", loss_batch=loss_batch, damping=args.damping, blocks="model", key=seed,
+                    loss_check=args.ms_loss_check or None)
                 if m not in warm:  # compiled once per method: the counts are traced, so no recompilation
                     jax.block_until_ready(run().params)
                     warm.add(m)
@@ -192,11 +196,13 @@ def multistage(args, ds, params, name):
     rows = [r for r in done if r["seed"] < args.ms_seeds and r["method"] in args.ms_methods
             and r["sparsity"] in args.ms_sparsities]
     seeds = sorted({r["seed"] for r in rows})
-    header = (f"Multi-stage, no fine-tuning: `prune_gradual(stages={args.ms_stages}, update=\"cbs\")`, loss batch "
+    header = (f"MLPNet ({TRAINED[args.train]}), multi-stage, no fine-tuning: `prune_gradual(stages={args.ms_stages}, "
+              f"update=\"cbs\")`, loss batch "
               f"{n_loss} training images, test accuracy (%) mean ± std over seed(s) {seeds}; time per run (s), "
               f"its ratio to the floor ({args.ms_stages} gradient passes + loss evaluations, "
-              f"{rows[0]['floor_s'] if rows else float('nan'):.2f} s) and the stages run (loss-checked "
-              "stages split, at most twice the planned number).")
+              f"{rows[0]['floor_s'] if rows else float('nan'):.2f} s) and the stages run "
+              + (f"(loss_check={args.ms_loss_check:g}: stages split, at most twice the planned number)."
+                 if args.ms_loss_check else "(loss_check=None: the planned stages only)."))
     return multistage_table(rows, args.ms_methods, args.ms_sparsities, args.ms_stages, header)
 
 
@@ -225,13 +231,16 @@ def main(argv=None):
     p.add_argument("--ms-seeds", type=int, default=3)
     p.add_argument("--ms-stages", type=int, default=16)
     p.add_argument("--ms-loss-examples", type=int, default=8000)
+    p.add_argument("--ms-loss-check", type=float, default=3.0,
+                   help="prune_gradual's loss_check (0: off, exactly the planned stages)")
     p.add_argument("--only-multistage", action="store_true", help="skip the one-shot table")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.sparsities, args.trials = 1, [0.8, 0.9, 0.95], 10
         args.ms_methods, args.ms_sparsities, args.ms_seeds = ["MP"], [0.95], 1
     name = args.out or (f"mlpnet_{args.dataset}" + ("_sgd" if args.train == "sgd" else "")
-                        + ("_quick" if args.quick else ""))
+                        + ("_quick" if args.quick else "")
+                        + (f"_check{args.ms_loss_check:g}" if args.ms_loss_check != 3.0 else ""))
 
     try:
         ds = (load_mnist if args.dataset == "mnist" else load_fashion_mnist)(args.data_dir, args.download)
@@ -253,7 +262,7 @@ def main(argv=None):
     rows, methods, speed = sweep(args, ds, params)
     wall = time.perf_counter() - t0
     table = summarise(rows, methods, args.sparsities)
-    header = (f"MLPNet on {ds.source}: test accuracy (%) after one-shot pruning, mean ± std over "
+    header = (f"MLPNet ({TRAINED[args.train]}) on {ds.source}: test accuracy (%) after one-shot pruning, mean ± std over "
               f"{args.seeds} seed(s); N = {args.fisher_n}, damping {args.damping}, whole-model Fisher.")
     md = markdown(table, methods, args.sparsities, dense, header)
     if speed:

@@ -96,9 +96,11 @@ def main(argv=None):
     layout = cobs_jax.make_layout(variables, paper_prunable)
     x_tr, y_tr = jnp.asarray(pad32(ds.x_train)), jnp.asarray(ds.y_train)
     if args.ms_methods:
-        ms_md = multistage(args, variables, layout, x_tr, y_tr, x_te, ds.y_test, t_start)
+        ms_md, complete = multistage(args, variables, layout, x_tr, y_tr, x_te, ds.y_test, t_start)
         print("\n" + ms_md)
         (RESULTS / f"{args.out}_multistage.md").write_text(ms_md + "\n")
+        if not complete:
+            sys.exit("budget reached in the multi-stage table: run the same command again to resume")
     if args.only_multistage:
         return
     methods = method_table(args)
@@ -175,7 +177,11 @@ def fisher_sample(x_tr, y_tr, seed, n):
 
 
 def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, t_start):
-    """The multi-stage table; rows saved as they finish (``results/<out>_multistage.json``), resumed."""
+    """The multi-stage table and whether it is complete.
+
+    Rows are saved as they finish (``results/<out>_multistage.json``) and a rerun resumes; when the
+    budget stops the runs, the table shows the rows done so far (a dash for the others).
+    """
     path = RESULTS / f"{args.out}_multistage.json"
     state = json.loads(path.read_text()) if path.exists() else {"rows": []}
     settings = {k: getattr(args, k) for k in ("fisher_n", "damping", "trials", "ms_stages")}
@@ -183,8 +189,10 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, t_start):
         sys.exit(f"{path} was made with other settings ({state['args']}); delete it or use --out")
     state["args"] = settings
     selectors = {"MP": "magnitude", "CBS": cobs_jax.CBS(num_trials=args.trials)}
-    last_run = 0.0
+    last_run, complete = 0.0, True
     for seed in range(args.ms_seeds):
+        if not complete:
+            break
         todo = [(m, s) for m in args.ms_methods for s in args.ms_sparsities
                 if not any(r["seed"] == seed and r["method"] == m and r["sparsity"] == s for r in state["rows"])]
         if not todo:
@@ -205,8 +213,8 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, t_start):
                   f"{state['floor_s']:.1f}s", flush=True)
         for m, s in todo:
             if time.perf_counter() - t_start + last_run > args.budget:
-                path.write_text(json.dumps(state, indent=1))
-                sys.exit(f"budget reached after {len(state['rows'])} multi-stage rows: run the same command again")
+                complete = False
+                break
             t0, c0 = time.perf_counter(), compile_seconds()
             res = cobs_jax.prune_gradual(
                 variables, loss_fn, batch, sparsity=s, stages=args.ms_stages, method=selectors[m], update="cbs",
@@ -231,7 +239,7 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, t_start):
               f"± std over seed(s) {seeds}; time per run without compilation (s), its ratio to the floor "
               f"({args.ms_stages} gradient passes + loss evaluations, {state.get('floor_s', float('nan')):.0f} s) "
               "and the stages run.")
-    return multistage_table(rows, args.ms_methods, args.ms_sparsities, args.ms_stages, header)
+    return multistage_table(rows, args.ms_methods, args.ms_sparsities, args.ms_stages, header), complete
 
 
 def _job_args(args):
