@@ -9,7 +9,7 @@ Multi-stage table (``--ms-methods``, default MP and CBS; ``--ms-methods`` with n
 ``cobs_jax.prune_gradual(stages=16, update="cbs")`` without fine-tuning, the whole schedule one
 compiled program (per-layer Fisher blocks recomputed at the updated weights every stage, loss-checked
 stages on the 1000 Fisher examples), at 0.8 / 0.9 / 0.95 for ``--ms-seeds`` seeds (default 1: a run
-takes several minutes). Its time (compilation left out) is set against the floor of 16 stages:
+takes 20-36 minutes on 2 CPU cores; ``--budget 0`` renders the table from the saved rows). Its time (compilation left out) is set against the floor of 16 stages:
 16 x (one per-example-gradient pass + one loss evaluation), timed in the same run.
 
     python benchmarks/resnet20.py             # once (about 25 min, resumable): the dense model
@@ -96,7 +96,7 @@ def main(argv=None):
     layout = cobs_jax.make_layout(variables, paper_prunable)
     x_tr, y_tr = jnp.asarray(pad32(ds.x_train)), jnp.asarray(ds.y_train)
     if args.ms_methods:
-        ms_md, complete = multistage(args, variables, layout, x_tr, y_tr, x_te, ds.y_test, t_start)
+        ms_md, complete = multistage(args, variables, layout, x_tr, y_tr, x_te, ds.y_test, dense, t_start)
         print("\n" + ms_md)
         (RESULTS / f"{args.out}_multistage.md").write_text(ms_md + "\n")
         if not complete:
@@ -176,7 +176,7 @@ def fisher_sample(x_tr, y_tr, seed, n):
     return {"x": x_tr[idx], "y": y_tr[idx]}
 
 
-def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, t_start):
+def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
     """The multi-stage table and whether it is complete.
 
     Rows are saved as they finish (``results/<out>_multistage.json``) and a rerun resumes; when the
@@ -233,7 +233,7 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, t_start):
             path.write_text(json.dumps(state, indent=1))
     rows = [r for r in state["rows"] if r["seed"] < args.ms_seeds]
     seeds = sorted({r["seed"] for r in rows})
-    header = (f"ResNet20 multi-stage, no fine-tuning: `prune_gradual(stages={args.ms_stages}, update=\"cbs\", "
+    header = (f"ResNet20 (dense {100 * dense:.2f} %) multi-stage, no fine-tuning: `prune_gradual(stages={args.ms_stages}, update=\"cbs\", "
               f"blocks=\"layer\")` (CBS: {args.trials} RMP trials at the first stage, warm-started swap search "
               f"after), N = {args.fisher_n} (also the loss batch), damping {args.damping}; test accuracy (%) mean "
               f"± std over seed(s) {seeds}; time per run without compilation (s), its ratio to the floor "
