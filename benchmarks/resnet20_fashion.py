@@ -74,6 +74,7 @@ def main(argv=None):
     p.add_argument("--ms-sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--ms-seeds", type=int, default=1)
     p.add_argument("--ms-stages", type=int, default=16)
+    p.add_argument("--ms-max-halvings", type=int, default=1, help="prune_gradual's max_halvings")
     p.add_argument("--only-multistage", action="store_true", help="skip the one-shot sweep")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -219,7 +220,7 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
             res = cobs_jax.prune_gradual(
                 variables, loss_fn, batch, sparsity=s, stages=args.ms_stages, method=selectors[m], update="cbs",
                 loss_batch=batch, damping=args.damping, blocks="layer", prunable=paper_prunable,
-                chunk_size=args.chunk_size, key=seed, progress=True)
+                chunk_size=args.chunk_size, key=seed, max_halvings=args.ms_max_halvings, progress=True)
             jax.block_until_ready(res.params)
             last_run = time.perf_counter() - t0
             compile_s = compile_seconds() - c0
@@ -227,6 +228,7 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
             state["rows"].append({"seed": seed, "method": m, "sparsity": s, "accuracy": acc,
                                   "time_s": last_run - compile_s, "compile_s": compile_s,
                                   "floor_s": state["floor_s"], "stages_run": len(res.info["stages"]),
+                                  "max_halvings": args.ms_max_halvings,
                                   "loss": res.info["loss"], "stages": res.info["stages"]})
             print(f"multi-stage seed {seed} {m} x{args.ms_stages} at {s}: {100 * acc:.2f} % in {last_run:.0f}s "
                   f"({compile_s:.0f}s compiling; {len(res.info['stages'])} stages run)", flush=True)
@@ -234,7 +236,7 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
     rows = [r for r in state["rows"] if r["seed"] < args.ms_seeds]
     seeds = sorted({r["seed"] for r in rows})
     header = (f"ResNet20 (dense {100 * dense:.2f} %) multi-stage, no fine-tuning: `prune_gradual(stages={args.ms_stages}, update=\"cbs\", "
-              f"blocks=\"layer\")` (CBS: {args.trials} RMP trials at the first stage, warm-started swap search "
+              f"blocks=\"layer\", max_halvings={args.ms_max_halvings})` (CBS: {args.trials} RMP trials at the first stage, warm-started swap search "
               f"after), N = {args.fisher_n} (also the loss batch), damping {args.damping}; test accuracy (%) mean "
               f"± std over seed(s) {seeds}; time per run without compilation (s), its ratio to the floor "
               f"({args.ms_stages} gradient passes + loss evaluations, {state.get('floor_s', float('nan')):.0f} s) "

@@ -23,6 +23,7 @@ Schedule = Union[str, Callable[[float], float]]
 _POWERS = {"cubic": 3, "linear": 1}
 LOSS_CHECK: Optional[float] = 3.0
 LOSS_SLACK = 0.01
+MAX_HALVINGS = 1
 
 
 def sparsity_schedule(target: float, stages: int, schedule: Schedule = "cubic") -> list[float]:
@@ -69,6 +70,7 @@ def prune_gradual(
     warm_start: bool = True,
     loss_check: Optional[float] = LOSS_CHECK,
     loss_slack: float = LOSS_SLACK,
+    max_halvings: int = MAX_HALVINGS,
     max_stages: Optional[int] = None,
     key: Union[None, int, jax.Array] = None,
     verbose: bool = False,
@@ -88,8 +90,8 @@ def prune_gradual(
     pruned counts traced, so nothing returns to the host between stages and a new sparsity does not
     recompile. There, the stages are also **checked by the true loss** on the loss batch: a stage
     whose loss rises more than ``loss_check`` times what the quadratic model predicted (plus
-    ``loss_slack`` times the dense loss) is redone with half the step (down to an eighth), the rest
-    of the step becoming an extra stage, at most ``max_stages`` in all. A split stage whose path
+    ``loss_slack`` times the dense loss) is redone with half the step (``max_halvings`` times at
+    most), the rest of the step becoming an extra stage, at most ``max_stages`` in all. A split stage whose path
     ends above the full step it replaced is undone (``"reverted"``), so checking never ends a
     planned stage higher than the unchecked step from the same weights. ``info["stages"]`` reports
     for every stage run its target, sparsity, the loss before, the predicted and the true loss
@@ -119,6 +121,10 @@ def prune_gradual(
       loss_check: compiled path: the ratio of true to predicted loss rise above which a stage is
         redone with a smaller step; ``None`` turns the check off (every stage as planned).
       loss_slack: compiled path: a rise up to ``loss_slack * dense loss`` is always accepted.
+      max_halvings: compiled path: how many times a rejected step may be halved before the
+        smallest one tried is taken (1, the default: a rejected step is split evenly in two; when
+        the model underestimates the loss systematically, more halvings only spend the extra
+        stages on slivers).
       max_stages: compiled path: the most stages run, extra ones included (default ``2 * stages``).
       key: PRNG key or int seed; stage ``t`` uses ``fold_in(key, t)``.
       verbose: print one line per stage.
@@ -136,7 +142,7 @@ def prune_gradual(
 
     Raises:
       ValueError: for ``stages < 1``, a schedule that does not rise to the target, a bad
-        ``loss_check``/``loss_slack``/``max_stages``, ``finetune`` or a callable ``batch`` with
+        ``loss_check``/``loss_slack``/``max_halvings``/``max_stages``, ``finetune`` or a callable ``batch`` with
         ``compiled=True``, ``masks``/``grads`` given, and whatever :func:`prune` rejects.
     """
     for name in ("masks", "grads"):
@@ -162,7 +168,7 @@ def prune_gradual(
     if compiled:
         return _prune_compiled(
             params, loss_fn, batch, sparsity=sparsity, fractions=fractions, budget=budget, key=key,
-            warm_start=warm_start, loss_check=loss_check, loss_slack=loss_slack,
+            warm_start=warm_start, loss_check=loss_check, loss_slack=loss_slack, max_halvings=max_halvings,
             max_stages=2 * stages if max_stages is None else max_stages, verbose=verbose or progress,
             schedule=schedule, **prune_kwargs,
         )
@@ -204,7 +210,8 @@ def prune_gradual(
 
 
 def _prune_compiled(
-    params, loss_fn, batch, *, sparsity, fractions, budget, key, warm_start, loss_check, loss_slack, max_stages,
+    params, loss_fn, batch, *, sparsity, fractions, budget, key, warm_start, loss_check, loss_slack, max_halvings,
+    max_stages,
     verbose, schedule, method="magnitude", update=None, damping=1e-3, blocks="model", prunable=None,
     mini_batch=1, chunk_size=256, loss_batch=None, update_scale=1.0, mesh=None, pattern=None,
 ) -> PruneResult:
@@ -216,6 +223,8 @@ def _prune_compiled(
         raise ValueError(f"`loss_check` must be a number > 0 or None, got {loss_check!r}")
     if not (np.isfinite(loss_slack) and loss_slack >= 0):
         raise ValueError(f"`loss_slack` must be a number >= 0, got {loss_slack!r}")
+    if isinstance(max_halvings, bool) or not isinstance(max_halvings, (int, np.integer)) or max_halvings < 0:
+        raise ValueError(f"`max_halvings` must be an int >= 0, got {max_halvings!r}")
     if isinstance(max_stages, bool) or not isinstance(max_stages, (int, np.integer)) or max_stages < len(fractions):
         raise ValueError(f"`max_stages` must be an int >= stages ({len(fractions)}), got {max_stages!r}")
     if loss_fn is None or batch is None:
@@ -228,7 +237,7 @@ def _prune_compiled(
     new_params, pruned, info = run_stages(
         params, loss_fn, batch, layout=layout, selector=selector, update=update, plan=plan, targets=targets,
         damping=float(damping), blocks=layout.blocks(blocks), key=key, loss_batch=batch if loss_batch is None else loss_batch,
-        loss_check=loss_check, loss_slack=loss_slack, max_stages=int(max_stages), warm_start=warm_start,
+        loss_check=loss_check, loss_slack=loss_slack, max_halvings=int(max_halvings), max_stages=int(max_stages), warm_start=warm_start,
         update_scale=float(update_scale), mini_batch=int(mini_batch), chunk_size=int(chunk_size), mesh=mesh,
         progress=verbose,
     )
@@ -237,6 +246,6 @@ def _prune_compiled(
         "method": type(selector).__name__, "update": update, "blocks": blocks, "budget": budget, "pattern": pattern,
         "num_prunable": layout.size, "num_pruned": int(np.sum(~keep)), "sparsity": float(1.0 - keep.mean()),
         "layer_sparsity": layout.per_layer_sparsity(keep), "schedule": schedule, "compiled": True,
-        "loss_check": loss_check, **info,
+        "loss_check": loss_check, "max_halvings": max_halvings, **info,
     }
     return PruneResult(new_params, layout.to_masks(jnp.asarray(keep)), info)

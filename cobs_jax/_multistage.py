@@ -10,7 +10,8 @@ Every stage of the schedule runs on device inside one ``lax.while_loop``:
 3. the update (CBS-U by default) and the true loss on the loss batch;
 4. the loss check: a stage whose true loss rises more than ``loss_check`` times the rise the
    quadratic model predicted (``1/2 dw^T F_lambda dw``), plus a slack, is redone with half the
-   step (then a quarter, an eighth), and the rest of the step becomes an extra stage. At most
+   step (``max_halvings`` times at most: 1 by default, 3 goes down to an eighth), and the rest of
+   the step becomes an extra stage. At most
    ``max_stages`` stages run, so the last planned stages always reach the exact target. When the
    split path reaches the planned count, its true loss is compared with the full step tried at
    the planned stage's start (and any full step tried on the way): if a full step was lower, the
@@ -40,9 +41,6 @@ from ._prune import _NO_FISHER, UPDATES, _fisher, _on_mesh
 from ._selectors import Problem
 
 __all__ = ["StagePlan", "stage_plan", "run_stages"]
-
-MAX_HALVINGS = 3  # a rejected step is retried at 1/2, 1/4 and 1/8 of its size
-
 
 class StagePlan(NamedTuple):
     """Per-stage pruned counts of a schedule.
@@ -94,8 +92,8 @@ def _report(e, pruned, size, loss, pred, halvings, reverted):
 )
 def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch, chunk_size, max_stages,
               needs_fisher, progress, params, batch, loss_batch, damping, scale, counts, groups, key, check,
-              slack):
-    def body(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack):
+              slack, max_halvings):
+    def body(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack, max_halvings):
         num_planned, ng = counts.shape
         d, dtype = layout.size, layout.dtype
         n_local = _batch_size(batch) // mini_batch
@@ -151,7 +149,7 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
                 target, tries, (_, _, pred, new_loss) = a
                 smaller = held + (target - held) // 2
                 return ((new_loss - loss_w > check * jnp.maximum(pred, 0.0) + tol) & allowed
-                        & (tries < MAX_HALVINGS) & (jnp.sum(smaller - held) > 0))
+                        & (tries < max_halvings) & (jnp.sum(smaller - held) > 0))
 
             def halve(a):
                 target, tries, _ = a
@@ -189,7 +187,8 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
         )
         return w, pruned, e, hist, finite, loss0
 
-    return _on_mesh(body, mesh)(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack)
+    return _on_mesh(body, mesh)(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack,
+                                max_halvings)
 
 
 def run_stages(
@@ -208,6 +207,7 @@ def run_stages(
     loss_batch: PyTree,
     loss_check: Optional[float],
     loss_slack: float,
+    max_halvings: int,
     max_stages: int,
     warm_start: bool,
     update_scale: float,
@@ -232,7 +232,7 @@ def run_stages(
         place(jnp.asarray(update_scale, dtype), mesh), place(jnp.asarray(plan.counts), mesh),
         place(jnp.asarray(plan.groups), mesh), place(key, mesh),
         place(jnp.asarray(np.inf if loss_check is None else loss_check, dtype), mesh),
-        place(jnp.asarray(loss_slack, dtype), mesh),
+        place(jnp.asarray(loss_slack, dtype), mesh), place(jnp.asarray(max_halvings, jnp.int32), mesh),
     ))
     seconds = time.perf_counter() - t0
     e = int(e)

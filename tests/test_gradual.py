@@ -93,6 +93,7 @@ def test_finetune_cannot_revive_pruned_weights():
                                       ({"finetune": lambda p, m, t: p, "compiled": True}, "finetune"),
                                       ({"compiled": True, "loss_check": 0.0}, "loss_check"),
                                       ({"stages": 3, "max_stages": 2}, "max_stages"),
+                                      ({"max_halvings": -1}, "max_halvings"), ({"max_halvings": 1.5}, "max_halvings"),
                                       ({"finetune": 3}, "finetune"), ({"stages": 0}, "stages"), ({}, "sparsity")])
 def test_gradual_bad_arguments(kw, match):
     params, loss_fn, batch = linen_setup(n=8)
@@ -175,6 +176,23 @@ def test_loss_check_splits_a_stage_whose_loss_rises_beyond_the_model():
     assert checked.info["num_pruned"] == plain.info["num_pruned"]
     for e in st:  # every stage reports the model's prediction next to the true loss
         assert np.isfinite(e["predicted_loss"]) and np.isfinite(e["loss"])
+
+
+def test_max_halvings_bounds_the_splits():
+    params, loss_fn, batch = _trained_setup()
+    kw = dict(sparsity=0.9, stages=2, method="magnitude", update="cbs", damping=1e-2, loss_check=1e-3,
+              loss_slack=0.0, max_stages=8)
+    plain = cobs_jax.prune_gradual(params, loss_fn, batch, **{**kw, "loss_check": None})
+    halvings = {}
+    for h in (0, 1, 3):
+        res = cobs_jax.prune_gradual(params, loss_fn, batch, max_halvings=h, **kw)
+        assert res.info["max_halvings"] == h and res.info["num_pruned"] == plain.info["num_pruned"]
+        halvings[h] = [e["halvings"] for e in res.info["stages"]]
+        assert max(halvings[h]) <= h
+        if h == 0:  # nothing is ever split: the plain schedule
+            for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(res.params)):
+                np.testing.assert_array_equal(a, b)
+    assert max(halvings[1]) == 1 and max(halvings[3]) > 1  # every step overshoots this model
 
 
 def test_loss_checked_stage_never_ends_above_the_plain_step():
