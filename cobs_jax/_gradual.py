@@ -91,9 +91,9 @@ def prune_gradual(
     recompile. There, the stages are also **checked by the true loss** on the loss batch: a stage
     whose loss rises more than ``loss_check`` times what the quadratic model predicted (plus
     ``loss_slack`` times the dense loss) is redone with half the step (``max_halvings`` times at
-    most), the rest of the step becoming an extra stage, at most ``max_stages`` in all. A split stage whose path
-    ends above the full step it replaced is undone (``"reverted"``), so checking never ends a
-    planned stage higher than the unchecked step from the same weights. ``info["stages"]`` reports
+    most), the rest of the step becoming an extra stage, at most ``max_stages`` in all. A split
+    stage whose path ends above the full step it replaced is undone (``"reverted"``), so checking
+    never ends a planned stage higher than the unchecked step from the same weights. ``info["stages"]`` reports
     for every stage run its target, sparsity, the loss before, the predicted and the true loss
     after, the halvings and whether it was reverted. With ``warm_start`` (default) CBS runs its RMP trials only at the
     first stage; later stages start the swap search from the previous mask completed by magnitude.
@@ -142,8 +142,9 @@ def prune_gradual(
 
     Raises:
       ValueError: for ``stages < 1``, a schedule that does not rise to the target, a bad
-        ``loss_check``/``loss_slack``/``max_halvings``/``max_stages``, ``finetune`` or a callable ``batch`` with
-        ``compiled=True``, ``masks``/``grads`` given, and whatever :func:`prune` rejects.
+        ``loss_check``/``loss_slack``/``max_halvings``/``max_stages``, ``finetune`` or a callable
+        ``batch`` with ``compiled=True``, ``masks``/``grads`` given, and whatever :func:`prune`
+        rejects.
     """
     for name in ("masks", "grads"):
         if name in prune_kwargs:
@@ -237,8 +238,8 @@ def _prune_compiled(
     new_params, pruned, info = run_stages(
         params, loss_fn, batch, layout=layout, selector=selector, update=update, plan=plan, targets=targets,
         damping=float(damping), blocks=layout.blocks(blocks), key=key, loss_batch=batch if loss_batch is None else loss_batch,
-        loss_check=loss_check, loss_slack=loss_slack, max_halvings=int(max_halvings), max_stages=int(max_stages), warm_start=warm_start,
-        update_scale=float(update_scale), mini_batch=int(mini_batch), chunk_size=int(chunk_size), mesh=mesh,
+        loss_check=loss_check, loss_slack=loss_slack, max_halvings=int(max_halvings), max_stages=int(max_stages),
+        warm_start=warm_start, update_scale=float(update_scale), mini_batch=int(mini_batch), chunk_size=int(chunk_size), mesh=mesh,
         progress=verbose,
     )
     keep = ~np.asarray(pruned)

@@ -11,8 +11,8 @@ Every stage of the schedule runs on device inside one ``lax.while_loop``:
 4. the loss check: a stage whose true loss rises more than ``loss_check`` times the rise the
    quadratic model predicted (``1/2 dw^T F_lambda dw``), plus a slack, is redone with half the
    step (``max_halvings`` times at most: 1 by default, 3 goes down to an eighth), and the rest of
-   the step becomes an extra stage. At most
-   ``max_stages`` stages run, so the last planned stages always reach the exact target. When the
+   the step becomes an extra stage. At most ``max_stages`` stages run, so the last planned stages
+   always reach the exact target. When the
    split path reaches the planned count, its true loss is compared with the full step tried at
    the planned stage's start (and any full step tried on the way): if a full step was lower, the
    split is undone. So a planned stage never ends above the step it would have taken unchecked.
