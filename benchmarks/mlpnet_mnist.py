@@ -143,7 +143,8 @@ def sweep(args, ds, params):
     return rows, wanted, speed
 
 
-MS_METHODS = {"MP": "magnitude", "CBS": "cbs", "IHT": "iht"}
+# column: (method, compare_magnitude); CBS-vs-MP keeps, at every stage, the lower of CBS's and MP's deployed masks
+MS_METHODS = {"MP": ("magnitude", False), "CBS": ("cbs", False), "IHT": ("iht", False), "CBS-vs-MP": ("cbs", True)}
 TRAINED = {"adam": "Adam-trained", "sgd": "SGD-trained"}
 
 
@@ -176,9 +177,9 @@ def multistage(args, ds, params, name):
                 if (m, s) not in todo:
                     continue
                 run = lambda: cobs_jax.prune_gradual(  # noqa: E731
-                    params, loss_fn, batch, sparsity=s, stages=args.ms_stages, method=MS_METHODS[m],
-                    update="cbs", loss_batch=loss_batch, damping=args.damping, blocks="model", key=seed,
-                    loss_check=args.ms_loss_check or None)
+                    params, loss_fn, batch, sparsity=s, stages=args.ms_stages, method=MS_METHODS[m][0],
+                    compare_magnitude=MS_METHODS[m][1], update="cbs", loss_batch=loss_batch, damping=args.damping,
+                    blocks="model", key=seed, loss_check=args.ms_loss_check or None)
                 if m not in warm:  # compiled once per method: the counts are traced, so no recompilation
                     jax.block_until_ready(run().params)
                     warm.add(m)

@@ -69,8 +69,9 @@ def main(argv=None):
                    help="per-example gradients computed at once (small chunks are fastest for convs on CPU)")
     p.add_argument("--budget", type=float, default=540, help="stop before this many seconds; run again to resume")
     p.add_argument("--out", default="resnet20_fashion")
-    p.add_argument("--ms-methods", nargs="*", default=["MP", "CBS"], choices=["MP", "CBS"],
-                   help="multi-stage columns (none: skip the multi-stage table)")
+    p.add_argument("--ms-methods", nargs="*", default=["MP", "CBS"], choices=["MP", "CBS", "CBS-vs-MP"],
+                   help="multi-stage columns (none: skip the multi-stage table; CBS-vs-MP: CBS with "
+                        "compare_magnitude=True)")
     p.add_argument("--ms-sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--ms-seeds", type=int, default=1)
     p.add_argument("--ms-stages", type=int, default=16)
@@ -189,7 +190,8 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
     if state.get("args") not in (None, settings):
         sys.exit(f"{path} was made with other settings ({state['args']}); delete it or use --out")
     state["args"] = settings
-    selectors = {"MP": "magnitude", "CBS": cobs_jax.CBS(num_trials=args.trials)}
+    cbs = cobs_jax.CBS(num_trials=args.trials)
+    selectors = {"MP": ("magnitude", False), "CBS": (cbs, False), "CBS-vs-MP": (cbs, True)}
     last_run, complete = 0.0, True
     for seed in range(args.ms_seeds):
         if not complete:
@@ -218,7 +220,8 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
                 break
             t0, c0 = time.perf_counter(), compile_seconds()
             res = cobs_jax.prune_gradual(
-                variables, loss_fn, batch, sparsity=s, stages=args.ms_stages, method=selectors[m], update="cbs",
+                variables, loss_fn, batch, sparsity=s, stages=args.ms_stages, method=selectors[m][0], update="cbs",
+                compare_magnitude=selectors[m][1],
                 loss_batch=batch, damping=args.damping, blocks="layer", prunable=paper_prunable,
                 chunk_size=args.chunk_size, key=seed, max_halvings=args.ms_max_halvings, progress=True)
             jax.block_until_ready(res.params)

@@ -68,6 +68,7 @@ def prune_gradual(
     finetune: Optional[Callable[[PyTree, PyTree, int], PyTree]] = None,
     compiled: Optional[bool] = None,
     warm_start: bool = True,
+    compare_magnitude: bool = False,
     loss_check: Optional[float] = LOSS_CHECK,
     loss_slack: float = LOSS_SLACK,
     max_halvings: int = MAX_HALVINGS,
@@ -118,6 +119,11 @@ def prune_gradual(
       compiled: ``None`` (compiled unless ``finetune`` or a callable ``batch`` needs the loop),
         ``True`` or ``False``.
       warm_start: compiled path: warm-start the selection from the previous stage's mask.
+      compare_magnitude: compiled path, a selector other than magnitude: every attempt also
+        deploys the magnitude completion of the frozen set (what ``method="magnitude"`` would
+        prune from the same weights) with the same update and keeps whichever has the lower true
+        loss (``info["stages"][t]["magnitude_kept"]``); costs one more update and loss
+        evaluation per attempt.
       loss_check: compiled path: the ratio of true to predicted loss rise above which a stage is
         redone with a smaller step; ``None`` turns the check off (every stage as planned).
       loss_slack: compiled path: a rise up to ``loss_slack * dense loss`` is always accepted.
@@ -166,10 +172,13 @@ def prune_gradual(
         raise ValueError("a callable `batch` (a fresh sample per stage) needs `compiled=False`")
     fractions = _fractions(stages, schedule)
     key = as_key(key)
+    if compare_magnitude and not compiled:
+        raise ValueError("`compare_magnitude` needs the compiled schedule (no `finetune`, a fixed `batch`)")
     if compiled:
         return _prune_compiled(
             params, loss_fn, batch, sparsity=sparsity, fractions=fractions, budget=budget, key=key,
-            warm_start=warm_start, loss_check=loss_check, loss_slack=loss_slack, max_halvings=max_halvings,
+            warm_start=warm_start, compare_magnitude=bool(compare_magnitude), loss_check=loss_check,
+            loss_slack=loss_slack, max_halvings=max_halvings,
             max_stages=2 * stages if max_stages is None else max_stages, verbose=verbose or progress,
             schedule=schedule, **prune_kwargs,
         )
@@ -211,8 +220,8 @@ def prune_gradual(
 
 
 def _prune_compiled(
-    params, loss_fn, batch, *, sparsity, fractions, budget, key, warm_start, loss_check, loss_slack, max_halvings,
-    max_stages,
+    params, loss_fn, batch, *, sparsity, fractions, budget, key, warm_start, compare_magnitude, loss_check, loss_slack,
+    max_halvings, max_stages,
     verbose, schedule, method="magnitude", update=None, damping=1e-3, blocks="model", prunable=None,
     mini_batch=1, chunk_size=256, loss_batch=None, update_scale=1.0, mesh=None, pattern=None,
 ) -> PruneResult:
@@ -239,7 +248,8 @@ def _prune_compiled(
         params, loss_fn, batch, layout=layout, selector=selector, update=update, plan=plan, targets=targets,
         damping=float(damping), blocks=layout.blocks(blocks), key=key, loss_batch=batch if loss_batch is None else loss_batch,
         loss_check=loss_check, loss_slack=loss_slack, max_halvings=int(max_halvings), max_stages=int(max_stages),
-        warm_start=warm_start, update_scale=float(update_scale), mini_batch=int(mini_batch), chunk_size=int(chunk_size), mesh=mesh,
+        warm_start=warm_start, compare_magnitude=compare_magnitude, update_scale=float(update_scale),
+        mini_batch=int(mini_batch), chunk_size=int(chunk_size), mesh=mesh,
         progress=verbose,
     )
     keep = ~np.asarray(pruned)
@@ -247,6 +257,6 @@ def _prune_compiled(
         "method": type(selector).__name__, "update": update, "blocks": blocks, "budget": budget, "pattern": pattern,
         "num_prunable": layout.size, "num_pruned": int(np.sum(~keep)), "sparsity": float(1.0 - keep.mean()),
         "layer_sparsity": layout.per_layer_sparsity(keep), "schedule": schedule, "compiled": True,
-        "loss_check": loss_check, "max_halvings": max_halvings, **info,
+        "loss_check": loss_check, "max_halvings": max_halvings, "compare_magnitude": compare_magnitude, **info,
     }
     return PruneResult(new_params, layout.to_masks(jnp.asarray(keep)), info)

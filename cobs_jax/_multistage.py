@@ -17,6 +17,11 @@ Every stage of the schedule runs on device inside one ``lax.while_loop``:
    the planned stage's start (and any full step tried on the way): if a full step was lower, the
    split is undone. So a planned stage never ends above the step it would have taken unchecked.
 
+With ``compare_magnitude`` (a selector other than magnitude) every attempt also deploys the
+magnitude completion of the frozen set with the same update and keeps whichever has the lower true
+loss: the selector's mask is scored by the loss without the update, which is not the loss it is
+deployed with.
+
 The pruned counts are traced values: changing the sparsity or the schedule does not recompile, only
 the number of planned stages (a static shape) does.
 """
@@ -38,7 +43,7 @@ from ._cbs import CBS
 from ._fisher import _batch_size, _grad_rows, check_grad_batch, place, row_axis
 from ._layout import Layout, PyTree
 from ._prune import _NO_FISHER, UPDATES, _fisher, _on_mesh
-from ._selectors import Problem
+from ._selectors import Magnitude, Problem
 
 __all__ = ["StagePlan", "stage_plan", "run_stages"]
 
@@ -79,19 +84,20 @@ def stage_plan(layout: Layout, sparsity: Optional[float], fractions: Sequence[fl
     return StagePlan(groups, counts.astype(np.int32))
 
 
-def _report(e, pruned, size, loss, pred, halvings, reverted):
+def _report(e, pruned, size, loss, pred, halvings, reverted, won):
     print(f"[cobs_jax] prune_gradual stage {int(e) + 1}: pruned {int(pruned)}/{int(size)}, loss {float(loss):.6g}"
           f" (model predicted {float(pred):.6g})" + (f", step halved {int(halvings)}x" if int(halvings) else "")
-          + (", split undone (the full step was lower)" if bool(reverted) else ""), flush=True)
+          + (", split undone (the full step was lower)" if bool(reverted) else "")
+          + (", magnitude mask kept" if bool(won) else ""), flush=True)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("selector", "warm", "update", "layout", "loss_fn", "blocks", "mesh", "mini_batch",
-                     "chunk_size", "max_stages", "needs_fisher", "progress"),
+                     "chunk_size", "max_stages", "needs_fisher", "guard", "progress"),
 )
 def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch, chunk_size, max_stages,
-              needs_fisher, progress, params, batch, loss_batch, damping, scale, counts, groups, key, check,
+              needs_fisher, guard, progress, params, batch, loss_batch, damping, scale, counts, groups, key, check,
               slack, max_halvings):
     def body(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack, max_halvings):
         num_planned, ng = counts.shape
@@ -125,9 +131,19 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             else:
                 new = jax.lax.cond(first, lambda: selector.select(problem, k, k_e)[0],
                                    lambda: warm.select(problem, k, k_e)[0])
-            w_new = jnp.where(new, 0.0, w) if update is None else UPDATES[update](w, new, fisher, scale)
-            pred = 0.5 * fisher.quadratic(w_new - w, damped=True) if fisher is not None else jnp.zeros((), dtype)
-            return new, w_new, pred, loss(w_new)
+
+            def deployed(mask):  # the weights this mask is deployed with, the model's rise and the true loss
+                w_new = jnp.where(mask, 0.0, w) if update is None else UPDATES[update](w, mask, fisher, scale)
+                pred = 0.5 * fisher.quadratic(w_new - w, damped=True) if fisher is not None else jnp.zeros((), dtype)
+                return mask, w_new, pred, loss(w_new)
+
+            out = deployed(new)
+            if not guard:
+                return out + (jnp.bool_(False),)
+            # the magnitude completion of the frozen set, deployed the same way: kept if lower
+            alt = deployed(Magnitude().select(problem, k, k_e)[0])
+            won = alt[3] < out[3]
+            return jax.tree.map(lambda a, b: jnp.where(won, a, b), alt, out) + (won,)
 
         def stage(st):
             e, t, w, pruned, loss_w, hist, _, fb = st
@@ -146,7 +162,7 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             first = attempt(fisher, w, pruned, held, full, k_e, e == 0)
 
             def rejected(a):
-                target, tries, (_, _, pred, new_loss) = a
+                target, tries, (_, _, pred, new_loss, _) = a
                 smaller = held + (target - held) // 2
                 return ((new_loss - loss_w > check * jnp.maximum(pred, 0.0) + tol) & allowed
                         & (tries < max_halvings) & (jnp.sum(smaller - held) > 0))
@@ -156,7 +172,7 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
                 target = held + (target - held) // 2
                 return target, tries + 1, attempt(fisher, w, pruned, held, target, k_e, e == 0)
 
-            target, tries, (new, w_new, pred, new_loss) = jax.lax.while_loop(
+            target, tries, (new, w_new, pred, new_loss, won) = jax.lax.while_loop(
                 rejected, halve, (full, jnp.int32(0), first)
             )
             done = jnp.all(target == full)
@@ -165,22 +181,22 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             better = first[3] < fb[3]
             fb = jax.tree.map(lambda a, b: jnp.where(better, a, b), first, fb)
             revert = done & (fb[3] < new_loss)
-            new, w_new, pred, new_loss = jax.tree.map(lambda a, b: jnp.where(revert, a, b), fb,
-                                                      (new, w_new, pred, new_loss))
+            new, w_new, pred, new_loss, won = jax.tree.map(lambda a, b: jnp.where(revert, a, b), fb,
+                                                           (new, w_new, pred, new_loss, won))
             fb = jax.tree.map(lambda a, b: jnp.where(done, a, b), fb0, fb)
-            h_target, h_pruned, h_pred, h_loss, h_before, h_tries, h_revert = hist
+            h_target, h_pruned, h_pred, h_loss, h_before, h_tries, h_revert, h_won = hist
             hist = (h_target.at[e].set(jnp.sum(target).astype(jnp.int32)), h_pruned.at[e].set(jnp.sum(new, dtype=jnp.int32)),
                     h_pred.at[e].set(pred), h_loss.at[e].set(new_loss), h_before.at[e].set(loss_w),
-                    h_tries.at[e].set(tries), h_revert.at[e].set(revert))
+                    h_tries.at[e].set(tries), h_revert.at[e].set(revert), h_won.at[e].set(won))
             if progress:
-                jax.debug.callback(_report, e, jnp.sum(new), d, new_loss, loss_w + pred, tries, revert)
+                jax.debug.callback(_report, e, jnp.sum(new), d, new_loss, loss_w + pred, tries, revert, won)
             return e + 1, jnp.where(done, t + 1, t), w_new, new, new_loss, hist, finite, fb
 
         nan = jnp.full(max_stages, jnp.nan, dtype)
         hist0 = (jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, jnp.int32), nan, nan, nan,
-                 jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, bool))
+                 jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, bool), jnp.zeros(max_stages, bool))
         extra_total = max_stages - num_planned
-        fb0 = (jnp.zeros(d, bool), w0, jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype))  # no full step yet
+        fb0 = (jnp.zeros(d, bool), w0, jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype), jnp.bool_(False))  # none yet
         init = (jnp.int32(0), jnp.int32(0), w0, jnp.zeros(d, bool), loss0, hist0, jnp.bool_(True), fb0)
         e, t, w, pruned, _, hist, finite, _ = jax.lax.while_loop(
             lambda st: (st[1] < num_planned) & st[6], stage, init
@@ -210,6 +226,7 @@ def run_stages(
     max_halvings: int,
     max_stages: int,
     warm_start: bool,
+    compare_magnitude: bool,
     update_scale: float,
     mini_batch: int,
     chunk_size: int,
@@ -227,7 +244,8 @@ def run_stages(
     t0 = time.perf_counter()
     w, pruned, e, hist, finite, loss0 = jax.block_until_ready(_compiled(
         selector, warm, update, layout, loss_fn, blocks, mesh, int(mini_batch), int(chunk_size), int(max_stages),
-        needs_fisher, bool(progress), place(params, mesh), place(batch, mesh, P(None if mesh is None else row_axis(mesh))),
+        needs_fisher, bool(compare_magnitude and not isinstance(selector, Magnitude)), bool(progress),
+        place(params, mesh), place(batch, mesh, P(None if mesh is None else row_axis(mesh))),
         place(loss_batch, mesh), place(jnp.asarray(damping, dtype), mesh),
         place(jnp.asarray(update_scale, dtype), mesh), place(jnp.asarray(plan.counts), mesh),
         place(jnp.asarray(plan.groups), mesh), place(key, mesh),
@@ -239,13 +257,13 @@ def run_stages(
     if not bool(finite):
         raise ValueError(f"the per-example gradients at stage {e} contain NaN or Inf (at the weights of "
                          f"stage {e - 1}); lower the sparsity or raise `damping`")
-    h_target, h_pruned, h_pred, h_loss, h_before, h_tries, h_revert = (np.asarray(x)[:e] for x in hist)
+    h_target, h_pruned, h_pred, h_loss, h_before, h_tries, h_revert, h_won = (np.asarray(x)[:e] for x in hist)
     size = layout.size
     stages = [
         {"stage": i, "target": float(h_target[i]) / size, "sparsity": float(h_pruned[i]) / size,
          "loss_before": float(h_before[i]), "predicted_loss": float(h_before[i] + h_pred[i]),
          "loss": float(h_loss[i]), "halvings": int(h_tries[i]),
-         "reverted": bool(h_revert[i])}
+         "reverted": bool(h_revert[i]), "magnitude_kept": bool(h_won[i])}
         for i in range(e)
     ]
     info = {"stages": stages, "planned_targets": list(targets), "dense_loss": float(loss0),

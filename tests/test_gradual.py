@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,6 +7,7 @@ import optax
 import pytest
 
 import cobs_jax
+from cobs_jax._selectors import smallest_k
 from helpers import linen_setup
 
 
@@ -94,6 +97,7 @@ def test_finetune_cannot_revive_pruned_weights():
                                       ({"compiled": True, "loss_check": 0.0}, "loss_check"),
                                       ({"stages": 3, "max_stages": 2}, "max_stages"),
                                       ({"max_halvings": -1}, "max_halvings"), ({"max_halvings": 1.5}, "max_halvings"),
+                                      ({"compare_magnitude": True, "compiled": False}, "compare_magnitude"),
                                       ({"finetune": 3}, "finetune"), ({"stages": 0}, "stages"), ({}, "sparsity")])
 def test_gradual_bad_arguments(kw, match):
     params, loss_fn, batch = linen_setup(n=8)
@@ -193,6 +197,36 @@ def test_max_halvings_bounds_the_splits():
             for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(res.params)):
                 np.testing.assert_array_equal(a, b)
     assert max(halvings[1]) == 1 and max(halvings[3]) > 1  # every step overshoots this model
+
+
+@dataclasses.dataclass(frozen=True)
+class _Largest:
+    """A deliberately bad selector: prunes the largest weights of every group."""
+
+    def select(self, problem, k, key):
+        return smallest_k(-jnp.abs(problem.w), k, problem.groups), {}
+
+
+def test_compare_magnitude_keeps_the_lower_of_the_two_deployed_masks():
+    params, loss_fn, batch = _trained_setup()
+    layout = cobs_jax.make_layout(params)
+    for method, s in (("cbs", 0.5), ("cbs", 0.9), (_Largest(), 0.3)):
+        kw = dict(sparsity=s, stages=1, update="cbs", damping=1e-2, key=0, loss_check=None)
+        runs = {name: cobs_jax.prune_gradual(params, loss_fn, batch, method=m, **kw)
+                for name, m in (("method", method), ("magnitude", "magnitude"))}
+        both = cobs_jax.prune_gradual(params, loss_fn, batch, method=method, compare_magnitude=True, **kw)
+        winner = "magnitude" if runs["magnitude"].info["loss"] < runs["method"].info["loss"] else "method"
+        assert winner == ("method" if method == "cbs" else "magnitude")  # both branches are exercised
+        assert both.info["loss"] == runs[winner].info["loss"]
+        np.testing.assert_array_equal(layout.from_masks(both.masks), layout.from_masks(runs[winner].masks))
+        assert both.info["stages"][0]["magnitude_kept"] == (winner == "magnitude")
+    # several stages: against a selector that always loses, the guarded path is magnitude's path
+    kw = dict(sparsity=0.3, stages=3, update="cbs", damping=1e-2, key=0, loss_check=None)
+    mp = cobs_jax.prune_gradual(params, loss_fn, batch, method="magnitude", **kw)
+    res = cobs_jax.prune_gradual(params, loss_fn, batch, method=_Largest(), compare_magnitude=True, **kw)
+    assert res.info["compare_magnitude"] and all(e["magnitude_kept"] for e in res.info["stages"])
+    for a, b in zip(jax.tree.leaves(mp.params), jax.tree.leaves(res.params)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_loss_checked_stage_never_ends_above_the_plain_step():
