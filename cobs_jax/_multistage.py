@@ -12,10 +12,10 @@ Every stage of the schedule runs on device inside one ``lax.while_loop``:
    quadratic model predicted (``1/2 dw^T F_lambda dw``), plus a slack, is redone with half the
    step (``max_halvings`` times at most: 1 by default, 3 goes down to an eighth), and the rest of
    the step becomes an extra stage. At most ``max_stages`` stages run, so the last planned stages
-   always reach the exact target. When the
-   split path reaches the planned count, its true loss is compared with the full step tried at
-   the planned stage's start (and any full step tried on the way): if a full step was lower, the
-   split is undone. So a planned stage never ends above the step it would have taken unchecked.
+   always reach the exact target. When the split path reaches the planned count, its true loss is
+   compared with the full step tried at the planned stage's start (and any full step tried on the
+   way): if a full step was lower, the split is undone. So a planned stage never ends above the
+   step it would have taken unchecked.
 
 With ``compare_magnitude`` (a selector other than magnitude) every attempt also deploys the
 magnitude completion of the frozen set with the same update and keeps whichever has the lower true
@@ -46,6 +46,7 @@ from ._prune import _NO_FISHER, UPDATES, _fisher, _on_mesh
 from ._selectors import Magnitude, Problem
 
 __all__ = ["StagePlan", "stage_plan", "run_stages"]
+
 
 class StagePlan(NamedTuple):
     """Per-stage pruned counts of a schedule.
