@@ -9,8 +9,9 @@ Multi-stage table (``--ms-methods``, default MP and CBS; ``--ms-methods`` with n
 ``cobs_jax.prune_gradual(stages=16, update="cbs")`` without fine-tuning, the whole schedule one
 compiled program (per-layer Fisher blocks recomputed at the updated weights every stage, loss-checked
 stages on the 1000 Fisher examples), at 0.8 / 0.9 / 0.95 for ``--ms-seeds`` seeds (default 1: a run
-takes 20-36 minutes on 2 CPU cores; ``--budget 0`` renders the table from the saved rows). Its time (compilation left out) is set against the floor of 16 stages:
-16 x (one per-example-gradient pass + one loss evaluation), timed in the same run.
+takes 20-36 minutes on 2 CPU cores; ``--budget 0`` renders the table from the saved rows). Its time
+(compilation left out) is set against the floor of 16 stages: 16 x (one per-example-gradient pass +
+one loss evaluation), timed in the same run.
 
     python benchmarks/resnet20.py             # once (about 25 min, resumable): the dense model
     python benchmarks/resnet20_fashion.py     # the sweep; resumable: run again until it says done
@@ -186,7 +187,7 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
     """
     path = RESULTS / f"{args.out}_multistage.json"
     state = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    settings = {k: getattr(args, k) for k in ("fisher_n", "damping", "trials", "ms_stages")}
+    settings = {k: getattr(args, k) for k in ("fisher_n", "damping", "trials", "ms_stages", "ms_max_halvings")}
     if state.get("args") not in (None, settings):
         sys.exit(f"{path} was made with other settings ({state['args']}); delete it or use --out")
     state["args"] = settings
@@ -238,9 +239,10 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
             path.write_text(json.dumps(state, indent=1))
     rows = [r for r in state["rows"] if r["seed"] < args.ms_seeds]
     seeds = sorted({r["seed"] for r in rows})
-    header = (f"ResNet20 (dense {100 * dense:.2f} %) multi-stage, no fine-tuning: `prune_gradual(stages={args.ms_stages}, update=\"cbs\", "
-              f"blocks=\"layer\", max_halvings={args.ms_max_halvings})` (CBS: {args.trials} RMP trials at the first stage, warm-started swap search "
-              f"after), N = {args.fisher_n} (also the loss batch), damping {args.damping}; test accuracy (%) mean "
+    header = (f"ResNet20 (dense {100 * dense:.2f} %) multi-stage, no fine-tuning: "
+              f"`prune_gradual(stages={args.ms_stages}, update=\"cbs\", blocks=\"layer\", "
+              f"max_halvings={args.ms_max_halvings})` (CBS: {args.trials} RMP trials at the first stage, "
+              f"warm-started swap search after), N = {args.fisher_n} (also the loss batch), damping {args.damping}; test accuracy (%) mean "
               f"± std over seed(s) {seeds}; time per run without compilation (s), its ratio to the floor "
               f"({args.ms_stages} gradient passes + loss evaluations, {state.get('floor_s', float('nan')):.0f} s) "
               "and the stages run.")

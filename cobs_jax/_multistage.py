@@ -141,8 +141,10 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             out = deployed(new)
             if not guard:
                 return out + (jnp.bool_(False),)
-            # the magnitude completion of the frozen set, deployed the same way: kept if lower
-            alt = deployed(Magnitude().select(problem, k, k_e)[0])
+            # the magnitude completion of the frozen set, deployed the same way: kept if lower (the
+            # selector often returns that very mask, which needs no second update)
+            alt_mask = Magnitude().select(problem, k, k_e)[0]
+            alt = jax.lax.cond(jnp.array_equal(alt_mask, new), lambda: out, lambda: deployed(alt_mask))
             won = alt[3] < out[3]
             return jax.tree.map(lambda a, b: jnp.where(won, a, b), alt, out) + (won,)
 
