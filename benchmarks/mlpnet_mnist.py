@@ -25,7 +25,8 @@ the updated weights before every stage, each stage selecting with MP, CBS (defau
 IHT (``--ms-methods MP CBS IHT``; several minutes per run) and updating with CBS-U, the whole
 schedule one compiled program with loss-checked stages (``--ms-loss-check``, default 3.0 as in
 ``prune_gradual``; 0 turns the check off and runs exactly the planned stages, written to
-``<name>_check0_multistage.*``). Its time is set against the floor of 16 stages: 16
+``<name>_check0_multistage.*``). Columns ``MP-geo`` and ``CBS-geo`` take the geometric schedule
+without the check (``schedule="geometric", loss_check=None``). Its time is set against the floor of 16 stages: 16
 per-example-gradient passes and 16 loss evaluations on the loss batch, timed in the same run. Rows are saved as they finish (``<name>_multistage.json``) and a rerun
 skips them, so an interrupted run resumes.
 """
@@ -143,8 +144,12 @@ def sweep(args, ds, params):
     return rows, wanted, speed
 
 
-# column: (method, compare_magnitude); CBS-vs-MP keeps, at every stage, the lower of CBS's and MP's deployed masks
-MS_METHODS = {"MP": ("magnitude", False), "CBS": ("cbs", False), "IHT": ("iht", False), "CBS-vs-MP": ("cbs", True)}
+# column: prune_gradual keywords (cubic schedule, loss check --ms-loss-check unless given); CBS-vs-MP keeps, at
+# every stage, the lower of CBS's and MP's deployed masks; the -geo columns take the geometric schedule, unchecked
+GEO = dict(schedule="geometric", loss_check=None)
+MS_METHODS = {"MP": dict(method="magnitude"), "CBS": dict(method="cbs"), "IHT": dict(method="iht"),
+              "CBS-vs-MP": dict(method="cbs", compare_magnitude=True),
+              "MP-geo": dict(method="magnitude", **GEO), "CBS-geo": dict(method="cbs", **GEO)}
 TRAINED = {"adam": "Adam-trained", "sgd": "SGD-trained"}
 
 
@@ -176,10 +181,10 @@ def multistage(args, ds, params, name):
             for s in args.ms_sparsities:
                 if (m, s) not in todo:
                     continue
+                kw = {"loss_check": args.ms_loss_check or None, **MS_METHODS[m]}
                 run = lambda: cobs_jax.prune_gradual(  # noqa: E731
-                    params, loss_fn, batch, sparsity=s, stages=args.ms_stages, method=MS_METHODS[m][0],
-                    compare_magnitude=MS_METHODS[m][1], update="cbs", loss_batch=loss_batch, damping=args.damping,
-                    blocks="model", key=seed, loss_check=args.ms_loss_check or None)
+                    params, loss_fn, batch, sparsity=s, stages=args.ms_stages, update="cbs", loss_batch=loss_batch,
+                    damping=args.damping, blocks="model", key=seed, **kw)
                 if m not in warm:  # compiled once per method: the counts are traced, so no recompilation
                     jax.block_until_ready(run().params)
                     warm.add(m)
@@ -203,7 +208,9 @@ def multistage(args, ds, params, name):
               f"its ratio to the floor ({args.ms_stages} gradient passes + loss evaluations, "
               f"{rows[0]['floor_s'] if rows else float('nan'):.2f} s) and the stages run "
               + (f"(loss_check={args.ms_loss_check:g}: stages split, at most twice the planned number)."
-                 if args.ms_loss_check else "(loss_check=None: the planned stages only)."))
+                 if args.ms_loss_check else "(loss_check=None: the planned stages only).")
+              + (" The -geo columns: `schedule=\"geometric\", loss_check=None` (the planned stages only)."
+                 if any(m.endswith("-geo") for m in args.ms_methods) else ""))
     return multistage_table(rows, args.ms_methods, args.ms_sparsities, args.ms_stages, header)
 
 

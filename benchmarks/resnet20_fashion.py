@@ -70,9 +70,10 @@ def main(argv=None):
                    help="per-example gradients computed at once (small chunks are fastest for convs on CPU)")
     p.add_argument("--budget", type=float, default=540, help="stop before this many seconds; run again to resume")
     p.add_argument("--out", default="resnet20_fashion")
-    p.add_argument("--ms-methods", nargs="*", default=["MP", "CBS"], choices=["MP", "CBS", "CBS-vs-MP"],
+    p.add_argument("--ms-methods", nargs="*", default=["MP", "CBS"],
+                   choices=["MP", "CBS", "CBS-vs-MP", "MP-geo", "CBS-geo"],
                    help="multi-stage columns (none: skip the multi-stage table; CBS-vs-MP: CBS with "
-                        "compare_magnitude=True)")
+                        "compare_magnitude=True; -geo: schedule=\"geometric\", loss_check=None)")
     p.add_argument("--ms-sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--ms-seeds", type=int, default=1)
     p.add_argument("--ms-stages", type=int, default=16)
@@ -192,7 +193,9 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
         sys.exit(f"{path} was made with other settings ({state['args']}); delete it or use --out")
     state["args"] = settings
     cbs = cobs_jax.CBS(num_trials=args.trials)
-    selectors = {"MP": ("magnitude", False), "CBS": (cbs, False), "CBS-vs-MP": (cbs, True)}
+    geo = dict(schedule="geometric", loss_check=None)
+    columns = {"MP": dict(method="magnitude"), "CBS": dict(method=cbs), "CBS-vs-MP": dict(method=cbs, compare_magnitude=True),
+               "MP-geo": dict(method="magnitude", **geo), "CBS-geo": dict(method=cbs, **geo)}
     last_run, complete = 0.0, True
     for seed in range(args.ms_seeds):
         if not complete:
@@ -221,8 +224,7 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
                 break
             t0, c0 = time.perf_counter(), compile_seconds()
             res = cobs_jax.prune_gradual(
-                variables, loss_fn, batch, sparsity=s, stages=args.ms_stages, method=selectors[m][0], update="cbs",
-                compare_magnitude=selectors[m][1],
+                variables, loss_fn, batch, sparsity=s, stages=args.ms_stages, update="cbs", **columns[m],
                 loss_batch=batch, damping=args.damping, blocks="layer", prunable=paper_prunable,
                 chunk_size=args.chunk_size, key=seed, max_halvings=args.ms_max_halvings, progress=True)
             jax.block_until_ready(res.params)
@@ -241,7 +243,8 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
     seeds = sorted({r["seed"] for r in rows})
     header = (f"ResNet20 (dense {100 * dense:.2f} %) multi-stage, no fine-tuning: "
               f"`prune_gradual(stages={args.ms_stages}, update=\"cbs\", blocks=\"layer\", "
-              f"max_halvings={args.ms_max_halvings})` (CBS: {args.trials} RMP trials at the first stage, "
+              f"max_halvings={args.ms_max_halvings})` (-geo columns: `schedule=\"geometric\", loss_check=None`; "
+              f"CBS: {args.trials} RMP trials at the first stage, "
               f"warm-started swap search after), N = {args.fisher_n} (also the loss batch), damping {args.damping}; test accuracy (%) mean "
               f"± std over seed(s) {seeds}; time per run without compilation (s), its ratio to the floor "
               f"({args.ms_stages} gradient passes + loss evaluations, {state.get('floor_s', float('nan')):.0f} s) "

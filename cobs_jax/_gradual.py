@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._budget import BudgetSpec, check_sparsity
+from ._budget import BudgetSpec, check_sparsity, parse_pattern
 from ._keys import as_key
 from ._layout import PyTree, make_layout
 from ._masks import apply_masks
@@ -31,25 +31,35 @@ def sparsity_schedule(target: float, stages: int, schedule: Schedule = "cubic") 
 
     ``"cubic"`` is the polynomial schedule of Zhu & Gupta (2017), ``s_t = target (1 - (1 - t/T)^3)``:
     large steps first, small ones near the end, when the network has less slack. ``"linear"``
-    uses the power 1. A callable maps the progress ``t/T`` in (0, 1] to the fraction of the target
-    (it must be non-decreasing and return 1 at 1).
+    uses the power 1. ``"geometric"`` keeps the same fraction of the remaining weights at every
+    stage, ``1 - s_t = (1 - target)^(t/T)`` (every stage removes ``1 - (1 - target)^(1/T)`` of what
+    is left): smaller steps than cubic's in the middle of the schedule, where cubic removes a
+    quarter of the survivors per stage at high targets, and no near-empty stages at its end. A
+    callable maps the progress ``t/T`` in (0, 1] to the fraction of the target (it must be
+    non-decreasing and return 1 at 1).
     """
     target = check_sparsity(target, "sparsity")
     if isinstance(stages, bool) or not isinstance(stages, (int, np.integer)) or stages < 1:
         raise ValueError(f"`stages` must be an int >= 1, got {stages!r}")
-    return [target * f for f in _fractions(stages, schedule)]
+    return [target * f for f in _fractions(stages, schedule, target)]
 
 
-def _fractions(stages: int, schedule: Schedule) -> list[float]:
+def _fractions(stages: int, schedule: Schedule, target: float) -> list[float]:
+    """Fraction of the final ``target`` reached after each stage (``target`` shapes ``"geometric"``)."""
+    names = sorted(_POWERS) + ["geometric"]
     if isinstance(schedule, str):
-        if schedule not in _POWERS:
-            raise ValueError(f"`schedule` must be one of {sorted(_POWERS)} or a callable, got {schedule!r}")
-        p = _POWERS[schedule]
-        fr = [1.0 - (1.0 - t / stages) ** p for t in range(1, stages + 1)]
+        if schedule not in names:
+            raise ValueError(f"`schedule` must be one of {names} or a callable, got {schedule!r}")
+        if schedule == "geometric":
+            fr = [(1.0 - (1.0 - target) ** (t / stages)) / target if target > 0 else t / stages
+                  for t in range(1, stages + 1)]
+        else:
+            p = _POWERS[schedule]
+            fr = [1.0 - (1.0 - t / stages) ** p for t in range(1, stages + 1)]
     elif callable(schedule):
         fr = [float(schedule(t / stages)) for t in range(1, stages + 1)]
     else:
-        raise ValueError(f"`schedule` must be one of {sorted(_POWERS)} or a callable, got {schedule!r}")
+        raise ValueError(f"`schedule` must be one of {names} or a callable, got {schedule!r}")
     if not all(0.0 <= a <= b <= 1.0 for a, b in zip([0.0] + fr, fr)) or abs(fr[-1] - 1.0) > 1e-12:
         raise ValueError(f"`schedule` must rise from 0 to exactly 1 without decreasing, got {fr}")
     fr[-1] = 1.0
@@ -113,7 +123,10 @@ def prune_gradual(
         sparsities are scaled by the same schedule). With ``pattern="N:M"`` (compiled only) it may
         be omitted; stage t then prunes ``round(f_t (M - N))`` of every group of M.
       stages: number of planned pruning steps ``T >= 1`` (1 is one-shot pruning).
-      schedule: ``"cubic"``, ``"linear"`` or a callable (see :func:`sparsity_schedule`).
+      schedule: ``"cubic"``, ``"linear"``, ``"geometric"`` or a callable (see
+        :func:`sparsity_schedule`). ``"geometric"`` is shaped by the final sparsity (with a dict
+        ``budget``, its largest entry; with only ``pattern="N:M"``, ``(M - N) / M``) and, without
+        fine-tuning, reaches about the accuracy of twice as many cubic stages (README, "Which path").
       finetune: optional ``finetune(params, masks, stage) -> params`` run after stages
         ``0 .. T-2`` (not after the last one: fine-tune the result yourself). Loop path only.
       compiled: ``None`` (compiled unless ``finetune`` or a callable ``batch`` needs the loop),
@@ -170,7 +183,8 @@ def prune_gradual(
         raise ValueError("`finetune` runs between stages from Python: it needs `compiled=False`")
     elif compiled and callable(batch):
         raise ValueError("a callable `batch` (a fresh sample per stage) needs `compiled=False`")
-    fractions = _fractions(stages, schedule)
+    geometric = isinstance(schedule, str) and schedule == "geometric"
+    fractions = _fractions(stages, schedule, _reference_sparsity(sparsity, budget, pattern) if geometric else 0.0)
     key = as_key(key)
     if compare_magnitude and not compiled:
         raise ValueError("`compare_magnitude` needs the compiled schedule (no `finetune`, a fixed `batch`)")
@@ -217,6 +231,16 @@ def prune_gradual(
             )
     assert res is not None  # stages >= 1
     return PruneResult(params, masks, {**res.info, "stages": history, "schedule": schedule, "compiled": False})
+
+
+def _reference_sparsity(sparsity, budget, pattern) -> float:
+    """The overall target that shapes a ``"geometric"`` schedule (validated)."""
+    if sparsity is not None:
+        return float(sparsity)
+    if isinstance(budget, Mapping) and budget:
+        return max(check_sparsity(v, f"budget[{k!r}]") for k, v in budget.items())
+    nm = parse_pattern(pattern)
+    return 0.0 if nm is None else (nm[1] - nm[0]) / nm[1]
 
 
 def _prune_compiled(

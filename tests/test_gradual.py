@@ -12,13 +12,31 @@ from helpers import linen_setup
 
 
 @pytest.mark.parametrize("stages", [1, 2, 5])
-@pytest.mark.parametrize("schedule", ["cubic", "linear"])
+@pytest.mark.parametrize("schedule", ["cubic", "linear", "geometric"])
 def test_schedule_rises_to_exactly_the_target(stages, schedule):
     s = cobs_jax.sparsity_schedule(0.93, stages, schedule)
     assert len(s) == stages and s[-1] == 0.93
     assert all(0 < a <= b for a, b in zip(s, s[1:] + [1.0]))
     if stages == 5 and schedule == "cubic":
         np.testing.assert_allclose(s, [0.93 * (1 - (1 - t / 5) ** 3) for t in range(1, 6)])
+    if schedule == "geometric":  # every stage keeps the same fraction of the survivors
+        before, after = 1 - np.array([0.0] + s[:-1]), 1 - np.array(s)
+        np.testing.assert_allclose(after / before, 0.07 ** (1 / stages), rtol=1e-12)
+
+
+def test_geometric_schedule_is_shaped_by_the_budget_or_pattern():
+    """Without `sparsity`, "geometric" follows the largest per-layer target (or the N:M sparsity)."""
+    params, loss_fn, batch = linen_setup(n=16, dtype=jnp.float64, hidden=8)
+    layout = cobs_jax.make_layout(params)
+    (a0, a1), (b0, b1) = layout.layer_ranges()[:2]
+    budget = {layout.names[0]: 0.9, layout.names[1]: 0.5}
+    res = cobs_jax.prune_gradual(params, loss_fn, batch, budget=budget, stages=3, schedule="geometric",
+                                 key=0, loss_check=None)
+    frac = [(1 - 0.1 ** (t / 3)) / 0.9 for t in (1, 2, 3)]
+    pruned = [round(f * 0.9 * (a1 - a0)) + round(f * 0.5 * (b1 - b0)) for f in frac]
+    assert [round(e["sparsity"] * layout.size) for e in res.info["stages"]] == pruned
+    with pytest.raises(ValueError, match="budget"):
+        cobs_jax.prune_gradual(params, loss_fn, batch, budget={layout.names[0]: 1.5}, stages=3, schedule="geometric")
 
 
 @pytest.mark.parametrize(
@@ -61,6 +79,16 @@ def test_gradual_reaches_exact_target_with_nested_masks(method, update):
     for e in res.info["stages"]:
         assert e["sparsity"] == pytest.approx(round(e["target"] * layout.size) / layout.size)
     assert np.all(np.asarray(layout.ravel(res.params))[pruned] == 0.0)
+
+
+def test_compiled_geometric_schedule_reaches_its_stage_targets():
+    params, loss_fn, batch = linen_setup(n=40, dtype=jnp.float64, hidden=8)
+    layout = cobs_jax.make_layout(params)
+    res = cobs_jax.prune_gradual(params, loss_fn, batch, sparsity=0.8, stages=4, schedule="geometric",
+                                 method="cbs", update="cbs", key=0, loss_check=None)
+    counts = [round(t * layout.size) for t in cobs_jax.sparsity_schedule(0.8, 4, "geometric")]
+    assert [round(e["target"] * layout.size) for e in res.info["stages"]] == counts
+    assert [round(e["sparsity"] * layout.size) for e in res.info["stages"]] == counts
 
 
 def test_gradual_per_layer_budget_and_batch_callable():
