@@ -21,7 +21,7 @@ CBS-auto (``--methods ... CBS-auto``): CBS with ``update_scale="auto"`` (the CBS
 
 Multi-stage table (``--ms-methods``, ``--ms-sparsities``, ``--ms-seeds``; ``--ms-methods`` with no
 name skips it): ``cobs_jax.prune_gradual(stages=16)`` without fine-tuning, the Fisher recomputed at
-the updated weights before every stage, each stage selecting with MP, CBS (default columns) or
+the updated weights before every stage, each stage selecting with MP, CBS (default columns, with CBS-geo) or
 IHT (``--ms-methods MP CBS IHT``; several minutes per run) and updating with CBS-U, the whole
 schedule one compiled program with loss-checked stages (``--ms-loss-check``, default 3.0 as in
 ``prune_gradual``; 0 turns the check off and runs exactly the planned stages, written to
@@ -233,7 +233,7 @@ def main(argv=None):
     p.add_argument("--no-loop-timing", action="store_true",
                    help="skip timing a loop of single prune calls against prune_sweep")
     p.add_argument("--out", default=None, help="output name under benchmarks/results/")
-    p.add_argument("--ms-methods", nargs="*", default=["MP", "CBS"], choices=list(MS_METHODS),
+    p.add_argument("--ms-methods", nargs="*", default=["MP", "CBS", "CBS-geo"], choices=list(MS_METHODS),
                    help="multi-stage columns (none: skip the multi-stage table; IHT x16 takes minutes per run)")
     p.add_argument("--ms-sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.98])
     p.add_argument("--ms-seeds", type=int, default=3)

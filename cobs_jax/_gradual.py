@@ -33,8 +33,8 @@ def sparsity_schedule(target: float, stages: int, schedule: Schedule = "cubic") 
     large steps first, small ones near the end, when the network has less slack. ``"linear"``
     uses the power 1. ``"geometric"`` keeps the same fraction of the remaining weights at every
     stage, ``1 - s_t = (1 - target)^(t/T)`` (every stage removes ``1 - (1 - target)^(1/T)`` of what
-    is left): smaller steps than cubic's in the middle of the schedule, where cubic removes a
-    quarter of the survivors per stage at high targets, and no near-empty stages at its end. A
+    is left): smaller steps than cubic's in mid-schedule, where cubic removes up to 23 % (target
+    0.95) or 30 % (0.98) of the survivors in one stage, and no near-empty stages at its end. A
     callable maps the progress ``t/T`` in (0, 1] to the fraction of the target (it must be
     non-decreasing and return 1 at 1).
     """
@@ -125,8 +125,10 @@ def prune_gradual(
       stages: number of planned pruning steps ``T >= 1`` (1 is one-shot pruning).
       schedule: ``"cubic"``, ``"linear"``, ``"geometric"`` or a callable (see
         :func:`sparsity_schedule`). ``"geometric"`` is shaped by the final sparsity (with a dict
-        ``budget``, its largest entry; with only ``pattern="N:M"``, ``(M - N) / M``) and, without
-        fine-tuning, reaches about the accuracy of twice as many cubic stages (README, "Which path").
+        ``budget``, its largest entry; with only ``pattern="N:M"``, ``(M - N) / M``). Without
+        fine-tuning and with ``loss_check=None`` it is a fast multi-stage path: on MLPNet within
+        noise of the checked cubic schedule up to 0.95 sparsity in half its time, but 2.7 points
+        below it on ResNet20 at 0.9 (docs: "Which method when").
       finetune: optional ``finetune(params, masks, stage) -> params`` run after stages
         ``0 .. T-2`` (not after the last one: fine-tune the result yourself). Loop path only.
       compiled: ``None`` (compiled unless ``finetune`` or a callable ``batch`` needs the loop),
