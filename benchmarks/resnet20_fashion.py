@@ -78,6 +78,8 @@ def main(argv=None):
     p.add_argument("--ms-seeds", type=int, default=1)
     p.add_argument("--ms-stages", type=int, default=16)
     p.add_argument("--ms-max-halvings", type=int, default=1, help="prune_gradual's max_halvings")
+    p.add_argument("--ms-loss-check", type=float, default=3.0,
+                   help="prune_gradual's loss_check for the cubic columns (0: None, the planned stages only)")
     p.add_argument("--only-multistage", action="store_true", help="skip the one-shot sweep")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -189,6 +191,8 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
     path = RESULTS / f"{args.out}_multistage.json"
     state = json.loads(path.read_text()) if path.exists() else {"rows": []}
     settings = {k: getattr(args, k) for k in ("fisher_n", "damping", "trials", "ms_stages", "ms_max_halvings")}
+    if args.ms_loss_check != 3.0:  # recorded when not the default (older files predate the option)
+        settings["ms_loss_check"] = args.ms_loss_check
     if state.get("args") not in (None, settings):
         sys.exit(f"{path} was made with other settings ({state['args']}); delete it or use --out")
     state["args"] = settings
@@ -224,7 +228,8 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
                 break
             t0, c0 = time.perf_counter(), compile_seconds()
             res = cobs_jax.prune_gradual(
-                variables, loss_fn, batch, sparsity=s, stages=args.ms_stages, update="cbs", **columns[m],
+                variables, loss_fn, batch, sparsity=s, stages=args.ms_stages, update="cbs",
+                **{"loss_check": args.ms_loss_check or None, **columns[m]},
                 loss_batch=batch, damping=args.damping, blocks="layer", prunable=paper_prunable,
                 chunk_size=args.chunk_size, key=seed, max_halvings=args.ms_max_halvings, progress=True)
             jax.block_until_ready(res.params)
@@ -243,7 +248,7 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
     seeds = sorted({r["seed"] for r in rows})
     header = (f"ResNet20 (dense {100 * dense:.2f} %) multi-stage, no fine-tuning: "
               f"`prune_gradual(stages={args.ms_stages}, update=\"cbs\", blocks=\"layer\", "
-              f"max_halvings={args.ms_max_halvings})` (-geo columns: `schedule=\"geometric\", loss_check=None`; "
+              f"max_halvings={args.ms_max_halvings}, loss_check={args.ms_loss_check or None})` (-geo columns: `schedule=\"geometric\", loss_check=None`; "
               f"CBS: {args.trials} RMP trials at the first stage, "
               f"warm-started swap search after), N = {args.fisher_n} (also the loss batch), damping {args.damping}; test accuracy (%) mean "
               f"± std over seed(s) {seeds}; time per run without compilation (s), its ratio to the floor "
