@@ -92,6 +92,23 @@ def loss_fn(variables, batch):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
 
+def batchnorm_refresh(x, momentum: float = 0.9):
+    """``refresh`` for :func:`cobs_jax.prune_gradual`: every BatchNorm's running statistics replaced
+    by the batch statistics of the images ``x`` (train-mode forward, no gradient step).
+
+    A train-mode pass returns ``momentum * old + (1 - momentum) * batch`` (Flax's moving average, the
+    model's ``momentum``); the batch statistics are solved from it.
+    """
+
+    def refresh(variables):
+        _, upd = MODEL.apply(variables, x, train=True, mutable=["batch_stats"])
+        fresh = jax.tree.map(lambda new, old: (new - momentum * old) / (1.0 - momentum),
+                             upd["batch_stats"], variables["batch_stats"])
+        return {**variables, "batch_stats": fresh}
+
+    return refresh
+
+
 @jax.jit
 def _correct(variables, x, y):
     return jnp.sum(jnp.argmax(MODEL.apply(variables, x, train=False), -1) == y)

@@ -41,7 +41,7 @@ import cobs_jax  # noqa: E402
 from common import (RESULTS, compile_seconds, markdown, metadata, multistage_table, plot,  # noqa: E402
                     run_one, summarise, write)
 from data import DataUnavailable, load_fashion_mnist  # noqa: E402
-from resnet20 import evaluate, loss_fn, pad32, paper_prunable, trained_resnet20  # noqa: E402
+from resnet20 import batchnorm_refresh, evaluate, loss_fn, pad32, paper_prunable, trained_resnet20  # noqa: E402
 
 SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -71,9 +71,13 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=540, help="stop before this many seconds; run again to resume")
     p.add_argument("--out", default="resnet20_fashion")
     p.add_argument("--ms-methods", nargs="*", default=["MP", "CBS"],
-                   choices=["MP", "CBS", "CBS-vs-MP", "MP-geo", "CBS-geo"],
+                   choices=[m + bn for m in ("MP", "CBS", "CBS-vs-MP", "MP-geo", "CBS-geo") for bn in ("", "+BN")],
                    help="multi-stage columns (none: skip the multi-stage table; CBS-vs-MP: CBS with "
-                        "compare_magnitude=True; -geo: schedule=\"geometric\", loss_check=None)")
+                        "compare_magnitude=True; -geo: schedule=\"geometric\", loss_check=None; +BN: "
+                        "BatchNorm statistics re-estimated after every stage, see --bn-images)")
+    p.add_argument("--bn-images", type=int, default=2000,
+                   help="+BN columns: unlabelled training images whose batch statistics replace the "
+                        "BatchNorm running statistics after every stage (no gradient step)")
     p.add_argument("--ms-sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--ms-seeds", type=int, default=1)
     p.add_argument("--ms-stages", type=int, default=16)
@@ -193,7 +197,11 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
     settings = {k: getattr(args, k) for k in ("fisher_n", "damping", "trials", "ms_stages", "ms_max_halvings")}
     if args.ms_loss_check != 3.0:  # recorded when not the default (older files predate the option)
         settings["ms_loss_check"] = args.ms_loss_check
-    if state.get("args") not in (None, settings):
+    stored = dict(state.get("args") or settings)
+    if any(m.endswith("+BN") for m in args.ms_methods) or "bn_images" in stored:
+        settings["bn_images"] = args.bn_images
+        stored.setdefault("bn_images", args.bn_images)  # files from before the +BN columns
+    if stored != settings:
         sys.exit(f"{path} was made with other settings ({state['args']}); delete it or use --out")
     state["args"] = settings
     cbs = cobs_jax.CBS(num_trials=args.trials)
@@ -209,6 +217,9 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
         if not todo:
             continue
         batch = fisher_sample(x_tr, y_tr, seed, args.fisher_n)
+        # +BN: other training images than the Fisher sample, labels unused; one jitted function
+        # object per seed, so the runs of a seed share the compiled schedule
+        refresh = batchnorm_refresh(x_tr[np.random.default_rng(1000 + seed).choice(len(x_tr), args.bn_images, replace=False)])
         if "floor_s" not in state:  # one gradient pass and one loss evaluation, compiled, times the stages
             grads = lambda: cobs_jax.per_example_grads(loss_fn, variables, batch, layout,  # noqa: E731
                                                        chunk_size=args.chunk_size)
@@ -229,7 +240,8 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
             t0, c0 = time.perf_counter(), compile_seconds()
             res = cobs_jax.prune_gradual(
                 variables, loss_fn, batch, sparsity=s, stages=args.ms_stages, update="cbs",
-                **{"loss_check": args.ms_loss_check or None, **columns[m]},
+                **{"loss_check": args.ms_loss_check or None, **columns[m.removesuffix("+BN")]},
+                refresh=refresh if m.endswith("+BN") else None,
                 loss_batch=batch, damping=args.damping, blocks="layer", prunable=paper_prunable,
                 chunk_size=args.chunk_size, key=seed, max_halvings=args.ms_max_halvings, progress=True)
             jax.block_until_ready(res.params)
@@ -253,7 +265,10 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
               f"warm-started swap search after), N = {args.fisher_n} (also the loss batch), damping {args.damping}; test accuracy (%) mean "
               f"± std over seed(s) {seeds}; time per run without compilation (s), its ratio to the floor "
               f"({args.ms_stages} gradient passes + loss evaluations, {state.get('floor_s', float('nan')):.0f} s) "
-              "and the stages run.")
+              "and the stages run."
+              + (f" +BN columns: `refresh=` re-estimates the BatchNorm statistics on {args.bn_images} unlabelled "
+                 "training images after every stage (no gradient step)." if any(m.endswith("+BN") for m in args.ms_methods)
+                 else ""))
     return multistage_table(rows, args.ms_methods, args.ms_sparsities, args.ms_stages, header), complete
 
 

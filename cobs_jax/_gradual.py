@@ -79,6 +79,7 @@ def prune_gradual(
     compiled: Optional[bool] = None,
     warm_start: bool = True,
     compare_magnitude: bool = False,
+    refresh: Optional[Callable[[PyTree], PyTree]] = None,
     loss_check: Optional[float] = LOSS_CHECK,
     loss_slack: float = LOSS_SLACK,
     max_halvings: int = MAX_HALVINGS,
@@ -139,6 +140,14 @@ def prune_gradual(
         prune from the same weights) with the same update and keeps whichever has the lower true
         loss (``info["stages"][t]["magnitude_kept"]``); costs one more update and loss
         evaluation per attempt.
+      refresh: optional pure ``refresh(params) -> params`` run on the whole params after every
+        stage's update (compiled: after every attempt, before its true loss, so the loss check and
+        the next stage's Fisher see the refreshed model; loop: before ``finetune``). Meant for
+        state that is not trained but follows the weights, such as BatchNorm statistics
+        re-estimated on unlabelled inputs (guide, "BatchNorm"); no gradient step. Its result is
+        re-masked, so pruned weights stay zero. Compiled path: it must be jittable and keep the
+        structure, shapes and dtypes of ``params``; pass the same function object again to reuse
+        the compiled program.
       loss_check: compiled path: the ratio of true to predicted loss rise above which a stage is
         redone with a smaller step; ``None`` turns the check off (every stage as planned).
       loss_slack: compiled path: a rise up to ``loss_slack * dense loss`` is always accepted.
@@ -170,8 +179,9 @@ def prune_gradual(
     for name in ("masks", "grads"):
         if name in prune_kwargs:
             raise ValueError(f"`prune_gradual` does not take `{name}` (see its docstring)")
-    if finetune is not None and not callable(finetune):
-        raise ValueError(f"`finetune` must be callable, got {finetune!r}")
+    for name, fn in (("finetune", finetune), ("refresh", refresh)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"`{name}` must be callable, got {fn!r}")
     pattern = prune_kwargs.get("pattern")
     if sparsity is None and not isinstance(budget, Mapping) and pattern is None:
         raise ValueError("`sparsity` is required")
@@ -193,7 +203,7 @@ def prune_gradual(
     if compiled:
         return _prune_compiled(
             params, loss_fn, batch, sparsity=sparsity, fractions=fractions, budget=budget, key=key,
-            warm_start=warm_start, compare_magnitude=bool(compare_magnitude), loss_check=loss_check,
+            warm_start=warm_start, compare_magnitude=bool(compare_magnitude), refresh=refresh, loss_check=loss_check,
             loss_slack=loss_slack, max_halvings=max_halvings,
             max_stages=2 * stages if max_stages is None else max_stages, verbose=verbose or progress,
             schedule=schedule, **prune_kwargs,
@@ -212,6 +222,8 @@ def prune_gradual(
             key=jax.random.fold_in(key, t), **prune_kwargs,
         )
         params, masks = res.params, res.masks
+        if refresh is not None:
+            params = apply_masks(refresh(params), masks)
         entry = {
             "stage": t,
             "target": stage_sparsity,
@@ -246,7 +258,7 @@ def _reference_sparsity(sparsity, budget, pattern) -> float:
 
 
 def _prune_compiled(
-    params, loss_fn, batch, *, sparsity, fractions, budget, key, warm_start, compare_magnitude, loss_check, loss_slack,
+    params, loss_fn, batch, *, sparsity, fractions, budget, key, warm_start, compare_magnitude, refresh, loss_check, loss_slack,
     max_halvings, max_stages,
     verbose, schedule, method="magnitude", update=None, damping=1e-3, blocks="model", prunable=None,
     mini_batch=1, chunk_size=256, loss_batch=None, update_scale=1.0, mesh=None, pattern=None,
@@ -268,13 +280,19 @@ def _prune_compiled(
     selector = make_selector(method)
     layout = make_layout(params, prunable)
     layout.check_finite(params)
+    if refresh is not None:
+        def spec(tree):
+            return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+
+        if spec(jax.eval_shape(refresh, params)) != spec(jax.eval_shape(lambda p: p, params)):
+            raise ValueError("`refresh` must return params of the same structure, shapes and dtypes as `params`")
     plan = stage_plan(layout, sparsity, fractions, budget, pattern)
     targets = [None if sparsity is None else f * sparsity for f in fractions]
     new_params, pruned, info = run_stages(
         params, loss_fn, batch, layout=layout, selector=selector, update=update, plan=plan, targets=targets,
         damping=float(damping), blocks=layout.blocks(blocks), key=key, loss_batch=batch if loss_batch is None else loss_batch,
         loss_check=loss_check, loss_slack=loss_slack, max_halvings=int(max_halvings), max_stages=int(max_stages),
-        warm_start=warm_start, compare_magnitude=compare_magnitude, update_scale=float(update_scale),
+        warm_start=warm_start, compare_magnitude=compare_magnitude, refresh=refresh, update_scale=float(update_scale),
         mini_batch=int(mini_batch), chunk_size=int(chunk_size), mesh=mesh,
         progress=verbose,
     )

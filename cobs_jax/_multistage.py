@@ -17,6 +17,10 @@ Every stage of the schedule runs on device inside one ``lax.while_loop``:
    way): if a full step was lower, the split is undone. So a planned stage never ends above the
    step it would have taken unchecked.
 
+With ``refresh`` (a pure function of the whole params, e.g. BatchNorm statistics re-estimated on
+unlabelled inputs) every deployed attempt is refreshed before its true loss is taken, and the next
+stage's gradients are taken at the refreshed params; its pruned weights stay zero.
+
 With ``compare_magnitude`` (a selector other than magnitude) every attempt also deploys the
 magnitude completion of the frozen set with the same update and keeps whichever has the lower true
 loss: the selector's mask is scored by the loss without the update, which is not the loss it is
@@ -95,10 +99,10 @@ def _report(e, pruned, size, loss, pred, halvings, reverted, won):
 @functools.partial(
     jax.jit,
     static_argnames=("selector", "warm", "update", "layout", "loss_fn", "blocks", "mesh", "mini_batch",
-                     "chunk_size", "max_stages", "needs_fisher", "guard", "progress"),
+                     "chunk_size", "max_stages", "needs_fisher", "guard", "refresh", "progress"),
 )
 def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch, chunk_size, max_stages,
-              needs_fisher, guard, progress, params, batch, loss_batch, damping, scale, counts, groups, key, check,
+              needs_fisher, guard, refresh, progress, params, batch, loss_batch, damping, scale, counts, groups, key, check,
               slack, max_halvings):
     def body(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack, max_halvings):
         num_planned, ng = counts.shape
@@ -107,15 +111,16 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
         c = min(chunk_size, n_local)
         starts = [min(s, n_local - c) for s in range(0, n_local, c)]
 
-        def loss(w):
-            return loss_fn(layout.unravel(w, params), loss_batch)
+        # p: the whole current params (what `refresh` changes outside the prunable weights)
+        def loss(w, p):
+            return loss_fn(layout.unravel(w, p), loss_batch)
 
         w0 = layout.ravel(params)
-        loss0 = loss(w0)
+        loss0 = loss(w0, params)
         tol = slack * jnp.abs(loss0)  # a rise this small is always accepted
 
-        def grads_at(w):  # G at the current weights, chunk by chunk in place (this device's rows)
-            p = layout.unravel(w, params)
+        def grads_at(w, p):  # G at the current weights, chunk by chunk in place (this device's rows)
+            p = layout.unravel(w, p)
 
             def fill(i, g):
                 s = jnp.asarray(starts, jnp.int32)[i]
@@ -124,9 +129,9 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
 
             return jax.lax.fori_loop(0, len(starts), fill, jnp.zeros((n_local, d), dtype))
 
-        def attempt(fisher, w, pruned, held, target, k_e, first):
+        def attempt(fisher, w, p, pruned, held, target, k_e, first):
             k = jnp.concatenate([target - held, jnp.sum(held)[None]])
-            problem = Problem(w, fisher, layout.layer_ranges(), loss, jnp.where(pruned, ng, groups))
+            problem = Problem(w, fisher, layout.layer_ranges(), lambda v: loss(v, p), jnp.where(pruned, ng, groups))
             if warm == selector:
                 new = selector.select(problem, k, k_e)[0]
             else:
@@ -136,7 +141,11 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             def deployed(mask):  # the weights this mask is deployed with, the model's rise and the true loss
                 w_new = jnp.where(mask, 0.0, w) if update is None else UPDATES[update](w, mask, fisher, scale)
                 pred = 0.5 * fisher.quadratic(w_new - w, damped=True) if fisher is not None else jnp.zeros((), dtype)
-                return mask, w_new, pred, loss(w_new)
+                p_new = p
+                if refresh is not None:  # e.g. BatchNorm statistics re-estimated; pruned weights stay 0
+                    p_new = refresh(layout.unravel(w_new, p))
+                    w_new = jnp.where(mask, 0.0, layout.ravel(p_new))
+                return mask, w_new, pred, loss(w_new, p_new), p_new
 
             out = deployed(new)
             if not guard:
@@ -149,9 +158,9 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             return jax.tree.map(lambda a, b: jnp.where(won, a, b), alt, out) + (won,)
 
         def stage(st):
-            e, t, w, pruned, loss_w, hist, _, fb = st
+            e, t, w, p, pruned, loss_w, hist, _, fb = st
             if needs_fisher:
-                g = grads_at(w)
+                g = grads_at(w, p)
                 bad = jnp.sum(~jnp.isfinite(g))
                 fisher = _fisher(g, damping, blocks, mesh)
                 finite = fisher.sum_rows(bad) == 0
@@ -162,10 +171,10 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             held = jax.ops.segment_sum(pruned.astype(jnp.int32), groups, ng)
             # e - t stages were inserted so far; planned stage t may have used (t+1)/T of the extra ones
             allowed = (e - t) < (extra_total * (t + 1)) // num_planned
-            first = attempt(fisher, w, pruned, held, full, k_e, e == 0)
+            first = attempt(fisher, w, p, pruned, held, full, k_e, e == 0)
 
             def rejected(a):
-                target, tries, (_, _, pred, new_loss, _) = a
+                target, tries, (_, _, pred, new_loss, _, _) = a
                 smaller = held + (target - held) // 2
                 return ((new_loss - loss_w > check * jnp.maximum(pred, 0.0) + tol) & allowed
                         & (tries < max_halvings) & (jnp.sum(smaller - held) > 0))
@@ -173,9 +182,9 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             def halve(a):
                 target, tries, _ = a
                 target = held + (target - held) // 2
-                return target, tries + 1, attempt(fisher, w, pruned, held, target, k_e, e == 0)
+                return target, tries + 1, attempt(fisher, w, p, pruned, held, target, k_e, e == 0)
 
-            target, tries, (new, w_new, pred, new_loss, won) = jax.lax.while_loop(
+            target, tries, (new, w_new, pred, new_loss, p_new, won) = jax.lax.while_loop(
                 rejected, halve, (full, jnp.int32(0), first)
             )
             done = jnp.all(target == full)
@@ -184,8 +193,8 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             better = first[3] < fb[3]
             fb = jax.tree.map(lambda a, b: jnp.where(better, a, b), first, fb)
             revert = done & (fb[3] < new_loss)
-            new, w_new, pred, new_loss, won = jax.tree.map(lambda a, b: jnp.where(revert, a, b), fb,
-                                                           (new, w_new, pred, new_loss, won))
+            new, w_new, pred, new_loss, p_new, won = jax.tree.map(lambda a, b: jnp.where(revert, a, b), fb,
+                                                                  (new, w_new, pred, new_loss, p_new, won))
             fb = jax.tree.map(lambda a, b: jnp.where(done, a, b), fb0, fb)
             h_target, h_pruned, h_pred, h_loss, h_before, h_tries, h_revert, h_won = hist
             hist = (h_target.at[e].set(jnp.sum(target).astype(jnp.int32)), h_pruned.at[e].set(jnp.sum(new, dtype=jnp.int32)),
@@ -193,18 +202,19 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
                     h_tries.at[e].set(tries), h_revert.at[e].set(revert), h_won.at[e].set(won))
             if progress:
                 jax.debug.callback(_report, e, jnp.sum(new), d, new_loss, loss_w + pred, tries, revert, won)
-            return e + 1, jnp.where(done, t + 1, t), w_new, new, new_loss, hist, finite, fb
+            return e + 1, jnp.where(done, t + 1, t), w_new, p_new, new, new_loss, hist, finite, fb
 
         nan = jnp.full(max_stages, jnp.nan, dtype)
         hist0 = (jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, jnp.int32), nan, nan, nan,
                  jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, bool), jnp.zeros(max_stages, bool))
         extra_total = max_stages - num_planned
-        fb0 = (jnp.zeros(d, bool), w0, jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype), jnp.bool_(False))  # none yet
-        init = (jnp.int32(0), jnp.int32(0), w0, jnp.zeros(d, bool), loss0, hist0, jnp.bool_(True), fb0)
-        e, t, w, pruned, _, hist, finite, _ = jax.lax.while_loop(
-            lambda st: (st[1] < num_planned) & st[6], stage, init
+        fb0 = (jnp.zeros(d, bool), w0, jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype), params,
+               jnp.bool_(False))  # none yet
+        init = (jnp.int32(0), jnp.int32(0), w0, params, jnp.zeros(d, bool), loss0, hist0, jnp.bool_(True), fb0)
+        e, t, w, p, pruned, _, hist, finite, _ = jax.lax.while_loop(
+            lambda st: (st[1] < num_planned) & st[7], stage, init
         )
-        return w, pruned, e, hist, finite, loss0
+        return layout.unravel(w, p), pruned, e, hist, finite, loss0
 
     return _on_mesh(body, mesh)(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack,
                                 max_halvings)
@@ -230,6 +240,7 @@ def run_stages(
     max_stages: int,
     warm_start: bool,
     compare_magnitude: bool,
+    refresh: Optional[Callable[[PyTree], PyTree]],
     update_scale: float,
     mini_batch: int,
     chunk_size: int,
@@ -245,9 +256,9 @@ def run_stages(
     needs_fisher = update is not None or not isinstance(selector, _NO_FISHER)
     dtype = layout.dtype
     t0 = time.perf_counter()
-    w, pruned, e, hist, finite, loss0 = jax.block_until_ready(_compiled(
+    new_params, pruned, e, hist, finite, loss0 = jax.block_until_ready(_compiled(
         selector, warm, update, layout, loss_fn, blocks, mesh, int(mini_batch), int(chunk_size), int(max_stages),
-        needs_fisher, bool(compare_magnitude and not isinstance(selector, Magnitude)), bool(progress),
+        needs_fisher, bool(compare_magnitude and not isinstance(selector, Magnitude)), refresh, bool(progress),
         place(params, mesh), place(batch, mesh, P(None if mesh is None else row_axis(mesh))),
         place(loss_batch, mesh), place(jnp.asarray(damping, dtype), mesh),
         place(jnp.asarray(update_scale, dtype), mesh), place(jnp.asarray(plan.counts), mesh),
@@ -271,5 +282,5 @@ def run_stages(
     ]
     info = {"stages": stages, "planned_targets": list(targets), "dense_loss": float(loss0),
             "loss": stages[-1]["loss"] if stages else float(loss0), "timings": {"compiled_schedule": seconds}}
-    return layout.unravel(w, params), pruned, info
+    return new_params, pruned, info
 

@@ -142,3 +142,45 @@ def test_nnx_conv_bn_state():
     mask = np.asarray(jax.tree.leaves(res.masks["conv"]["kernel"])[0])
     assert np.all(kernel[~mask] == 0.0) and (~mask).sum() > 0
     np.testing.assert_allclose(loss_fn(res.params, {"x": x, "y": y}), res.info["loss"], rtol=1e-6)
+
+
+def test_gradual_refresh_recomputes_batchnorm_statistics_after_every_stage():
+    """`refresh` (here: BatchNorm statistics of the current weights) runs after every stage; the
+    compiled schedule and the loop equal stage-by-stage `prune` calls with it applied between them."""
+    model, variables, loss_fn, batch = conv_setup()
+
+    def refresh(v):
+        return {**v, **model.apply(v, batch["x"], train=True, mutable=["batch_stats"])[1]}
+
+    kw = dict(method="magnitude", update="cbs", blocks="layer", damping=1e-2)
+    p, masks = variables, None
+    for t, s in enumerate(cobs_jax.sparsity_schedule(0.7, 3)):
+        r = cobs_jax.prune(p, loss_fn, batch, sparsity=s, masks=masks, key=t, **kw)
+        p, masks = refresh(r.params), r.masks
+    loop = cobs_jax.prune_gradual(variables, loss_fn, batch, sparsity=0.7, stages=3, refresh=refresh,
+                                  compiled=False, **kw)
+    comp = cobs_jax.prune_gradual(variables, loss_fn, batch, sparsity=0.7, stages=3, refresh=refresh,
+                                  warm_start=False, loss_check=None, **kw)
+    for res in (loop, comp):
+        for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(p)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(comp.info["loss"], loss_fn(p, batch), rtol=1e-10)  # the refreshed model's loss
+    plain = cobs_jax.prune_gradual(variables, loss_fn, batch, sparsity=0.7, stages=3, loss_check=None, **kw)
+    assert not np.allclose(plain.params["batch_stats"]["bn1"]["mean"], comp.params["batch_stats"]["bn1"]["mean"])
+    np.testing.assert_array_equal(plain.params["batch_stats"]["bn1"]["mean"], variables["batch_stats"]["bn1"]["mean"])
+
+
+def test_gradual_refresh_cannot_revive_pruned_weights_and_must_keep_the_tree():
+    model, variables, loss_fn, batch = conv_setup()
+    layout = cobs_jax.make_layout(variables)
+    shift = lambda v: jax.tree.map(lambda a: a + 1.0, v)  # noqa: E731  (moves every weight, pruned ones too)
+    for compiled in (True, False):
+        res = cobs_jax.prune_gradual(variables, loss_fn, batch, sparsity=0.6, stages=2, refresh=shift,
+                                     compiled=compiled, blocks="layer", damping=1e-2, update="cbs")
+        w, keep = np.asarray(layout.ravel(res.params)), np.asarray(layout.from_masks(res.masks))
+        assert keep.sum() == layout.size - round(0.6 * layout.size) and np.all(w[~keep] == 0.0)
+    for bad in (lambda v: v["params"], lambda v: jax.tree.map(lambda a: a.astype(jnp.float32), v)):
+        with pytest.raises(ValueError, match="refresh"):
+            cobs_jax.prune_gradual(variables, loss_fn, batch, sparsity=0.6, stages=2, refresh=bad, damping=1e-2)
+    with pytest.raises(ValueError, match="refresh"):
+        cobs_jax.prune_gradual(variables, loss_fn, batch, sparsity=0.6, stages=2, refresh="bn")
