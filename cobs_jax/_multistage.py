@@ -111,16 +111,21 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
         c = min(chunk_size, n_local)
         starts = [min(s, n_local - c) for s in range(0, n_local, c)]
 
-        # p: the whole current params (what `refresh` changes outside the prunable weights)
+        # p: the whole current params as `refresh` left them; without `refresh` nothing but w changes,
+        # so the loop carries () and the input params are used
+        def full(p):
+            return params if refresh is None else p
+
         def loss(w, p):
-            return loss_fn(layout.unravel(w, p), loss_batch)
+            return loss_fn(layout.unravel(w, full(p)), loss_batch)
 
         w0 = layout.ravel(params)
-        loss0 = loss(w0, params)
+        p0 = () if refresh is None else params
+        loss0 = loss(w0, p0)
         tol = slack * jnp.abs(loss0)  # a rise this small is always accepted
 
         def grads_at(w, p):  # G at the current weights, chunk by chunk in place (this device's rows)
-            p = layout.unravel(w, p)
+            p = layout.unravel(w, full(p))
 
             def fill(i, g):
                 s = jnp.asarray(starts, jnp.int32)[i]
@@ -208,13 +213,13 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
         hist0 = (jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, jnp.int32), nan, nan, nan,
                  jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, bool), jnp.zeros(max_stages, bool))
         extra_total = max_stages - num_planned
-        fb0 = (jnp.zeros(d, bool), w0, jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype), params,
+        fb0 = (jnp.zeros(d, bool), w0, jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype), p0,
                jnp.bool_(False))  # none yet
-        init = (jnp.int32(0), jnp.int32(0), w0, params, jnp.zeros(d, bool), loss0, hist0, jnp.bool_(True), fb0)
+        init = (jnp.int32(0), jnp.int32(0), w0, p0, jnp.zeros(d, bool), loss0, hist0, jnp.bool_(True), fb0)
         e, t, w, p, pruned, _, hist, finite, _ = jax.lax.while_loop(
             lambda st: (st[1] < num_planned) & st[7], stage, init
         )
-        return layout.unravel(w, p), pruned, e, hist, finite, loss0
+        return layout.unravel(w, full(p)), pruned, e, hist, finite, loss0
 
     return _on_mesh(body, mesh)(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack,
                                 max_halvings)
