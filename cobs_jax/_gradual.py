@@ -144,7 +144,8 @@ def prune_gradual(
         stage's update (compiled: after every attempt, before its true loss, so the loss check and
         the next stage's Fisher see the refreshed model; loop: before ``finetune``). Meant for
         state that is not trained but follows the weights, such as BatchNorm statistics
-        re-estimated on unlabelled inputs (guide, "BatchNorm"); no gradient step. Its result is
+        re-estimated on unlabelled inputs (guide, "BatchNorm statistics in multi-stage pruning"); no
+        gradient step. Its result is
         re-masked, so pruned weights stay zero. Compiled path: it must be jittable and keep the
         structure, shapes and dtypes of ``params``; pass the same function object again to reuse
         the compiled program. On the README's ResNet20 re-estimating BatchNorm statistics this way
