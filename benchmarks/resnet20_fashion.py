@@ -198,7 +198,8 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
     if args.ms_loss_check != 3.0:  # recorded when not the default (older files predate the option)
         settings["ms_loss_check"] = args.ms_loss_check
     stored = dict(state.get("args") or settings)
-    if any(m.endswith("+BN") for m in args.ms_methods) or "bn_images" in stored:
+    with_bn = any(m.endswith("+BN") for m in args.ms_methods)
+    if with_bn or "bn_images" in stored:
         settings["bn_images"] = args.bn_images
         stored.setdefault("bn_images", args.bn_images)  # files from before the +BN columns
     if stored != settings:
@@ -267,8 +268,7 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
               f"({args.ms_stages} gradient passes + loss evaluations, {state.get('floor_s', float('nan')):.0f} s) "
               "and the stages run."
               + (f" +BN columns: `refresh=` re-estimates the BatchNorm statistics on {args.bn_images} unlabelled "
-                 "training images after every stage (no gradient step)." if any(m.endswith("+BN") for m in args.ms_methods)
-                 else ""))
+                 "training images after every stage (no gradient step)." if with_bn else ""))
     return multistage_table(rows, args.ms_methods, args.ms_sparsities, args.ms_stages, header), complete
 
 
