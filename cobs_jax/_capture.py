@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.linen.linear import canonicalize_padding
 
 from ._hessian import gram
 
@@ -35,20 +36,34 @@ __all__ = ["BlockAdapter", "run_block"]
 
 
 def _patches(x, kernel_shape, strides, padding, dilation):
-    """(…, kh * kw * c_in) patches of NHWC-like ``x`` in the kernel's (kh, kw, c_in) order."""
+    """(…, kh * kw * c_in) patches of NHWC-like ``x`` in the kernel's (kh, kw, c_in) order.
+
+    ``padding`` is any of Flax's forms: ``"SAME"``/``"VALID"``, ``"CIRCULAR"``/``"REFLECT"``/
+    ``"CAUSAL"`` (applied to ``x`` first, as ``nn.Conv`` does), an int, or per-dimension ints or
+    ``(low, high)`` pairs.
+    """
     spatial = kernel_shape[:-2]
     cin = x.shape[-1]
     nd = len(spatial)
-    lhs_spec = (0, nd + 1) + tuple(range(1, nd + 1))
-    dn = jax.lax.ConvDimensionNumbers(lhs_spec, (nd + 1, nd) + tuple(range(nd)), lhs_spec)
-    if isinstance(padding, str):
-        pad = padding
-    else:
-        pad = tuple(tuple(p) if not isinstance(p, int) else (p, p) for p in padding)
+    dilation = dilation or (1,) * nd
     batch = x.shape[: x.ndim - nd - 1]
     x = x.reshape((-1,) + x.shape[len(batch):])
+    if padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
+        if padding == "CAUSAL":
+            if nd != 1:
+                raise ValueError("'CAUSAL' padding is only defined for 1-d convolutions")
+            pads = [(dilation[0] * (spatial[0] - 1), 0)]
+        else:
+            dilated = [(k - 1) * d + 1 for k, d in zip(spatial, dilation)]
+            pads = [((k - 1) // 2, k // 2) for k in dilated]
+        mode = {"CIRCULAR": "wrap", "REFLECT": "reflect", "CAUSAL": "constant"}[padding]
+        x = jnp.pad(x, [(0, 0)] + pads + [(0, 0)], mode=mode)
+        padding = "VALID"
+    pad = padding if isinstance(padding, str) else canonicalize_padding(padding, nd)
+    lhs_spec = (0, nd + 1) + tuple(range(1, nd + 1))
+    dn = jax.lax.ConvDimensionNumbers(lhs_spec, (nd + 1, nd) + tuple(range(nd)), lhs_spec)
     p = jax.lax.conv_general_dilated_patches(
-        x, spatial, strides or (1,) * nd, pad, rhs_dilation=dilation or (1,) * nd, dimension_numbers=dn
+        x, spatial, strides or (1,) * nd, pad, rhs_dilation=dilation, dimension_numbers=dn
     )  # features ordered (c_in, *spatial)
     p = p.reshape(p.shape[:-1] + (cin, -1))
     p = jnp.swapaxes(p, -1, -2)
@@ -61,11 +76,17 @@ def _tuple(v, nd):
     return (v,) * nd if isinstance(v, int) else tuple(v)
 
 
-def _layer_input(module, x):
+def _layer_input(module, x, name: str = ""):
     """The (…, d_in) rows whose Gram matrix is the layer's Hessian."""
     if isinstance(module, (nnx.Conv, nn.Conv)):
         ks = tuple(module.kernel_size)
         nd = len(ks)
+        if module.feature_group_count != 1 or any(d != 1 for d in _tuple(module.input_dilation, nd) or ()):
+            raise ValueError(
+                f"conv layer {name!r}: grouped (feature_group_count={module.feature_group_count}) or "
+                f"input-dilated (input_dilation={module.input_dilation}) convolutions have no single "
+                "layer Hessian; leave it dense with `exclude`"
+            )
         shape = ks + (x.shape[-1], 1)
         return _patches(x, shape, _tuple(module.strides, nd), module.padding, _tuple(module.kernel_dilation, nd))
     return x
@@ -148,7 +169,7 @@ def run_block(params, x, args, kwargs, *, static, capture: bool):
 
     def record(name, module, inp):
         if isinstance(module, (nnx.Conv, nn.Conv)):
-            g = gram(_layer_input(module, inp))
+            g = gram(_layer_input(module, inp, name))
         else:
             if id(inp) not in seen:  # the input is kept in `seen`, so its id stays unique
                 seen[id(inp)] = (inp, gram(inp))

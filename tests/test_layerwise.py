@@ -137,13 +137,29 @@ def test_exclude_deterministic_and_sparsity():
 
 def test_conv_patches_match_the_convolution():
     rng = np.random.default_rng(0)
-    for padding, strides, dil in (("SAME", 1, 1), ("VALID", 2, 1), (((1, 0), (2, 1)), 1, 2)):
-        conv = nnx.Conv(3, 4, (3, 2), strides=strides, padding=padding, kernel_dilation=dil, use_bias=False,
-                        rngs=nnx.Rngs(0), param_dtype=jnp.float64, dtype=jnp.float64)
-        x = rng.normal(size=(2, 7, 6, 3))
-        p = _layer_input(conv, jnp.asarray(x))
-        y = conv(jnp.asarray(x))
-        np.testing.assert_allclose(p @ conv.kernel[...].reshape(-1, 4), y, rtol=1e-10, atol=1e-12)
+    cases = [("SAME", 1, 1), ("VALID", 2, 1), (((1, 0), (2, 1)), 1, 2), (1, 2, 1), ((2, (0, 1)), 1, 1),
+             ("CIRCULAR", 1, 2), ("REFLECT", 2, 1)]
+    for padding, strides, dil in cases:
+        for conv in (nnx.Conv(3, 4, (3, 2), strides=strides, padding=padding, kernel_dilation=dil, use_bias=False,
+                              rngs=nnx.Rngs(0), param_dtype=jnp.float64, dtype=jnp.float64),
+                     nn.Conv(4, (3, 2), strides=strides, padding=padding, kernel_dilation=dil, use_bias=False,
+                             param_dtype=jnp.float64, dtype=jnp.float64)):
+            x = jnp.asarray(rng.normal(size=(2, 7, 6, 3)))
+            if isinstance(conv, nn.Conv):
+                variables = conv.init(jax.random.key(0), x)
+                kernel, y = variables["params"]["kernel"], conv.apply(variables, x)
+            else:
+                kernel, y = conv.kernel[...], conv(x)
+            p = _layer_input(conv, x)
+            np.testing.assert_allclose(p @ kernel.reshape(-1, 4), y, rtol=1e-10, atol=1e-12, err_msg=str(padding))
+    causal = nnx.Conv(3, 4, (3,), padding="CAUSAL", kernel_dilation=2, use_bias=False, rngs=nnx.Rngs(0),
+                      param_dtype=jnp.float64, dtype=jnp.float64)
+    x = jnp.asarray(rng.normal(size=(2, 9, 3)))
+    np.testing.assert_allclose(_layer_input(causal, x) @ causal.kernel[...].reshape(-1, 4), causal(x), rtol=1e-10,
+                               atol=1e-12)
+    grouped = nnx.Conv(4, 4, (3, 3), feature_group_count=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="'dw'.*grouped"):
+        _layer_input(grouped, jnp.ones((1, 5, 5, 4)), "dw")
 
 
 class ConvBlock(nnx.Module):
