@@ -157,12 +157,28 @@ class BlockAdapter:
         return self.static[1], params
 
 
-@partial(jax.jit, static_argnames=("static", "capture"))
 def run_block(params, x, args, kwargs, *, static, capture: bool):
     """The block's outputs, or with ``capture`` only ``{layer name: XᵀX}`` of its Dense/Linear/Conv
     layers: the outputs are not returned then, so XLA drops what only they need (the last
     layer's product and the residual after it; for a transformer block, the MLP's down
-    projection: a quarter of the block's flops)."""
+    projection: a quarter of the block's flops).
+
+    ``bool`` and ``str`` leaves of ``args`` / ``kwargs`` (``train=False``, ``mode="eval"``) are
+    passed to the block as Python values (static: one compilation per value); the other leaves
+    are traced.
+    """
+    leaves, tree = jax.tree.flatten((args, kwargs))
+    flags = tuple((i, v) for i, v in enumerate(leaves) if isinstance(v, (bool, str)))
+    traced = [None if isinstance(v, (bool, str)) else v for v in leaves]
+    return _run_block(params, x, traced, static=static, capture=capture, tree=tree, flags=flags)
+
+
+@partial(jax.jit, static_argnames=("static", "capture", "tree", "flags"))
+def _run_block(params, x, traced, *, static, capture: bool, tree, flags):
+    leaves = list(traced)
+    for i, v in flags:
+        leaves[i] = v
+    args, kwargs = jax.tree.unflatten(tree, leaves)
     kind, obj = static
     grams: dict[str, jax.Array] = {}
     seen: dict[int, tuple] = {}  # Dense/Linear layers fed the same input (q/k/v) share one XᵀX

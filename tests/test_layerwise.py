@@ -182,6 +182,28 @@ def test_conv_block_exact_update_lowers_error():
     np.testing.assert_array_equal(plain.masks[0]["c1"], exact.masks[0]["c1"])
 
 
+class LinenConvBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool, mode: str = "relu"):
+        y = nn.Conv(4, (3, 3), padding=1, use_bias=False, param_dtype=jnp.float64, name="conv")(x)
+        y = nn.BatchNorm(use_running_average=not train, param_dtype=jnp.float64, name="bn")(y)
+        return x + (jax.nn.relu(y) if mode == "relu" else y)
+
+
+def test_python_flags_reach_the_block_as_values():
+    """`train=False` (a BatchNorm's switch) and string flags are passed as Python values, not traced."""
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(6, 5, 5, 4)))
+    module = LinenConvBN()
+    variables = module.init(jax.random.key(0), x, train=False)
+    variables = {**variables, "batch_stats": {"bn": {"mean": jnp.full(4, 0.3), "var": jnp.full(4, 2.0)}}}
+    for mode in ("relu", "linear"):
+        res = cobs_jax.prune_layerwise([(module, variables)], x, sparsity=0.5, kwargs={"train": False, "mode": mode},
+                                       batch_size=3)
+        pruned = res.blocks[0][1]
+        assert float(jnp.mean(pruned["params"]["conv"]["kernel"] == 0)) == pytest.approx(0.5)
+        np.testing.assert_allclose(res.outputs, module.apply(pruned, x, train=False, mode=mode), rtol=1e-12)
+
+
 def test_bad_input():
     blocks = [Block(8, 16, nnx.Rngs(0))]
     x = _data()
@@ -206,7 +228,7 @@ def test_bad_input():
 def test_compiled_once_per_layer_shape_not_per_layer():
     from cobs_jax import _capture, _layer, _layer_masks, _sparsegpt
 
-    fns = [_sparsegpt.sparsegpt, _capture.run_block, _layer._damped_factor, _layer._error_and_finite]
+    fns = [_sparsegpt.sparsegpt, _capture._run_block, _layer._damped_factor, _layer._error_and_finite]
     blocks = [Block(8, 24, nnx.Rngs(i)) for i in range(3)]  # shapes no other test uses
     x = _data(n=6)
     for opts in (dict(sparsity=0.5), dict(sparsity=0.5, method="wanda")):
