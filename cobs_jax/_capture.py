@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.linear import canonicalize_padding
 
-from ._hessian import gram
+from ._hessian import cross_gram, gram
 
 __all__ = ["BlockAdapter", "run_block"]
 
@@ -157,11 +157,15 @@ class BlockAdapter:
         return self.static[1], params
 
 
-def run_block(params, x, args, kwargs, *, static, capture: bool):
+def run_block(params, x, args, kwargs, *, static, capture: bool, reference=None):
     """The block's outputs, or with ``capture`` only ``{layer name: XᵀX}`` of its Dense/Linear/Conv
     layers: the outputs are not returned then, so XLA drops what only they need (the last
     layer's product and the residual after it; for a transformer block, the MLP's down
     projection: a quarter of the block's flops).
+
+    With ``capture`` and ``reference`` (the dense model's inputs of this block, the same examples
+    as ``x``), the block also runs on ``reference`` and each layer gets ``(X̃ᵀX̃, X̃ᵀX)``: X̃ its
+    inputs from ``x``, X those from ``reference`` (asymmetric calibration).
 
     ``bool`` and ``str`` leaves of ``args`` / ``kwargs`` (``train=False``, ``mode="eval"``) are
     passed to the block as Python values (static: one compilation per value); the other leaves
@@ -170,36 +174,31 @@ def run_block(params, x, args, kwargs, *, static, capture: bool):
     leaves, tree = jax.tree.flatten((args, kwargs))
     flags = tuple((i, v) for i, v in enumerate(leaves) if isinstance(v, (bool, str)))
     traced = [None if isinstance(v, (bool, str)) else v for v in leaves]
-    return _run_block(params, x, traced, static=static, capture=capture, tree=tree, flags=flags)
+    return _run_block(params, x, reference, traced, static=static, capture=capture, tree=tree, flags=flags)
 
 
 @partial(jax.jit, static_argnames=("static", "capture", "tree", "flags"))
-def _run_block(params, x, traced, *, static, capture: bool, tree, flags):
+def _run_block(params, x, reference, traced, *, static, capture: bool, tree, flags):
     leaves = list(traced)
     for i, v in flags:
         leaves[i] = v
     args, kwargs = jax.tree.unflatten(tree, leaves)
     kind, obj = static
-    grams: dict[str, jax.Array] = {}
-    seen: dict[int, tuple] = {}  # Dense/Linear layers fed the same input (q/k/v) share one XᵀX
+    calls: list[dict[str, list]] = []  # per run of the block: {layer name: [(module, input), ...]}
 
     def record(name, module, inp):
-        if isinstance(module, (nnx.Conv, nn.Conv)):
-            g = gram(_layer_input(module, inp, name))
-        else:
-            if id(inp) not in seen:  # the input is kept in `seen`, so its id stays unique
-                seen[id(inp)] = (inp, gram(inp))
-            g = seen[id(inp)][1]
-        grams[name] = grams[name] + g if name in grams else g
+        calls[-1].setdefault(name, []).append((module, inp))
 
-    if kind == "nnx":
-        block = nnx.merge(obj, params)
-        if capture:
-            for path, mod in nnx.iter_modules(block):
-                if isinstance(mod, (nnx.Linear, nnx.Conv)) and path:
-                    _record_calls(mod, "/".join(str(p) for p in path), record)
-        y = block(x, *args, **kwargs)
-    else:
+    def run(inputs):
+        calls.append({})
+        if kind == "nnx":
+            block = nnx.merge(obj, params)
+            if capture:
+                for path, mod in nnx.iter_modules(block):
+                    if isinstance(mod, (nnx.Linear, nnx.Conv)) and path:
+                        _record_calls(mod, "/".join(str(p) for p in path), record)
+            return block(inputs, *args, **kwargs)
+
         def interceptor(next_fun, a, kw, context):
             mod = context.module
             if capture and context.method_name == "__call__" and isinstance(mod, (nn.Dense, nn.Conv)):
@@ -207,8 +206,32 @@ def _run_block(params, x, traced, *, static, capture: bool, tree, flags):
             return next_fun(*a, **kw)
 
         with nn.intercept_methods(interceptor):
-            y = obj.apply(params, x, *args, **kwargs)
-    return grams if capture else _first(y)
+            return obj.apply(params, inputs, *args, **kwargs)
+
+    y = run(x)
+    if not capture:
+        return _first(y)
+    if reference is not None:
+        run(reference)
+    rows: dict[tuple, jax.Array] = {}  # Dense/Linear layers fed the same input (q/k/v) share one XᵀX
+    grams: dict[str, Any] = {}
+    for name, seen in calls[0].items():
+        for j, (module, inp) in enumerate(seen):
+            conv = isinstance(module, (nnx.Conv, nn.Conv))
+            a = _layer_input(module, inp, name) if conv else inp
+            key = ("gram", id(inp)) if not conv else ("gram", name, j)
+            if key not in rows:  # the inputs stay referenced in `calls`, so their ids stay unique
+                rows[key] = gram(a)
+            g = rows[key]
+            if reference is not None:
+                ref_module, ref_inp = calls[1][name][j]
+                b = _layer_input(ref_module, ref_inp, name) if conv else ref_inp
+                ckey = ("cross", id(inp), id(ref_inp)) if not conv else ("cross", name, j)
+                if ckey not in rows:
+                    rows[ckey] = cross_gram(a, b)
+                g = (g, rows[ckey])
+            grams[name] = jax.tree.map(jnp.add, grams[name], g) if name in grams else g
+    return grams
 
 
 def _record_calls(mod, name, record):

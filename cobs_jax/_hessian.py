@@ -45,6 +45,15 @@ def gram(x: jax.Array) -> jax.Array:
     return jnp.block([[upper[i, j] if i <= j else upper[j, i].T for j in range(nb)] for i in range(nb)])
 
 
+def cross_gram(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``XᵀY`` of two sets of the same layer's inputs, ``(..., d)`` each with matching sample axes
+    (the pruned model's and the dense model's, for asymmetric calibration), in
+    :func:`accumulate_dtype`."""
+    dt = accumulate_dtype()
+    x = x.reshape(-1, x.shape[-1]).astype(dt)
+    return jnp.matmul(x.T, y.reshape(-1, y.shape[-1]).astype(dt), precision=jax.lax.Precision.HIGHEST)
+
+
 @jax.jit
 def _add(h: jax.Array, x: jax.Array) -> jax.Array:
     return h + gram(x).astype(h.dtype)

@@ -87,21 +87,31 @@ def _layer_sparsity(entry, name: str, where: str):
     return entry[name]
 
 
-def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture):
-    """Outputs over all examples (chunked), or with ``capture`` the summed Hessians."""
+def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture, reference=None):
+    """Outputs over all examples (chunked), or with ``capture`` the summed Hessians (with
+    ``reference``, the dense model's inputs: ``(XᵀX, X̃ᵀX)`` pairs; see :func:`run_block`)."""
     outs, grams = [], {}
     for s in range(0, x.shape[0], batch_size):
         chunk = x[s : s + batch_size]
+        ref = None if reference is None else reference[s : s + batch_size]
         if sharding is not None:
             chunk = jax.device_put(chunk, sharding)
-        out = run_block(params, chunk, args, kwargs, static=adapter.static, capture=capture)
+            ref = None if ref is None else jax.device_put(ref, sharding)
+        out = run_block(params, chunk, args, kwargs, static=adapter.static, capture=capture, reference=ref)
         if not capture:
             outs.append(out)
             continue
         for k, v in out.items():
-            grams[k] = grams[k] + v if k in grams else v
+            grams[k] = jax.tree.map(jnp.add, grams[k], v) if k in grams else v
     result = grams if capture else jnp.concatenate(outs, axis=0)
     return jax.block_until_ready(result)
+
+
+@jax.jit
+def _dense_fit(kernel, cross, u):
+    """``H̃⁻¹ X̃ᵀX W̄`` (``H̃⁻¹ = uᵀu``) for a kernel ``(..., d_out)`` whose leading axes are its inputs."""
+    w = kernel.reshape(-1, kernel.shape[-1]).astype(u.dtype)
+    return (u.T @ (u @ (cross @ w))).reshape(kernel.shape)
 
 
 def prune_layerwise(
@@ -118,6 +128,7 @@ def prune_layerwise(
     start: str = "sparsegpt",
     window: int = 64,
     max_swaps: int = 64,
+    asymmetric: bool = False,
     exclude: Union[None, str, Sequence[str], Callable[[str], bool]] = None,
     args: tuple = (),
     kwargs: Optional[dict] = None,
@@ -146,6 +157,15 @@ def prune_layerwise(
       start: as in :func:`cobs_jax.prune_layer` (``method="cbs"``).
       window: as in :func:`cobs_jax.prune_layer` (``method="cbs"``).
       max_swaps: as in :func:`cobs_jax.prune_layer` (``method="cbs"``).
+      asymmetric: keep the *dense model's* layer outputs (asymmetric calibration, as GPTAQ, Li et
+        al., ICML 2025, does for quantization): each layer minimises ``||X W̄ - X̃ W||²`` with X̃
+        its inputs in the model pruned so far and X those in the dense model, instead of
+        SparseGPT's ``||X̃ W̄ - X̃ W||²``, so the layers also undo the error of the layers before
+        them. Exactly equivalent to pruning the kernel ``W' = H̃⁻¹ X̃ᵀX W̄`` (the unpruned
+        least-squares fit to the dense outputs; ``H̃`` damped as below) on the usual objective
+        with ``H̃ = X̃ᵀX̃``, which is what is done. Costs a second capture pass and a dense
+        forward per block, and keeps the dense hidden states beside the pruned ones. The
+        reported ``error`` is then relative to ``W'``.
       exclude: layers left dense: a regex (or list of them) searched in the layer's path within
         its block (``"mlp/down_proj"``), or ``callable(name) -> bool``. Embeddings and the LM head
         are not in ``blocks`` and so are never pruned.
@@ -168,6 +188,8 @@ def prune_layerwise(
         in a layer's captured activations (named), or a block without prunable layers.
     """
     as_key(key)  # validated for uniformity; the methods are deterministic
+    if not isinstance(asymmetric, bool):
+        raise ValueError(f"`asymmetric` must be a bool, got {asymmetric!r}")
     check_layer_args(method, update, damping, block_size, granularity, start, window, max_swaps)
     kwargs = dict(kwargs or {})
     x = jnp.asarray(inputs)
@@ -196,9 +218,11 @@ def prune_layerwise(
     t_start = time.perf_counter()
     new_blocks, masks, layers = [], [], []
     zeros = total = 0
+    x_dense = x if asymmetric else None  # the dense model's hidden states
     for i, adapter in show(enumerate(adapters), progress, len(adapters), f"prune_layerwise ({method})"):
         t0 = time.perf_counter()
-        grams = _forward(adapter, adapter.params, x, args, kwargs, batch_size, sharding, capture=True)
+        grams = _forward(adapter, adapter.params, x, args, kwargs, batch_size, sharding, capture=True,
+                         reference=x_dense)
         t_capture += time.perf_counter() - t0
         if not grams:
             raise ValueError(f"block {i} has no Dense/Linear/Conv layers to prune")
@@ -206,24 +230,26 @@ def prune_layerwise(
         shared: list[tuple[jax.Array, Factors]] = []  # q/k/v (gate/up) see one input: factor its H once
         for name in (n for n in grams if not skip(n)):
             where = f"block {i}, layer {name!r}"
-            h = grams[name].astype(accumulate_dtype())
-            if not bool(jnp.all(jnp.isfinite(h))):
+            h, cross = grams[name] if asymmetric else (grams[name], None)
+            h = h.astype(accumulate_dtype())
+            if not bool(jnp.all(jnp.isfinite(h))) or (cross is not None and not bool(jnp.all(jnp.isfinite(cross)))):
                 raise ValueError(f"{where}: its captured activations contain NaN or Inf")
             kernel = adapter.kernel(name)
             check_finite(kernel, f"{where}: the kernel")
             t1 = time.perf_counter()
             factors = None
-            if needs_factors(method, update):
+            if needs_factors(method, update) or asymmetric:
                 factors = next((f for h2, f in shared if h2.shape == h.shape and bool(jnp.array_equal(h2, h))), None)
                 if factors is None:
                     factors = factor_hessian(h, damping, where)
                     shared.append((h, factors))
+            target = kernel if cross is None else _dense_fit(kernel, cross.astype(h.dtype), factors.u)
             new, mask, linfo = prune_checked(
-                kernel, h, sparsity=_layer_sparsity(per_block[i], name, where), pattern=pattern, method=method, update=update, damping=damping,
+                target, h, sparsity=_layer_sparsity(per_block[i], name, where), pattern=pattern, method=method, update=update, damping=damping,
                 block_size=block_size, granularity=granularity, in_axes=tuple(range(kernel.ndim - 1)),
                 name=where, start=start, window=window, max_swaps=max_swaps, factors=factors, mesh=mesh,
             )
-            jax.block_until_ready(new)
+            new = jax.block_until_ready(new.astype(kernel.dtype))
             dt = time.perf_counter() - t1
             kernels[name], block_masks[name] = new, mask
             layers.append(dict(block=i, layer=name, shape=tuple(new.shape), error=linfo.error,
@@ -233,6 +259,8 @@ def prune_layerwise(
         params = adapter.with_kernels(kernels)
         t2 = time.perf_counter()
         x = _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture=False)
+        if x_dense is not None:
+            x_dense = _forward(adapter, adapter.params, x_dense, args, kwargs, batch_size, sharding, capture=False)
         t_forward += time.perf_counter() - t2
         new_blocks.append(adapter.rebuild(params))
         masks.append(block_masks)

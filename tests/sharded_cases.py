@@ -129,7 +129,7 @@ def test_rows_must_split_over_the_mesh(setup):
 
 
 @pytest.mark.parametrize("opts", [dict(sparsity=0.5), dict(pattern="2:4", method="wanda", update="exact"),
-                                  dict(sparsity=0.5, method="cbs", window=4)])
+                                  dict(sparsity=0.5, method="cbs", window=4, asymmetric=True)])
 def test_prune_layerwise_examples_sharded_equals_single_device(opts):
     """Calibration examples sharded over 8 devices (Hessians summed across them) == 1 device."""
     from flax import nnx

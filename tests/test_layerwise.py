@@ -123,6 +123,46 @@ def test_linen_driver_equals_pruning_by_hand():
     np.testing.assert_allclose(np.asarray(res.outputs), ref_out, rtol=1e-9, atol=1e-12)
 
 
+def test_asymmetric_equals_least_squares_on_the_dense_outputs():
+    """asymmetric=True: every layer's mask is the magnitude mask of lstsq(X̃, X W̄) and every output
+    unit's kept weights are lstsq(X̃_K, X w̄), X̃ / X the layer's inputs in the pruned / dense model."""
+    blocks = [Block(8, 16, nnx.Rngs(i)) for i in range(2)]
+    x = _data(n=16)
+    s = 0.5
+    res = cobs_jax.prune_layerwise(blocks, x, sparsity=s, method="magnitude", update="exact", asymmetric=True,
+                                   damping=1e-12, args=(1.5,), batch_size=5)
+    kernels = [{n: np.asarray(getattr(getattr(b, n.split("/")[0]), n.split("/")[1]).kernel[...]) for n in NAMES}
+               for b in blocks]
+    x_pruned = x_dense = x
+    for i, k in enumerate(kernels):
+        acts_p, acts_d = _fwd(k, x_pruned, 1.5, NAMES)[1], _fwd(k, x_dense, 1.5, NAMES)[1]
+        new = {}
+        for n in NAMES:
+            xp, xd = (a[n].reshape(-1, a[n].shape[-1]) for a in (acts_p, acts_d))
+            target = xd @ k[n]  # the dense model's outputs of this layer
+            fit = np.linalg.lstsq(xp, target, rcond=None)[0]
+            order = np.argsort(np.abs(fit), axis=None)
+            keep = np.ones(fit.size, bool)
+            keep[order[: round(s * fit.size)]] = False
+            keep = keep.reshape(fit.shape)
+            np.testing.assert_array_equal(np.asarray(res.masks[i][n]), keep, err_msg=f"block {i} {n}")
+            w = np.zeros_like(fit)
+            for c in range(fit.shape[1]):
+                w[keep[:, c], c] = np.linalg.lstsq(xp[:, keep[:, c]], target[:, c], rcond=None)[0]
+            a, b = n.split("/")
+            got = np.asarray(getattr(getattr(res.blocks[i], a), b).kernel[...])
+            np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-8, err_msg=f"block {i} {n}")
+            new[n] = w
+        x_pruned, x_dense = _fwd(new, x_pruned, 1.5, NAMES)[0], _fwd(k, x_dense, 1.5, NAMES)[0]
+    np.testing.assert_allclose(np.asarray(res.outputs), x_pruned, rtol=1e-6, atol=1e-8)
+    # the second block's pruned inputs differ from its dense ones, so the objective did change
+    sym = cobs_jax.prune_layerwise(blocks, x, sparsity=s, method="magnitude", update="exact", damping=1e-12,
+                                   args=(1.5,), batch_size=5)
+    assert not np.allclose(sym.blocks[1].mlp.up_proj.kernel[...], res.blocks[1].mlp.up_proj.kernel[...])
+    with pytest.raises(ValueError, match="asymmetric"):
+        cobs_jax.prune_layerwise(blocks, x, sparsity=s, args=(1.5,), asymmetric="yes")
+
+
 def test_exclude_deterministic_and_sparsity():
     blocks = [Block(8, 16, nnx.Rngs(i)) for i in range(2)]
     x = _data()
@@ -202,6 +242,24 @@ def test_python_flags_reach_the_block_as_values():
         pruned = res.blocks[0][1]
         assert float(jnp.mean(pruned["params"]["conv"]["kernel"] == 0)) == pytest.approx(0.5)
         np.testing.assert_allclose(res.outputs, module.apply(pruned, x, train=False, mode=mode), rtol=1e-12)
+
+
+def test_asymmetric_conv_blocks_fit_the_dense_outputs():
+    """Two conv blocks, asymmetric: the second block's c1 is lstsq on the patches of its pruned and
+    dense inputs (c1 sees the block input directly)."""
+    x = np.random.default_rng(3).normal(size=(6, 6, 6, 4))
+    blocks = [ConvBlock(nnx.Rngs(i)) for i in range(2)]
+    res = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, method="magnitude", update="exact", asymmetric=True,
+                                   damping=1e-12, batch_size=4)
+    c1 = blocks[1].c1
+    xp = _layer_input(c1, jnp.asarray(res.blocks[0](jnp.asarray(x)))).reshape(-1, 36)
+    xd = _layer_input(c1, jnp.asarray(blocks[0](jnp.asarray(x)))).reshape(-1, 36)
+    target = xd @ c1.kernel[...].reshape(36, -1)
+    keep = np.asarray(res.masks[1]["c1"]).reshape(36, -1)
+    got = np.asarray(res.blocks[1].c1.kernel[...]).reshape(36, -1)
+    for c in range(keep.shape[1]):
+        want = np.linalg.lstsq(xp[:, keep[:, c]], target[:, c], rcond=None)[0]
+        np.testing.assert_allclose(got[keep[:, c], c], want, rtol=1e-6, atol=1e-8)
 
 
 def test_bad_input():
