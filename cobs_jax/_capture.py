@@ -79,7 +79,8 @@ def _tuple(v, nd):
 def _layer_input(module, x, name: str = ""):
     """The (…, d_in) rows whose Gram matrix is the layer's Hessian."""
     if isinstance(module, (nnx.Conv, nn.Conv)):
-        ks = tuple(module.kernel_size)
+        k = module.kernel_size
+        ks = (k,) if isinstance(k, int) else tuple(k)  # an int is a 1-d kernel, as in Flax
         nd = len(ks)
         if module.feature_group_count != 1 or any(d != 1 for d in _tuple(module.input_dilation, nd) or ()):
             raise ValueError(
@@ -222,7 +223,7 @@ def _run_block(params, x, reference, traced, *, static, capture: bool, tree, fla
             key = ("gram", id(inp)) if not conv else ("gram", name, j)
             if key not in rows:  # the inputs stay referenced in `calls`, so their ids stay unique
                 rows[key] = gram(a)
-            g = rows[key]
+            g: Any = rows[key]
             if reference is not None:
                 ref_module, ref_inp = calls[1][name][j]
                 b = _layer_input(ref_module, ref_inp, name) if conv else ref_inp
