@@ -76,13 +76,25 @@ def _tuple(v, nd):
     return (v,) * nd if isinstance(v, int) else tuple(v)
 
 
+def _kernel_size(module) -> tuple:
+    k = module.kernel_size
+    return (k,) if isinstance(k, int) else tuple(k)  # an int is a 1-d kernel, as in Flax
+
+
+def _no_hessian(module) -> bool:
+    """A grouped or input-dilated conv: its outputs do not share one layer Hessian."""
+    if not isinstance(module, (nnx.Conv, nn.Conv)):
+        return False
+    dil = _tuple(module.input_dilation, len(_kernel_size(module))) or ()
+    return module.feature_group_count != 1 or any(d != 1 for d in dil)
+
+
 def _layer_input(module, x, name: str = ""):
     """The (…, d_in) rows whose Gram matrix is the layer's Hessian."""
     if isinstance(module, (nnx.Conv, nn.Conv)):
-        k = module.kernel_size
-        ks = (k,) if isinstance(k, int) else tuple(k)  # an int is a 1-d kernel, as in Flax
+        ks = _kernel_size(module)
         nd = len(ks)
-        if module.feature_group_count != 1 or any(d != 1 for d in _tuple(module.input_dilation, nd) or ()):
+        if _no_hessian(module):
             raise ValueError(
                 f"conv layer {name!r}: grouped (feature_group_count={module.feature_group_count}) or "
                 f"input-dilated (input_dilation={module.input_dilation}) convolutions have no single "
@@ -217,6 +229,9 @@ def _run_block(params, x, reference, traced, *, static, capture: bool, tree, fla
     rows: dict[tuple, jax.Array] = {}  # Dense/Linear layers fed the same input (q/k/v) share one XᵀX
     grams: dict[str, Any] = {}
     for name, seen in calls[0].items():
+        if _no_hessian(seen[0][0]):
+            grams[name] = None  # refused by the driver unless the layer is excluded
+            continue
         for j, (module, inp) in enumerate(seen):
             conv = isinstance(module, (nnx.Conv, nn.Conv))
             a = _layer_input(module, inp, name) if conv else inp

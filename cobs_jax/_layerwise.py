@@ -230,6 +230,9 @@ def prune_layerwise(
         shared: list[tuple[jax.Array, Factors]] = []  # q/k/v (gate/up) see one input: factor its H once
         for name in (n for n in grams if not skip(n)):
             where = f"block {i}, layer {name!r}"
+            if grams[name] is None:
+                raise ValueError(f"{where}: a grouped (depthwise) or input-dilated convolution has no single "
+                                 "layer Hessian; leave it dense with `exclude`")
             h, cross = grams[name] if asymmetric else (grams[name], None)
             h = h.astype(accumulate_dtype())
             if not bool(jnp.all(jnp.isfinite(h))) or (cross is not None and not bool(jnp.all(jnp.isfinite(cross)))):

@@ -262,6 +262,23 @@ def test_asymmetric_conv_blocks_fit_the_dense_outputs():
         np.testing.assert_allclose(got[keep[:, c], c], want, rtol=1e-6, atol=1e-8)
 
 
+class DepthwiseBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.dw = nnx.Conv(4, 4, (3, 3), feature_group_count=4, use_bias=False, rngs=rngs)
+        self.pw = nnx.Conv(4, 4, (1, 1), use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.pw(jax.nn.relu(self.dw(x)))
+
+
+def test_grouped_conv_is_refused_by_name_unless_excluded():
+    x = np.random.default_rng(4).normal(size=(4, 5, 5, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="block 0, layer 'dw'.*exclude"):
+        cobs_jax.prune_layerwise([DepthwiseBlock(nnx.Rngs(0))], x, sparsity=0.5, method="magnitude")
+    res = cobs_jax.prune_layerwise([DepthwiseBlock(nnx.Rngs(0))], x, sparsity=0.5, method="magnitude", exclude="dw")
+    assert list(res.masks[0]) == ["pw"] and res.info["sparsity"] == pytest.approx(0.5)
+
+
 def test_bad_input():
     blocks = [Block(8, 16, nnx.Rngs(0))]
     x = _data()
