@@ -178,7 +178,8 @@ def run_block(params, x, args, kwargs, *, static, capture: bool, reference=None)
 
     With ``capture`` and ``reference`` (the dense model's inputs of this block, the same examples
     as ``x``), the block also runs on ``reference`` and each layer gets ``(X̃ᵀX̃, X̃ᵀX)``: X̃ its
-    inputs from ``x``, X those from ``reference`` (asymmetric calibration).
+    inputs from ``x``, X those from ``reference`` (asymmetric calibration); the result is then
+    ``(grams, the block's outputs on reference)``.
 
     ``bool`` and ``str`` leaves of ``args`` / ``kwargs`` (``train=False``, ``mode="eval"``) are
     passed to the block as Python values (static: one compilation per value); the other leaves
@@ -224,8 +225,7 @@ def _run_block(params, x, reference, traced, *, static, capture: bool, tree, fla
     y = run(x)
     if not capture:
         return _first(y)
-    if reference is not None:
-        run(reference)
+    y_ref = None if reference is None else _first(run(reference))
     rows: dict[tuple, jax.Array] = {}  # Dense/Linear layers fed the same input (q/k/v) share one XᵀX
     grams: dict[str, Any] = {}
     for name, seen in calls[0].items():
@@ -247,7 +247,7 @@ def _run_block(params, x, reference, traced, *, static, capture: bool, tree, fla
                     rows[ckey] = cross_gram(a, b)
                 g = (g, rows[ckey])
             grams[name] = jax.tree.map(jnp.add, grams[name], g) if name in grams else g
-    return grams
+    return grams if reference is None else (grams, y_ref)
 
 
 def _record_calls(mod, name, record):

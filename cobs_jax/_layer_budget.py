@@ -109,6 +109,9 @@ def owl_sparsities(
         grams = _forward(adapter, adapter.params, x, args, kwargs, batch_size, None, capture=True)
         scores = []
         for name in (n for n in grams if not skip(n)):
+            if grams[name] is None:
+                raise ValueError(f"block {b}, layer {name!r}: a grouped (depthwise) or input-dilated convolution "
+                                 "has no single layer Hessian; leave it dense with `exclude`")
             kernel = adapter.kernel(name)
             rows = jnp.abs(kernel.reshape(-1, kernel.shape[-1]))  # (d_in, d_out)
             scores.append((rows * jnp.sqrt(jnp.maximum(jnp.diagonal(grams[name]), 0.0))[:, None]).ravel())

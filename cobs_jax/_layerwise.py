@@ -89,8 +89,9 @@ def _layer_sparsity(entry, name: str, where: str):
 
 def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture, reference=None):
     """Outputs over all examples (chunked), or with ``capture`` the summed Hessians (with
-    ``reference``, the dense model's inputs: ``(XᵀX, X̃ᵀX)`` pairs; see :func:`run_block`)."""
-    outs, grams = [], {}
+    ``reference``, the dense model's inputs: ``(XᵀX, X̃ᵀX)`` pairs and the block's outputs on
+    ``reference``; see :func:`run_block`)."""
+    outs, grams, ref_outs = [], {}, []
     for s in range(0, x.shape[0], batch_size):
         chunk = x[s : s + batch_size]
         ref = None if reference is None else reference[s : s + batch_size]
@@ -101,17 +102,24 @@ def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture, re
         if not capture:
             outs.append(out)
             continue
+        if reference is not None:
+            out, y_ref = out
+            ref_outs.append(y_ref)
         for k, v in out.items():
             grams[k] = jax.tree.map(jnp.add, grams[k], v) if k in grams else v
     result = grams if capture else jnp.concatenate(outs, axis=0)
+    if ref_outs:
+        result = (result, jnp.concatenate(ref_outs, axis=0))
     return jax.block_until_ready(result)
 
 
 @jax.jit
-def _dense_fit(kernel, cross, u):
-    """``H̃⁻¹ X̃ᵀX W̄`` (``H̃⁻¹ = uᵀu``) for a kernel ``(..., d_out)`` whose leading axes are its inputs."""
+def _dense_fit(kernel, h, cross, u):
+    """``W̄ + H̃_λ⁻¹ (X̃ᵀX - X̃ᵀX̃) W̄`` (``H̃_λ⁻¹ = uᵀu``, the damped inverse) for a kernel
+    ``(..., d_out)`` whose leading axes are its inputs: the minimiser of the asymmetric objective
+    plus the damping term ``λ‖W - W̄‖²``, the same damping as the usual objective's."""
     w = kernel.reshape(-1, kernel.shape[-1]).astype(u.dtype)
-    return (u.T @ (u @ (cross @ w))).reshape(kernel.shape)
+    return (w + u.T @ (u @ ((cross - h) @ w))).reshape(kernel.shape)
 
 
 def prune_layerwise(
@@ -161,11 +169,12 @@ def prune_layerwise(
         al., ICML 2025, does for quantization): each layer minimises ``||X W̄ - X̃ W||²`` with X̃
         its inputs in the model pruned so far and X those in the dense model, instead of
         SparseGPT's ``||X̃ W̄ - X̃ W||²``, so the layers also undo the error of the layers before
-        them. Exactly equivalent to pruning the kernel ``W' = H̃⁻¹ X̃ᵀX W̄`` (the unpruned
-        least-squares fit to the dense outputs; ``H̃`` damped as below) on the usual objective
-        with ``H̃ = X̃ᵀX̃``, which is what is done. Costs a second capture pass and a dense
-        forward per block, and keeps the dense hidden states beside the pruned ones. The
-        reported ``error`` is then relative to ``W'``.
+        them. With the damping term ``λ‖W - W̄‖²`` of the usual objective (``λ`` as below), this
+        is exactly the usual objective ``(W - W')ᵀ(H̃ + λI)(W - W')`` for the kernel
+        ``W' = W̄ + (H̃ + λI)⁻¹ X̃ᵀ(X - X̃) W̄`` (the unpruned fit to the dense outputs; ``W' = W̄``
+        where the inputs agree, as in the first block), ``H̃ = X̃ᵀX̃``: every method prunes ``W'``.
+        Each capture pass then also runs the block on the dense hidden states (kept beside the
+        pruned ones), about twice its cost. The reported ``error`` is then relative to ``W'``.
       exclude: layers left dense: a regex (or list of them) searched in the layer's path within
         its block (``"mlp/down_proj"``), or ``callable(name) -> bool``. Embeddings and the LM head
         are not in ``blocks`` and so are never pruned.
@@ -223,6 +232,8 @@ def prune_layerwise(
         t0 = time.perf_counter()
         grams = _forward(adapter, adapter.params, x, args, kwargs, batch_size, sharding, capture=True,
                          reference=x_dense)
+        if x_dense is not None:
+            grams, x_dense = grams  # and the dense model's outputs of this block
         t_capture += time.perf_counter() - t0
         if not grams:
             raise ValueError(f"block {i} has no Dense/Linear/Conv layers to prune")
@@ -246,7 +257,7 @@ def prune_layerwise(
                 if factors is None:
                     factors = factor_hessian(h, damping, where)
                     shared.append((h, factors))
-            target = kernel if factors is None or cross is None else _dense_fit(kernel, cross.astype(h.dtype), factors.u)
+            target = kernel if factors is None or cross is None else _dense_fit(kernel, h, cross.astype(h.dtype), factors.u)
             new, mask, linfo = prune_checked(
                 target, h, sparsity=_layer_sparsity(per_block[i], name, where), pattern=pattern, method=method, update=update, damping=damping,
                 block_size=block_size, granularity=granularity, in_axes=tuple(range(kernel.ndim - 1)),
@@ -262,8 +273,6 @@ def prune_layerwise(
         params = adapter.with_kernels(kernels)
         t2 = time.perf_counter()
         x = _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture=False)
-        if x_dense is not None:
-            x_dense = _forward(adapter, adapter.params, x_dense, args, kwargs, batch_size, sharding, capture=False)
         t_forward += time.perf_counter() - t2
         new_blocks.append(adapter.rebuild(params))
         masks.append(block_masks)

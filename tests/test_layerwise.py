@@ -163,6 +163,19 @@ def test_asymmetric_equals_least_squares_on_the_dense_outputs():
         cobs_jax.prune_layerwise(blocks, x, sparsity=s, args=(1.5,), asymmetric="yes")
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "cbs"])
+def test_asymmetric_first_block_equals_symmetric_with_damping(method):
+    """Where the pruned and dense inputs agree (the first block) the damped asymmetric objective
+    is the usual one: same masks and weights for any damping (a ridge towards 0 would differ)."""
+    blocks = [Block(8, 16, nnx.Rngs(i)) for i in range(2)]
+    x = _data(n=16)
+    a = cobs_jax.prune_layerwise(blocks[:1], x, sparsity=0.5, method=method, damping=0.1, asymmetric=True, args=(1.5,))
+    b = cobs_jax.prune_layerwise(blocks[:1], x, sparsity=0.5, method=method, damping=0.1, args=(1.5,))
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-9, atol=1e-12),
+                 nnx.to_pure_dict(nnx.state(a.blocks[0])), nnx.to_pure_dict(nnx.state(b.blocks[0])))
+    np.testing.assert_allclose(a.outputs, b.outputs, rtol=1e-9, atol=1e-12)
+
+
 def test_exclude_deterministic_and_sparsity():
     blocks = [Block(8, 16, nnx.Rngs(i)) for i in range(2)]
     x = _data()
@@ -275,6 +288,8 @@ def test_grouped_conv_is_refused_by_name_unless_excluded():
     x = np.random.default_rng(4).normal(size=(4, 5, 5, 4)).astype(np.float32)
     with pytest.raises(ValueError, match="block 0, layer 'dw'.*exclude"):
         cobs_jax.prune_layerwise([DepthwiseBlock(nnx.Rngs(0))], x, sparsity=0.5, method="magnitude")
+    with pytest.raises(ValueError, match="block 0, layer 'dw'.*exclude"):
+        cobs_jax.owl_sparsities([DepthwiseBlock(nnx.Rngs(0))], x, 0.5)
     res = cobs_jax.prune_layerwise([DepthwiseBlock(nnx.Rngs(0))], x, sparsity=0.5, method="magnitude", exclude="dw")
     assert list(res.masks[0]) == ["pw"] and res.info["sparsity"] == pytest.approx(0.5)
 
