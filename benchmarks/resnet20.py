@@ -217,6 +217,19 @@ def trained_resnet20(ds, cache_dir: Path = CACHE, *, epochs: int = 4, budget_s: 
     return variables, done
 
 
+def cached_model_and_data(data_dir=None, download: bool = False):
+    """``(Fashion-MNIST, the trained variables)`` for the pruning scripts; exits with a message when
+    the data are missing or the checkpoint is not trained yet (this never trains)."""
+    try:
+        ds = load_fashion_mnist(data_dir, download)
+    except DataUnavailable as e:
+        sys.exit(f"error: {e}")
+    variables, done = trained_resnet20(ds, budget_s=0)
+    if not done:
+        sys.exit("no trained ResNet20 yet: run `python benchmarks/resnet20.py` (again) until it reports done")
+    return ds, variables
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files")

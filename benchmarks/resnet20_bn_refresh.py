@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
 from common import metadata, write  # noqa: E402
-from data import DataUnavailable, load_fashion_mnist  # noqa: E402
-from resnet20 import batchnorm_refresh, evaluate, loss_fn, pad32, paper_prunable, trained_resnet20  # noqa: E402
+from resnet20 import batchnorm_refresh, cached_model_and_data, evaluate, loss_fn, pad32, paper_prunable  # noqa: E402
 from resnet20_fashion import fisher_sample  # noqa: E402
 
 METHODS = {"MP": None, "MP + CBS-U": "cbs"}  # the update after magnitude selection
@@ -46,13 +45,7 @@ def main(argv=None):
     p.add_argument("--bn-images", type=int, default=2000)
     p.add_argument("--chunk-size", type=int, default=8)
     args = p.parse_args(argv)
-    try:
-        ds = load_fashion_mnist(args.data_dir)
-    except DataUnavailable as e:
-        sys.exit(f"error: {e}")
-    variables, done = trained_resnet20(ds, budget_s=0)
-    if not done:
-        sys.exit("no trained ResNet20 yet: run `python benchmarks/resnet20.py` (again) until it reports done")
+    ds, variables = cached_model_and_data(args.data_dir)
     x_te, y_te = pad32(ds.x_test), ds.y_test
     x_tr, y_tr = jnp.asarray(pad32(ds.x_train)), jnp.asarray(ds.y_train)
     layout = cobs_jax.make_layout(variables, paper_prunable)

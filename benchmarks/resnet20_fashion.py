@@ -40,8 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cobs_jax  # noqa: E402
 from common import (RESULTS, compile_seconds, markdown, metadata, multistage_table, plot,  # noqa: E402
                     run_one, summarise, write)
-from data import DataUnavailable, load_fashion_mnist  # noqa: E402
-from resnet20 import batchnorm_refresh, evaluate, loss_fn, pad32, paper_prunable, trained_resnet20  # noqa: E402
+from resnet20 import batchnorm_refresh, cached_model_and_data, evaluate, loss_fn, pad32, paper_prunable  # noqa: E402
 
 SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -87,13 +86,7 @@ def main(argv=None):
     p.add_argument("--only-multistage", action="store_true", help="skip the one-shot sweep")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
-    try:
-        ds = load_fashion_mnist(args.data_dir, args.download)
-    except DataUnavailable as e:
-        sys.exit(f"error: {e}")
-    variables, done = trained_resnet20(ds, budget_s=0)
-    if not done:
-        sys.exit("no trained ResNet20 yet: run `python benchmarks/resnet20.py` (again) until it reports done")
+    ds, variables = cached_model_and_data(args.data_dir, args.download)
     x_te = pad32(ds.x_test)
     t0 = time.perf_counter()
     dense = evaluate(variables, x_te, ds.y_test)

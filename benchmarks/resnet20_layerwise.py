@@ -34,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
 from common import RESULTS, metadata, write  # noqa: E402
-from data import DataUnavailable, load_fashion_mnist  # noqa: E402
-from resnet20 import MEAN, STD, BasicBlock, batchnorm_refresh, evaluate, pad32, trained_resnet20  # noqa: E402
+from resnet20 import MEAN, STD, BasicBlock, batchnorm_refresh, cached_model_and_data, evaluate, pad32  # noqa: E402
 from resnet20_fashion import fisher_sample  # noqa: E402
 
 METHODS = {  # name: prune_layerwise options
@@ -91,13 +90,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=100, help="calibration images per forward chunk")
     p.add_argument("--name", default="resnet20_layerwise", help="results file stem")
     args = p.parse_args(argv)
-    try:
-        ds = load_fashion_mnist(args.data_dir)
-    except DataUnavailable as e:
-        sys.exit(f"error: {e}")
-    variables, done = trained_resnet20(ds, budget_s=0)
-    if not done:
-        sys.exit("no trained ResNet20 yet: run `python benchmarks/resnet20.py` (again) until it reports done")
+    ds, variables = cached_model_and_data(args.data_dir)
     x_te, y_te = pad32(ds.x_test), ds.y_test
     x_tr, y_tr = pad32(ds.x_train), ds.y_train
     dense = evaluate(variables, x_te, y_te)

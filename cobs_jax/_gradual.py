@@ -147,9 +147,9 @@ def prune_gradual(
         re-estimated on unlabelled inputs (guide, "BatchNorm statistics in multi-stage pruning"); no
         gradient step. Its result is re-masked, so pruned weights stay zero. Compiled path: it must
         be jittable and keep the structure, shapes and dtypes of ``params``; pass the same function
-        object again to reuse the compiled program. On the README's ResNet20 re-estimating BatchNorm statistics this way
-        did not change multi-stage accuracy (87.5 % at 0.9); after one-shot pruning it matters
-        most (docs: Benchmarks).
+        object again to reuse the compiled program. On the README's ResNet20 re-estimating
+        BatchNorm statistics this way did not change multi-stage accuracy (87.5 % at 0.9); after
+        one-shot pruning it matters most (docs: Benchmarks).
       loss_check: compiled path: the ratio of true to predicted loss rise above which a stage is
         redone with a smaller step; ``None`` turns the check off (every stage as planned).
       loss_slack: compiled path: a rise up to ``loss_slack * dense loss`` is always accepted.

@@ -257,7 +257,7 @@ def prune_layerwise(
                 if factors is None:
                     factors = factor_hessian(h, damping, where)
                     shared.append((h, factors))
-            target = kernel if factors is None or cross is None else _dense_fit(kernel, h, cross.astype(h.dtype), factors.u)
+            target = kernel if factors is None or cross is None else _dense_fit(kernel, h, cross, factors.u)
             new, mask, linfo = prune_checked(
                 target, h, sparsity=_layer_sparsity(per_block[i], name, where), pattern=pattern, method=method, update=update, damping=damping,
                 block_size=block_size, granularity=granularity, in_axes=tuple(range(kernel.ndim - 1)),
