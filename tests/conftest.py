@@ -1,5 +1,24 @@
-import jax
+import os
+import shutil
+import tempfile
 
+# The suite compiles thousands of tiny programs, where XLA's CPU backend spends far more time
+# optimising than running them: compile them with LLVM's cheap pipeline (the programs and their
+# numerics are XLA's; only the machine code is less optimised), and keep every compiled program in a
+# per-run persistent cache, so a program compiled again in a later module (the in-memory caches are
+# cleared after every module, see below) is read back, not rebuilt.
+_FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if _FAST not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST).strip()
+_OWN_CACHE = "COBS_JAX_TEST_CACHE" not in os.environ  # subprocesses of the suite share the parent's
+if _OWN_CACHE:
+    os.environ["COBS_JAX_TEST_CACHE"] = tempfile.mkdtemp(prefix="cobs_jax_xla_cache_")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["COBS_JAX_TEST_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # Oracles and tiny-problem checks run in float64; model tests still use float32 params.
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -15,3 +34,8 @@ def _fresh_jax_caches():
     in fresh-clone CI runs that kept them all."""
     yield
     jax.clear_caches()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["COBS_JAX_TEST_CACHE"], ignore_errors=True)
