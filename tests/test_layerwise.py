@@ -54,16 +54,19 @@ class LinenBlock(nn.Module):
         return x + dense(self.d, "down_proj")(jax.nn.relu(dense(self.hidden, "up_proj")(x)))
 
 
-def _hand(kernels_per_block, x, scale, names, **opts):
-    """The sequential method written out: capture from the dense block, prune, run the pruned block."""
+def _hand(kernels_per_block, x, scale, names, true_sequential=False, **opts):
+    """The sequential method written out: capture from the dense block, prune, run the pruned block.
+    ``true_sequential``: q/v, then o, then up, then down, each captured with the ones before pruned."""
     out = []
+    groups = [names[:2], names[2:3], names[3:4], names[4:]] if true_sequential else [names]
     for k in kernels_per_block:
         fwd = lambda k, x: _fwd(k, x, scale, names)
-        _, acts = fwd(k, x)
         new = {}
-        for n in names:
-            a = acts[n].reshape(-1, acts[n].shape[-1])
-            new[n] = np.asarray(cobs_jax.prune_layer(k[n], a.T @ a, **opts)[0])
+        for group in groups:
+            _, acts = fwd({**k, **new}, x)
+            for n in group:
+                a = acts[n].reshape(-1, acts[n].shape[-1])
+                new[n] = np.asarray(cobs_jax.prune_layer(k[n], a.T @ a, **opts)[0])
         out.append(new)
         x, _ = fwd(new, x)
     return out, x
@@ -85,7 +88,9 @@ def _data(n=12, t=5, d=8):
 
 @pytest.mark.parametrize("opts", [dict(sparsity=0.5), dict(pattern="2:4", update="exact"),
                                   dict(sparsity=0.6, method="wanda", update="exact"),
-                                  dict(sparsity=0.5, method="cbs", window=4), dict(pattern="2:4", method="cbs", start="wanda")])
+                                  dict(sparsity=0.5, method="cbs", window=4), dict(pattern="2:4", method="cbs", start="wanda"),
+                                  dict(sparsity=0.5, true_sequential=True),
+                                  dict(sparsity=0.6, method="wanda", update="exact", true_sequential=True)])
 def test_nnx_driver_equals_pruning_by_hand(opts):
     blocks = [Block(8, 16, nnx.Rngs(i)) for i in range(2)]
     x = _data()
@@ -109,28 +114,31 @@ def test_nnx_driver_equals_pruning_by_hand(opts):
     assert set(res.info["timings"]) == {"capture", "prune", "forward", "total"}
 
 
-def test_linen_driver_equals_pruning_by_hand():
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_linen_driver_equals_pruning_by_hand(true_sequential):
     mod = LinenBlock(8, 16)
     x = _data()
     blocks = [(mod, mod.init(jax.random.key(i), x[:1], 1.0)) for i in range(2)]
-    res = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.5,), batch_size=4)
+    res = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.5,), batch_size=4, true_sequential=true_sequential)
     short = [n.split("/")[1] for n in NAMES]
     kernels = [{s: np.asarray(v["params"][s]["kernel"]) for s in short} for _, v in blocks]
-    ref, ref_out = _hand(kernels, x, 1.5, short, sparsity=0.5)
+    ref, ref_out = _hand(kernels, x, 1.5, short, true_sequential=true_sequential, sparsity=0.5)
     for i, (_, variables) in enumerate(res.blocks):
         for s in short:
             np.testing.assert_allclose(np.asarray(variables["params"][s]["kernel"]), ref[i][s], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(np.asarray(res.outputs), ref_out, rtol=1e-9, atol=1e-12)
 
 
-def test_asymmetric_equals_least_squares_on_the_dense_outputs():
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_asymmetric_equals_least_squares_on_the_dense_outputs(true_sequential):
     """asymmetric=True: every layer's mask is the magnitude mask of lstsq(X̃, X W̄) and every output
-    unit's kept weights are lstsq(X̃_K, X w̄), X̃ / X the layer's inputs in the pruned / dense model."""
+    unit's kept weights are lstsq(X̃_K, X w̄), X̃ / X the layer's inputs in the pruned / dense model
+    (with ``true_sequential``, X̃ from the block with the layers before it pruned)."""
     blocks = [Block(8, 16, nnx.Rngs(i)) for i in range(2)]
     x = _data(n=16)
     s = 0.5
     res = cobs_jax.prune_layerwise(blocks, x, sparsity=s, method="magnitude", update="exact", asymmetric=True,
-                                   damping=1e-12, args=(1.5,), batch_size=5)
+                                   damping=1e-12, args=(1.5,), batch_size=5, true_sequential=true_sequential)
     kernels = [{n: np.asarray(getattr(getattr(b, n.split("/")[0]), n.split("/")[1]).kernel[...]) for n in NAMES}
                for b in blocks]
     x_pruned = x_dense = x
@@ -138,6 +146,8 @@ def test_asymmetric_equals_least_squares_on_the_dense_outputs():
         acts_p, acts_d = _fwd(k, x_pruned, 1.5, NAMES)[1], _fwd(k, x_dense, 1.5, NAMES)[1]
         new = {}
         for n in NAMES:
+            if true_sequential:  # the inputs the block with the layers before n pruned gives n
+                acts_p = _fwd({**k, **new}, x_pruned, 1.5, NAMES)[1]
             xp, xd = (a[n].reshape(-1, a[n].shape[-1]) for a in (acts_p, acts_d))
             target = xd @ k[n]  # the dense model's outputs of this layer
             fit = np.linalg.lstsq(xp, target, rcond=None)[0]
@@ -161,6 +171,27 @@ def test_asymmetric_equals_least_squares_on_the_dense_outputs():
     assert not np.allclose(sym.blocks[1].mlp.up_proj.kernel[...], res.blocks[1].mlp.up_proj.kernel[...])
     with pytest.raises(ValueError, match="asymmetric"):
         cobs_jax.prune_layerwise(blocks, x, sparsity=s, args=(1.5,), asymmetric="yes")
+
+
+def test_true_sequential_groups_layers_by_input_and_skips_excluded_groups():
+    from cobs_jax._capture import BlockAdapter, layer_groups
+
+    blocks = [Block(8, 16, nnx.Rngs(i)) for i in range(2)]
+    x = _data()
+    ad = BlockAdapter(blocks[0])
+    assert layer_groups(ad.params, x, (1.5,), {}, static=ad.static) == [
+        ["attn/v_proj", "attn/q_proj"], ["attn/o_proj"], ["mlp/up_proj"], ["mlp/down_proj"]]
+    # only the last layer pruned: nothing before it changes, so both protocols agree (with
+    # asymmetric, the first group, all excluded, still yields the dense outputs)
+    kw = dict(sparsity=0.5, args=(1.5,), exclude=["attn", "up_proj"], asymmetric=True)
+    seq = cobs_jax.prune_layerwise(blocks, x, true_sequential=True, **kw)
+    one = cobs_jax.prune_layerwise(blocks, x, **kw)
+    assert [sorted(m) for m in seq.masks] == [["mlp/down_proj"]] * 2
+    for a, b in zip(seq.blocks, one.blocks):
+        jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-9, atol=1e-12),
+                     nnx.to_pure_dict(nnx.state(a)), nnx.to_pure_dict(nnx.state(b)))
+    with pytest.raises(ValueError, match="true_sequential"):
+        cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.5,), true_sequential=1)
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "cbs"])
