@@ -6,8 +6,9 @@ blocks go to :func:`cobs_jax.prune_layerwise` as linen ``(module, variables)`` p
 prunable set; the 1x1 shortcut convs are excluded) are pruned to a uniform sparsity from the
 images of the N = 1000 Fisher examples of ``resnet20_fashion.py`` (no labels). Methods:
 magnitude selection + the exact re-solve, SparseGPT, and layer-wise CBS (swap search from
-SparseGPT's mask, exact weights), each with the usual objective (the dense layer on the pruned
-model's inputs, SparseGPT's) and with ``asymmetric=True`` (the dense model's layer outputs).
+SparseGPT's mask, exact weights; ``CBS seq`` with ``true_sequential=True``: each block's second
+conv captured after its first is pruned), each with the usual objective (the dense layer on the
+pruned model's inputs, SparseGPT's) and with ``asymmetric=True`` (the dense model's layer outputs).
 Each result is evaluated with the saved BatchNorm statistics and after
 ``resnet20.batchnorm_refresh`` (batch statistics of 2000 other unlabelled training images).
 
@@ -41,6 +42,7 @@ METHODS = {  # name: prune_layerwise options
     "MP + exact": dict(method="magnitude", update="exact"),
     "SparseGPT": dict(method="sparsegpt"),
     "CBS": dict(method="cbs"),
+    "CBS seq": dict(method="cbs", true_sequential=True),  # conv2 captured after conv1 is pruned
 }
 BLOCKS = [f"layer{s + 1}_{b}" for s in range(3) for b in range(3)]
 
