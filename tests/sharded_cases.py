@@ -48,13 +48,13 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("method,update,blocks", CASES)
-def test_same_masks_and_updates_on_1_2_8_devices(setup, method, update, blocks):
+def test_same_masks_and_updates_on_1_and_8_devices(setup, method, update, blocks):
     params, loss_fn, batch = setup
     kw = dict(sparsity=0.6, method=method, update=update, blocks=blocks, damping=1e-2)
     ref = cobs_jax.prune(params, loss_fn, batch, **kw)
     if isinstance(method, cobs_jax.CBS) or method == "cbs":
         assert ref.info["ls_swaps"].sum() > 0  # the swap search did something to compare
-    for p in (1, 2, 8):
+    for p in (1, 8):  # the mesh path on one device, and rows split over eight
         assert_same(ref, cobs_jax.prune(params, loss_fn, batch, mesh=mesh(p), **kw))
 
 
