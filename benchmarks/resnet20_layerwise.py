@@ -13,7 +13,7 @@ Each result is evaluated with the saved BatchNorm statistics and after
 ``resnet20.batchnorm_refresh`` (batch statistics of 2000 other unlabelled training images).
 
     python benchmarks/resnet20.py              # once (about 30 min, resumable): the dense model
-    python benchmarks/resnet20_layerwise.py    # about 15 minutes on 2 CPU cores (4 methods)
+    python benchmarks/resnet20_layerwise.py    # 24 cells of 16-58 s each on 2 CPU cores
 
 Each finished cell is saved at once (``results/<name>.partial.json``): an interrupted run resumes
 where it stopped. Writes ``results/<name>.{md,json}`` (``--name``, default ``resnet20_layerwise``).
