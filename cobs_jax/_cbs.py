@@ -29,20 +29,24 @@ from jax.typing import ArrayLike
 
 from ._fisher import Fisher
 from ._iht import update_aware_objective
-from ._selectors import Problem, _rank_in_group, smallest_k
+from ._selectors import Problem, _ordered_bits, _rank_in_group, smallest_k
 from ._update import cbs_update
 
 __all__ = ["CBS", "alpha_beta", "rmp_mask"]
 
+_PREFIX = 1024  # entries of the candidate orders a pass takes from ``lax.top_k`` before it sorts all D
 
-def alpha_beta(fisher, w: jax.Array, pruned: jax.Array):
+
+def alpha_beta(fisher, w: jax.Array, pruned: jax.Array, diag: Optional[jax.Array] = None):
     """alpha (meaningful on P), beta (on the complement) and ``u = G_P w_P`` per block.
 
     Paper App. B, eqs. (13)-(14) for symmetric F = G^T G / N (block-diagonal), in O(N D).
+    ``diag``: ``fisher.diag()`` when the caller already has it (it does not change between the
+    passes of a search, and costs as much as the rest of this function on CPU).
     """
     u = fisher.project(jnp.where(pruned, w, 0.0))  # (num_blocks, N)
     c = fisher.back_project(u) / fisher.num_rows
-    d = fisher.diag()
+    d = fisher.diag() if diag is None else diag
     return 2 * w * c - w * w * d, 2 * w * c + w * w * d, u
 
 
@@ -220,7 +224,8 @@ class CBS:
 
     # ---- Algorithm 1, one pass ------------------------------------------------------------------
     def ls_pass(
-        self, fisher: Fisher, w: jax.Array, pruned: jax.Array, k: ArrayLike, groups: Optional[jax.Array] = None
+        self, fisher: Fisher, w: jax.Array, pruned: jax.Array, k: ArrayLike, groups: Optional[jax.Array] = None,
+        diag: Optional[jax.Array] = None,
     ) -> tuple:
         """One pass of Algorithm 1 from ``pruned`` on the selection objective f(P).
 
@@ -233,6 +238,7 @@ class CBS:
             so every group keeps its count: the window of pruned weight i is taken around its rank
             in the sorted complement of its own group. Groups with nothing kept (e.g. weights
             frozen by an earlier mask) take no part.
+          diag: optional ``fisher.diag()``, computed once by a caller that runs many passes.
         Returns:
           (new_pruned, num_swaps, total_delta, stop) where stop says the first pair did not
           improve by epsilon (Algorithm 1 line c) or no swap was accepted.
@@ -253,10 +259,11 @@ class CBS:
             return v.at[blk[j]].add(jnp.where(hit, w[j], 0.0) * g[:, j])
 
         v0 = jnp.zeros((len(fisher.blocks), g.shape[0]), w.dtype)  # this shard's rows
-        return self._pass(fisher, w, pruned, k, groups, delta, accept, v0, self.epsilon)
+        return self._pass(fisher, w, pruned, k, groups, delta, accept, v0, self.epsilon, diag)
 
     def ua_pass(
-        self, fisher: Fisher, w: jax.Array, pruned: jax.Array, k: ArrayLike, groups: Optional[jax.Array] = None
+        self, fisher: Fisher, w: jax.Array, pruned: jax.Array, k: ArrayLike, groups: Optional[jax.Array] = None,
+        diag: Optional[jax.Array] = None,
     ) -> tuple:
         """One pass of Algorithm 1 on the update-aware objective (``objective="update_aware"``).
 
@@ -333,14 +340,22 @@ class CBS:
 
         z0 = jnp.einsum("bnm,bm->bn", minv0, u0)
         aux0 = (minv0, u0, z0)
-        return self._pass(fisher, w, pruned, k, groups, delta, accept, aux0, self.epsilon * lam)
+        return self._pass(fisher, w, pruned, k, groups, delta, accept, aux0, self.epsilon * lam, diag)
 
-    def _pass(self, fisher, w, pruned, k, groups, delta, accept, aux0, threshold):
+    def _pass(self, fisher, w, pruned, k, groups, delta, accept, aux0, threshold, diag):
         """The pass of Algorithm 1 shared by both objectives.
 
         ``delta(aux, i, js, alpha, beta)`` gives the objective change of swapping i with each
         candidate j; ``accept(aux, i, j, hit)`` updates the running state ``aux`` after a swap; a
         swap must lower the objective by ``threshold``.
+
+        The candidates are the pruned weights by descending alpha and, for each, a window of the
+        kept ones of its group by ascending ``beta - gamma_1``. A pass rarely gets far down these
+        orders, and a full sort of D keys costs more than the rest of a pass on CPU, so when all
+        kept weights are in one group (a global budget, also with frozen weights) the pass first
+        runs on the first ``_PREFIX`` entries of both orders (``lax.top_k``, ties by index as in
+        the stable sort) and sorts everything only if it gets past them. Either way it visits the
+        same candidates in the same order.
         """
         dim, n = w.shape[0], fisher.num_rows
         blk = jnp.asarray(fisher.block_ids())
@@ -355,54 +370,81 @@ class CBS:
         n_rem = sizes - k  # kept weights per group
         movable = pruned & ((n_rem[0] if groups is None else n_rem[groups]) > 0)
         num_movable = jnp.sum(movable)
-        alpha, beta, _ = alpha_beta(fisher, w, pruned)
-        pi = jnp.argsort(jnp.where(movable, -alpha, jnp.inf), stable=True)  # P by alpha desc
-        rank = _rank_in_group(jnp.where(pruned, -alpha, jnp.inf), groups, k.shape[0])
-        i1 = pi[0]
+        alpha, beta, _ = alpha_beta(fisher, w, pruned, diag)
+        pi_key = jnp.where(movable, -alpha, jnp.inf)  # P by alpha desc
+        i1 = jnp.argmin(pi_key)
         g = fisher.grads
         gam1 = 2 * w[i1] * w * fisher.sum_rows(g[:, i1] @ g) / n * (blk == blk[i1])
         # per group: the kept weights by ascending beta - gamma_1, then the pruned ones
         theta_key = jnp.where(pruned, jnp.inf, beta - gam1)
-        theta = jnp.argsort(theta_key, stable=True) if groups is None else jnp.lexsort((theta_key, groups))
-        j1 = theta[gstart[group_of(i1)]]
+
+        def full_orders():  # (pi, rank of each pruned weight in its group, theta)
+            pi = jnp.argsort(pi_key, stable=True)
+            rank = _rank_in_group(jnp.where(pruned, -alpha, jnp.inf), groups, k.shape[0])
+            theta = jnp.argsort(theta_key, stable=True) if groups is None else jnp.lexsort((theta_key, groups))
+            return pi, rank, theta
+
+        def full_window(orders, ii):
+            pi, rank, theta = orders
+            i = pi[ii]
+            pos = rank[i] + offs
+            return i, pos, theta[jnp.clip(gstart[group_of(i)] + pos, 0, dim - 1)]
+
+        def prefix_window(orders, ii):  # one group holds every kept weight: the rank of pi[ii] is ii
+            pi, theta = orders
+            pos = ii + offs
+            return pi[ii], pos, theta[jnp.clip(pos, 0, theta.shape[0] - 1)]
+
+        offs = jnp.arange(-self.rho, self.rho + 1)
         stop0 = num_movable == 0
-        if self.first_pair_stop:
+        orders = full_orders() if self.first_pair_stop else None
+        if orders is not None:
+            j1 = orders[2][gstart[group_of(i1)]]
             first = delta(aux0, i1, j1[None], alpha, beta)[0]
             stop0 = stop0 | (first > -threshold)
-        offs = jnp.arange(-self.rho, self.rho + 1)
 
         def cond(s):
             ii, fails = s[0], s[1]
             return (ii < num_movable) & (fails < self.tau) & ~stop0
 
-        def body(s):
-            ii, fails, aux, in_i, in_j, swaps, total = s
-            i = pi[ii]
-            g = group_of(i)
-            pos = rank[i] + offs
-            js = theta[jnp.clip(gstart[g] + pos, 0, dim - 1)]
-            valid = (pos >= 0) & (pos < n_rem[g]) & ~in_j[js]
-            d = delta(aux, i, js, alpha, beta)
-            ok = valid & (d <= -threshold)
-            hit = jnp.any(ok)
-            f = jnp.argmax(ok)
-            j = js[f]
-            aux = accept(aux, i, j, hit)
-            in_i = in_i.at[i].set(in_i[i] | hit)
-            in_j = in_j.at[j].set(in_j[j] | hit)
-            return (
-                ii + 1,
-                fails + jnp.where(hit, 0, 1),
-                aux,
-                in_i,
-                in_j,
-                swaps + hit.astype(jnp.int32),
-                total + jnp.where(hit, d[f], 0.0),
-            )
+        def body(window, orders):
+            def step(s):
+                ii, fails, aux, in_i, in_j, swaps, total = s
+                i, pos, js = window(orders, ii)
+                valid = (pos >= 0) & (pos < n_rem[group_of(i)]) & ~in_j[js]
+                d = delta(aux, i, js, alpha, beta)
+                ok = valid & (d <= -threshold)
+                hit = jnp.any(ok)
+                f = jnp.argmax(ok)
+                j = js[f]
+                aux = accept(aux, i, j, hit)
+                in_i = in_i.at[i].set(in_i[i] | hit)
+                in_j = in_j.at[j].set(in_j[j] | hit)
+                return (
+                    ii + 1,
+                    fails + jnp.where(hit, 0, 1),
+                    aux,
+                    in_i,
+                    in_j,
+                    swaps + hit.astype(jnp.int32),
+                    total + jnp.where(hit, d[f], 0.0),
+                )
 
-        init = (jnp.int32(0), jnp.int32(0), aux0, jnp.zeros(dim, bool), jnp.zeros(dim, bool), jnp.int32(0),
-                jnp.zeros((), w.dtype))
-        _, _, _, in_i, in_j, swaps, total = jax.lax.while_loop(cond, body, init)
+            return step
+
+        state = (jnp.int32(0), jnp.int32(0), aux0, jnp.zeros(dim, bool), jnp.zeros(dim, bool), jnp.int32(0),
+                 jnp.zeros((), w.dtype))
+        size = min(_PREFIX, dim)
+        if orders is not None or size == dim:
+            state = jax.lax.while_loop(cond, body(full_window, full_orders() if orders is None else orders), state)
+        else:
+            one_group = jnp.sum(n_rem > 0) <= 1
+            prefix = tuple(jax.lax.top_k(~_ordered_bits(key), size)[1] for key in (pi_key, theta_key))
+            state = jax.lax.while_loop(lambda s: cond(s) & one_group & (s[0] + self.rho < size),
+                                       body(prefix_window, prefix), state)
+            state = jax.lax.cond(cond(state), lambda s: jax.lax.while_loop(cond, body(full_window, full_orders()), s),
+                                 lambda s: s, state)
+        _, _, _, in_i, in_j, swaps, total = state
         new = (pruned | in_j) & ~in_i
         return new, swaps, total, stop0 | (swaps == 0)
 
@@ -422,25 +464,27 @@ class CBS:
         def loss(pruned):  # of the weights this selection would be deployed with
             return problem.loss(cbs_update(w, pruned, fisher) if aware else jnp.where(pruned, 0.0, w))
 
+        diag = fisher.diag()  # the same for every pass
         loss0 = loss(pruned0)
         hist0 = (
             jnp.full(steps + 1, jnp.nan, w.dtype).at[0].set(objective(pruned0)),
             jnp.full(steps + 1, jnp.nan, w.dtype).at[0].set(loss0),
             jnp.zeros(steps + 1, jnp.int32),
         )
-        # state: s, pruned, best, best_loss, s_improve, done, history
-        init = (jnp.int32(0), pruned0, pruned0, loss0, jnp.int32(0), jnp.bool_(steps == 0), hist0)
+        # state: s, pruned, its objective, best, best_loss, s_improve, done, history
+        init = (jnp.int32(0), pruned0, hist0[0][0], pruned0, loss0, jnp.int32(0), jnp.bool_(steps == 0), hist0)
 
         def cond(st):
-            return ~st[5] & (st[0] < steps)
+            return ~st[6] & (st[0] < steps)
 
         def body(st):
-            s, pruned, best, best_loss, s_imp, _, (h_obj, h_loss, h_sw) = st
+            s, pruned, obj, best, best_loss, s_imp, _, (h_obj, h_loss, h_sw) = st
             s = s + 1
-            new, swaps, _, stop = one_pass(fisher, w, pruned, k, problem.groups)
+            new, swaps, total, stop = one_pass(fisher, w, pruned, k, problem.groups, diag)
+            obj = obj + total  # the swaps' changes are exact: no objective evaluation per pass
             new_loss = jax.lax.cond(stop, lambda: jnp.asarray(jnp.inf, w.dtype), lambda: loss(new))
             better = ~stop & (new_loss < best_loss)
-            h_obj = h_obj.at[s].set(jnp.where(stop, jnp.nan, objective(new)))
+            h_obj = h_obj.at[s].set(jnp.where(stop, jnp.nan, obj))
             h_loss = h_loss.at[s].set(jnp.where(stop, jnp.nan, new_loss))
             h_sw = h_sw.at[s].set(swaps)
             s_imp = jnp.where(better, s, s_imp)
@@ -450,6 +494,7 @@ class CBS:
             return (
                 s,
                 jnp.where(stop, pruned, new),
+                obj,
                 jnp.where(better, new, best),
                 jnp.where(better, new_loss, best_loss),
                 s_imp,
@@ -457,7 +502,7 @@ class CBS:
                 (h_obj, h_loss, h_sw),
             )
 
-        s, _, best, best_loss, s_imp, _, hist = jax.lax.while_loop(cond, body, init)
+        s, _, _, best, best_loss, s_imp, _, hist = jax.lax.while_loop(cond, body, init)
         return best, {
             "ls_objective": hist[0],
             "ls_loss": hist[1],

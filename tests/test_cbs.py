@@ -89,6 +89,58 @@ def test_grouped_pass_keeps_group_counts_and_equals_dense(blocks):
     assert swaps_seen > 0
 
 
+@pytest.mark.parametrize("case", ["global", "frozen", "groups"])
+def test_pass_on_top_k_prefix_equals_full_sort(monkeypatch, case):
+    """A pass that takes its candidate orders from ``lax.top_k`` (and sorts all D only once it gets
+    past them) makes the same swaps as one that sorts everything, ties included."""
+    from cobs_jax import _cbs
+
+    sel = cobs_jax.CBS(epsilon=1e-6, rho=2, tau=12)
+    w, fisher = random_fisher(d=40, n=8, seed=9)
+    w = w.at[20:30].set(w[10:20])  # equal weights with equal gradient columns: tied alpha and beta
+    fisher = cobs_jax.Fisher(fisher.grads.at[:, 20:30].set(fisher.grads[:, 10:20]), fisher.damping, fisher.blocks)
+    groups, k = None, 20
+    if case == "frozen":  # a global budget with an earlier stage's pruned set frozen (prune_gradual)
+        groups = jnp.asarray(np.arange(40) % 5 == 0, jnp.int32)
+        k = jnp.asarray([16, 8], jnp.int32)
+    elif case == "groups":  # kept weights in several groups: always the full sort
+        groups = jnp.asarray(np.arange(40) % 3, jnp.int32)
+        k = jnp.asarray([7, 6, 7], jnp.int32)
+    rng = np.random.default_rng(0)  # magnitude and three random starts with the same counts
+    starts = [jnp.abs(w)] + [jnp.asarray(rng.permutation(40), w.dtype) for _ in range(3)]
+    runs = {}
+    for prefix in (1000, 6):
+        monkeypatch.setattr(_cbs, "_PREFIX", prefix)
+        pass_fn = jax.jit(lambda p: sel.ls_pass(fisher, w, p, k, groups))
+        runs[prefix] = out = []
+        for score in starts:
+            p = cobs_jax.smallest_k(score, k, groups)
+            for _ in range(3):
+                new, swaps, total, stop = pass_fn(p)
+                out.append((np.asarray(new), int(swaps), float(total), bool(stop)))
+                p = new
+    assert sum(o[1] for o in runs[1000]) >= 20
+    for a, b in zip(runs[1000], runs[6]):
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[1:] == b[1:]
+
+
+@pytest.mark.parametrize("objective", ["selection", "update_aware"])
+def test_search_history_objective_equals_recomputed(objective):
+    """The per-pass objective of the search history (carried by the swaps' exact changes, not
+    re-evaluated) equals the objective recomputed densely for the set it returns."""
+    sel = cobs_jax.CBS(num_trials=1, epsilon=1e-9, objective=objective)
+    w, fisher = random_fisher(d=30, n=6, seed=11, damping=0.05)
+    loss = lambda wn: 0.5 * fisher.quadratic(wn - w, damped=True)  # noqa: E731
+    problem = cobs_jax.Problem(w, fisher, ((0, 30),), loss)
+    pruned, stats = jax.jit(lambda: sel.select(problem, 15, jax.random.key(0)))()
+    assert int(stats["ls_best_pass"]) > 0
+    wn, pn = np.asarray(w), np.asarray(pruned)
+    expected = (dense_update_aware(fisher, wn, pn) if objective == "update_aware"
+                else selection_objective(dense_f(fisher, damped=False), wn, pn))
+    np.testing.assert_allclose(stats["ls_objective"][int(stats["ls_best_pass"])], expected, rtol=1e-9)
+
+
 def dense_update_aware(fisher, w, pruned):
     """H(P) = w_P^T ([F_lambda^-1]_PP)^-1 w_P with dense inverses: twice the model loss after CBS-U."""
     finv = np.linalg.inv(dense_f(fisher))
