@@ -29,7 +29,7 @@ from jax.typing import ArrayLike
 
 from ._fisher import Fisher
 from ._iht import update_aware_objective
-from ._selectors import Problem, _ordered_bits, _rank_in_group, smallest_k
+from ._selectors import Problem, _rank_in_group, smallest_k
 from ._update import cbs_update
 
 __all__ = ["CBS", "alpha_beta", "rmp_mask"]
@@ -48,6 +48,15 @@ def alpha_beta(fisher, w: jax.Array, pruned: jax.Array, diag: Optional[jax.Array
     c = fisher.back_project(u) / fisher.num_rows
     d = fisher.diag() if diag is None else diag
     return 2 * w * c - w * w * d, 2 * w * c + w * w * d, u
+
+
+def _smallest_first(key: jax.Array, size: int) -> jax.Array:
+    """Indices of the ``size`` smallest keys in ascending order, ties by index (as a stable argsort).
+
+    ``lax.top_k`` on floats (XLA's CPU top_k has a fast path for floats, not for integers); -0.0 is
+    made +0.0 first, since top_k orders the two zeros and argsort does not.
+    """
+    return jax.lax.top_k(-jnp.where(key == 0, jnp.zeros_like(key), key), size)[1]
 
 
 def _report_pass(s, swaps, loss, best, done) -> None:
@@ -439,7 +448,7 @@ class CBS:
             state = jax.lax.while_loop(cond, body(full_window, full_orders() if orders is None else orders), state)
         else:
             one_group = jnp.sum(n_rem > 0) <= 1
-            prefix = tuple(jax.lax.top_k(~_ordered_bits(key), size)[1] for key in (pi_key, theta_key))
+            prefix = tuple(_smallest_first(key, size) for key in (pi_key, theta_key))
             state = jax.lax.while_loop(lambda s: cond(s) & one_group & (s[0] + self.rho < size),
                                        body(prefix_window, prefix), state)
             state = jax.lax.cond(cond(state), lambda s: jax.lax.while_loop(cond, body(full_window, full_orders()), s),

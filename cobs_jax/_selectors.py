@@ -70,9 +70,15 @@ def _smallest_k_global(score: jax.Array, k) -> jax.Array:
     One compare-and-count over the D entries per bit of the dtype (32 or 64 of them), and one
     cumulative sum for the ties, instead of a sort (a sort of D floats costs ~15x more on CPU).
     """
-    if not jnp.issubdtype(score.dtype, jnp.floating):
-        score = score.astype(jnp.float32)
-    key = _ordered_bits(score)
+    return _smallest_k_keys(_ordered_bits(_floating(score)), k)
+
+
+def _floating(score: jax.Array) -> jax.Array:
+    return score if jnp.issubdtype(score.dtype, jnp.floating) else score.astype(jnp.float32)
+
+
+def _smallest_k_keys(key: jax.Array, k) -> jax.Array:
+    """:func:`_smallest_k_global` on signed integer keys (:func:`_ordered_bits` of the scores)."""
     k = jnp.asarray(k, jnp.int32)
 
     def body(_, lohi):  # invariant: count(key <= hi) >= k; the answer is the smallest such hi
@@ -82,7 +88,7 @@ def _smallest_k_global(score: jax.Array, k) -> jax.Array:
         return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
     lo, hi = jnp.min(key), jnp.max(key)
-    _, t = jax.lax.fori_loop(0, 8 * score.dtype.itemsize, body, (lo, hi))
+    _, t = jax.lax.fori_loop(0, 8 * key.dtype.itemsize, body, (lo, hi))
     below = key < t
     ties = key == t
     need = k - jnp.sum(below, dtype=jnp.int32)
@@ -97,8 +103,19 @@ def smallest_k(score: jax.Array, k, groups: Optional[jax.Array] = None) -> jax.A
     """
     if groups is None:
         return _smallest_k_global(score, k)
-    k = jnp.asarray(k, jnp.int32)
-    return _rank_in_group(score, groups, k.shape[0]) < k[groups]
+    k, groups = jnp.asarray(k, jnp.int32), jnp.asarray(groups)
+    sizes = jnp.bincount(groups, length=k.shape[0]).astype(jnp.int32)
+
+    def one_partial():  # the other groups are pruned whole or kept whole: one selection over all
+        key = _ordered_bits(_floating(score))
+        lo, hi = jnp.iinfo(key.dtype).min, jnp.iinfo(key.dtype).max
+        kg = k[groups]
+        key = jnp.where(kg >= sizes[groups], lo, jnp.where(kg <= 0, hi, jnp.clip(key, lo + 1, hi - 1)))
+        return _smallest_k_keys(key, jnp.sum(k))
+
+    # e.g. a global budget with an earlier stage's pruned set frozen in a group of its own: no sort
+    return jax.lax.cond(jnp.sum((k > 0) & (k < sizes)) <= 1, one_partial,
+                        lambda: _rank_in_group(score, groups, k.shape[0]) < k[groups])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,6 +42,35 @@ def test_smallest_k_per_group(seed):
         np.testing.assert_array_equal(seg, expected)
 
 
+def _expected_per_group(score, k, groups):
+    expected = np.zeros(len(score), bool)
+    for g in range(len(k)):
+        idx = np.flatnonzero(groups == g)
+        expected[idx[np.argsort(score[idx], kind="stable")[: k[g]]]] = True
+    return expected
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_smallest_k_with_one_partial_group(dtype):
+    """Every group but one pruned whole or kept whole (a global budget with a frozen set): the
+    sort-free path gives the per-group stable selection, also with ties, +-inf and +-0 across groups."""
+    rng = np.random.default_rng(5)
+    score = np.round(rng.normal(size=48), 1)
+    if dtype != np.int32:
+        score[:6] = [-np.inf, np.inf, -0.0, 0.0, -np.inf, np.inf]
+    score = score.astype(dtype)
+    groups = (np.arange(48) % 4).astype(np.int32)
+    sizes = np.bincount(groups)
+    f = jax.jit(cobs_jax.smallest_k)
+    for full, empty, partial in [(0, 1, 2), (1, 0, 3), (3, 2, 0)]:
+        for kp in range(sizes[partial] + 1):
+            k = np.zeros(4, np.int32)
+            k[full], k[partial] = sizes[full], kp
+            k[[g for g in range(4) if g not in (full, empty, partial)]] = 0
+            got = np.asarray(f(jnp.asarray(score), jnp.asarray(k), jnp.asarray(groups)))
+            np.testing.assert_array_equal(got, _expected_per_group(score, k, groups), err_msg=f"{k}")
+
+
 def test_magnitude_per_layer_groups():
     w = np.random.default_rng(1).normal(size=30)
     groups = np.repeat(np.arange(3), [e - s for s, e in LAYERS]).astype(np.int32)
