@@ -461,6 +461,8 @@ class CBS:
     def run_local_search(self, problem: Problem, pruned0, k):
         """Passes of Algorithm 1, returning the lowest-true-loss set seen (the start included)."""
         fisher, w = problem.fisher, problem.w
+        if fisher is None:
+            raise ValueError("CBS's local search needs the Fisher (per-example gradients)")
         steps = self.max_steps
         aware = self.objective == "update_aware"
         one_pass = self.ua_pass if aware else self.ls_pass
