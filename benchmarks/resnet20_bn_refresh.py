@@ -11,7 +11,14 @@ other than the Fisher ones; a forward pass, no gradient step, no labels) — the
     python benchmarks/resnet20.py              # once (about 25 min, resumable): the dense model
     python benchmarks/resnet20_bn_refresh.py   # about 5 minutes on 2 CPU cores
 
-Writes ``results/resnet20_bn_refresh.{md,json}``.
+Writes ``results/resnet20_bn_refresh.{md,json}`` (``--out`` renames them). ``--fisher-n`` and
+``--fisher-labels sampled`` (labels drawn from the dense model's predictions, a one-sample estimate
+of the true Fisher instead of the empirical one) test whether a larger or different Fisher sample
+makes the global quadratic model's update help on this conv net:
+
+    python benchmarks/resnet20_bn_refresh.py --sparsities 0.9 0.95 --fisher-n 4000 --out resnet20_bn_refresh_n4000
+    python benchmarks/resnet20_bn_refresh.py --sparsities 0.9 0.95 --fisher-n 4000 --fisher-labels sampled \
+        --damping 1e-4 --out resnet20_bn_refresh_n4000_sampled
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
 from common import metadata, write  # noqa: E402
-from resnet20 import batchnorm_refresh, cached_model_and_data, evaluate, loss_fn, pad32, paper_prunable  # noqa: E402
+from resnet20 import MODEL, batchnorm_refresh, cached_model_and_data, evaluate, loss_fn, pad32, paper_prunable  # noqa: E402
 from resnet20_fashion import fisher_sample  # noqa: E402
 
 METHODS = {"MP": None, "MP + CBS-U": "cbs"}  # the update after magnitude selection
@@ -42,7 +49,11 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--fisher-n", type=int, default=1000)
     p.add_argument("--damping", type=float, default=1e-5)
+    p.add_argument("--fisher-labels", choices=("data", "sampled"), default="data",
+                   help="labels of the Fisher examples: the data's (the empirical Fisher, as everywhere else) "
+                        "or drawn from the dense model's predictions (a one-sample estimate of the true Fisher)")
     p.add_argument("--bn-images", type=int, default=2000)
+    p.add_argument("--out", default="resnet20_bn_refresh")
     p.add_argument("--chunk-size", type=int, default=8)
     args = p.parse_args(argv)
     ds, variables = cached_model_and_data(args.data_dir)
@@ -53,6 +64,9 @@ def main(argv=None):
     rows = []
     for seed in range(args.seeds):
         batch = fisher_sample(x_tr, y_tr, seed, args.fisher_n)
+        if args.fisher_labels == "sampled":
+            logits = MODEL.apply(variables, batch["x"], train=False)
+            batch["y"] = jax.random.categorical(jax.random.key(seed), logits)
         calib = x_tr[np.random.default_rng(1000 + seed).choice(len(x_tr), args.bn_images, replace=False)]
         refresh = jax.jit(batchnorm_refresh(calib))
         if seed == 0:
@@ -70,8 +84,9 @@ def main(argv=None):
                 rows.append(row)
                 print(f"seed {seed} {name} at {s}: {100 * row['accuracy']:.2f} % -> "
                       f"{100 * row['accuracy_refreshed']:.2f} % with BatchNorm re-estimated", flush=True)
+    labels = "data labels" if args.fisher_labels == "data" else "labels sampled from the dense model"
     lines = [f"ResNet20 (dense {100 * dense:.2f} %; {100 * dense_refreshed:.2f} % re-estimated) one-shot pruning of the "
-             f"18 residual 3x3 convs, N = {args.fisher_n}, damping {args.damping}, per-layer blocks: test accuracy "
+             f"18 residual 3x3 convs, N = {args.fisher_n} ({labels}), damping {args.damping}, per-layer blocks: test accuracy "
              f"(%) with the saved BatchNorm statistics -> with statistics re-estimated on {args.bn_images} unlabelled "
              f"training images (mean over {args.seeds} seed(s)).", "",
              "| sparsity | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
@@ -84,8 +99,7 @@ def main(argv=None):
         lines.append(f"| {s:.2f} | " + " | ".join(cells) + " |")
     md = "\n".join(lines)
     print("\n" + md)
-    write("resnet20_bn_refresh", md, metadata(dense=dense, dense_refreshed=dense_refreshed, rows=rows,
-                                               args=vars(args)))
+    write(args.out, md, metadata(dense=dense, dense_refreshed=dense_refreshed, rows=rows, args=vars(args)))
 
 
 if __name__ == "__main__":

@@ -214,23 +214,25 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
         # +BN: other training images than the Fisher sample, labels unused; one jitted function
         # object per seed, so the runs of a seed share the compiled schedule
         refresh = batchnorm_refresh(x_tr[np.random.default_rng(1000 + seed).choice(len(x_tr), args.bn_images, replace=False)])
-        if "floor_s" not in state:  # one gradient pass and one loss evaluation, compiled, times the stages
-            grads = lambda: cobs_jax.per_example_grads(loss_fn, variables, batch, layout,  # noqa: E731
-                                                       chunk_size=args.chunk_size)
-            loss = jax.jit(loss_fn)
+        grads = lambda: cobs_jax.per_example_grads(loss_fn, variables, batch, layout,  # noqa: E731
+                                                   chunk_size=args.chunk_size)
+        loss = jax.jit(loss_fn)
+
+        def time_floor():  # one gradient pass + one loss evaluation (after a warm-up call), times the stages
             jax.block_until_ready((grads(), loss(variables, batch)))
             t0 = time.perf_counter()
             jax.block_until_ready(grads())
             t_g = time.perf_counter() - t0
             t0 = time.perf_counter()
             jax.block_until_ready(loss(variables, batch))
-            state["floor_s"] = args.ms_stages * (t_g + time.perf_counter() - t0)
-            print(f"multi-stage floor: {args.ms_stages} x (gradient pass {t_g:.1f}s + loss evaluation) = "
-                  f"{state['floor_s']:.1f}s", flush=True)
+            print(f"multi-stage floor: {args.ms_stages} x (gradient pass {t_g:.1f}s + loss evaluation)", flush=True)
+            return args.ms_stages * (t_g + time.perf_counter() - t0)
+
         for m, s in todo:
             if time.perf_counter() - t_start + last_run > args.budget:
                 complete = False
                 break
+            floor = time_floor()  # beside every run: this machine's speed drifts within minutes
             t0, c0 = time.perf_counter(), compile_seconds()
             res = cobs_jax.prune_gradual(
                 variables, loss_fn, batch, sparsity=s, stages=args.ms_stages, update="cbs",
@@ -244,7 +246,7 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
             acc = evaluate(res.params, x_te, y_te)
             state["rows"].append({"seed": seed, "method": m, "sparsity": s, "accuracy": acc,
                                   "time_s": last_run - compile_s, "compile_s": compile_s,
-                                  "floor_s": state["floor_s"], "stages_run": len(res.info["stages"]),
+                                  "floor_s": floor, "floor_beside_run": True, "stages_run": len(res.info["stages"]),
                                   "max_halvings": args.ms_max_halvings,
                                   "loss": res.info["loss"], "stages": res.info["stages"]})
             print(f"multi-stage seed {seed} {m} x{args.ms_stages} at {s}: {100 * acc:.2f} % in {last_run:.0f}s "
@@ -252,13 +254,19 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
             path.write_text(json.dumps(state, indent=1))
     rows = [r for r in state["rows"] if r["seed"] < args.ms_seeds]
     seeds = sorted({r["seed"] for r in rows})
+    fl = [r["floor_s"] for r in rows]
+    floors = f"{min(fl):.0f}-{max(fl):.0f} s" if fl else "not timed"
+    if all(r.get("floor_beside_run") for r in rows):
+        floors += ", timed just before each run"
+    else:  # rows from before the floor was timed per run share one timed at the file's first run
+        floors += ", timed just before each run, or once at the file's first run for the older rows"
     header = (f"ResNet20 (dense {100 * dense:.2f} %) multi-stage, no fine-tuning: "
               f"`prune_gradual(stages={args.ms_stages}, update=\"cbs\", blocks=\"layer\", "
               f"max_halvings={args.ms_max_halvings}, loss_check={args.ms_loss_check or None})` (-geo columns: `schedule=\"geometric\", loss_check=None`; "
               f"CBS: {args.trials} RMP trials at the first stage, "
               f"warm-started swap search after), N = {args.fisher_n} (also the loss batch), damping {args.damping}; test accuracy (%) mean "
               f"± std over seed(s) {seeds}; time per run without compilation (s), its ratio to the floor "
-              f"({args.ms_stages} gradient passes + loss evaluations, {state.get('floor_s', float('nan')):.0f} s) "
+              f"({args.ms_stages} gradient passes + loss evaluations, {floors}) "
               "and the stages run."
               + (f" +BN columns: `refresh=` re-estimates the BatchNorm statistics on {args.bn_images} unlabelled "
                  "training images after every stage (no gradient step)." if with_bn else ""))
