@@ -255,7 +255,7 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
     rows = [r for r in state["rows"] if r["seed"] < args.ms_seeds]
     seeds = sorted({r["seed"] for r in rows})
     fl = [r["floor_s"] for r in rows]
-    floors = f"{min(fl):.0f}-{max(fl):.0f} s" if fl else "not timed"
+    floors = (f"{min(fl):.0f}-{max(fl):.0f} s" if round(min(fl)) != round(max(fl)) else f"{fl[0]:.0f} s") if fl else "not timed"
     if all(r.get("floor_beside_run") for r in rows):
         floors += ", timed just before each run"
     else:  # rows from before the floor was timed per run share one timed at the file's first run
