@@ -7,11 +7,16 @@ jitted program (keyed by the block's static structure) serves every block of the
 
 Inputs are captured with what Flax provides, without changing the user's model:
 
-* linen: ``flax.linen.intercept_methods`` sees every ``nn.Dense`` / ``nn.Conv`` call;
+* linen: ``flax.linen.intercept_methods`` sees every call of a kernel module;
 * nnx: inside the traced function the block is rebuilt by ``nnx.merge`` (a fresh copy), and each
-  target ``nnx.Linear`` / ``nnx.Conv`` of that copy is given a recording subclass of its own class
-  whose ``__call__`` records the input and then runs the original method. The user's modules are
-  never touched.
+  kernel module of that copy is given a recording subclass of its own class whose ``__call__``
+  records the input and then runs the original method. The user's modules are never touched.
+
+A kernel module is a conv layer or any class registered in ``cobs_jax._kernels`` (Dense,
+DenseGeneral, Einsum, the attention projections, and the user's own through
+:func:`cobs_jax.register_kernel`); its call is read as an einsum and its layer inputs are the
+input's contraction axes, flattened. A layer is named by its kernel's path in the block
+(``"mlp/up_proj"``, ``"attn/q_einsum/w"``; a trailing ``kernel`` is dropped).
 
 Only ``XᵀX`` leaves the traced function (the activations do not), so memory is one calibration
 chunk's activations plus the block's Hessians. A conv layer's input is turned into
@@ -21,7 +26,7 @@ chunk's activations plus the block's Hessians. A conv layer's input is turned in
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Hashable, Mapping, NamedTuple, Optional
 
 import flax
 import flax.linen as nn
@@ -31,8 +36,9 @@ from flax import nnx
 from flax.linen.linear import canonicalize_padding
 
 from ._hessian import cross_gram, gram
+from ._kernels import einsum_rows, is_registered, kernel_call
 
-__all__ = ["BlockAdapter", "run_block"]
+__all__ = ["BlockAdapter", "LayerSpec", "block_layers", "run_block"]
 
 
 def _patches(x, kernel_shape, strides, padding, dilation):
@@ -109,6 +115,40 @@ def _first(y):
     return y[0] if isinstance(y, (tuple, list)) else y
 
 
+def layer_name(path: tuple) -> str:
+    """A layer's name: its kernel's path in the block, without a trailing ``kernel``."""
+    path = tuple(str(p) for p in path)
+    return "/".join(path[:-1] if len(path) > 1 and path[-1] == "kernel" else path)
+
+
+class LayerSpec(NamedTuple):
+    """A kernel a block's call uses, found by tracing it (:func:`block_layers`).
+
+    Attributes:
+      name: the layer's name (its kernel's path in the block, a trailing ``kernel`` dropped).
+      path: the kernel's path in the block's pure params (linen: under ``"params"``).
+      in_axes: the kernel's contraction (input) axes.
+      group: layers with one group index read the same inputs (q/k/v; gate/up); groups are
+        numbered in call order.
+      error: why the layer cannot be pruned layer-wise (a grouped conv, a batched kernel), or None.
+    """
+
+    name: str
+    path: tuple
+    in_axes: tuple
+    group: int
+    error: Optional[str] = None
+
+
+class _Call(NamedTuple):
+    path: tuple
+    rows: Any  # (n, d_in) layer inputs, or None with `error`
+    in_axes: tuple
+    key: Hashable
+    error: Optional[str]
+    source: Any = None  # the input array whose id is in `key` (kept alive so that the id stays unique)
+
+
 class BlockAdapter:
     """One block as a pure function of its parameters and inputs, with get/set of its kernels.
 
@@ -118,35 +158,51 @@ class BlockAdapter:
 
     static: tuple[str, Any]
 
-    def __init__(self, block: Any):
+    def __init__(self, block: Any, where: str = "block"):
         if isinstance(block, nnx.Module):
             self.kind = "nnx"
             graphdef, self.params = nnx.split(block)
             self.static = ("nnx", graphdef)
         elif isinstance(block, tuple) and len(block) == 2 and isinstance(block[0], nn.Module):
             self.kind = "linen"
+            if not isinstance(block[1], Mapping) or "params" not in block[1]:
+                raise ValueError(f"{where}: a linen block is a (module, variables) pair whose variables hold a "
+                                 f"'params' collection, got variables {_describe(block[1])}")
             self.params = block[1]
             self.static = ("linen", block[0])
         else:
             raise ValueError(
-                "every block must be an nnx.Module or a linen (module, variables) pair, got "
+                f"{where}: every block must be an nnx.Module or a linen (module, variables) pair, got "
                 f"{type(block).__name__}"
             )
-
-    def _path(self, name: str) -> tuple:
-        path = tuple(name.split("/"))
-        return (path if self.kind == "nnx" else ("params",) + path) + ("kernel",)
 
     def _pure(self):
         if self.kind == "nnx":
             return nnx.to_pure_dict(self.params)
         return jax.tree.map(lambda a: a, flax.core.unfreeze(self.params))  # a fresh nested dict
 
+    def _path(self, name: str) -> tuple:
+        path = tuple(name.split("/")) if self.kind == "nnx" else ("params",) + tuple(name.split("/"))
+        d = self._pure()
+        for k in path:
+            d = d[k]
+        return path + ("kernel",) if isinstance(d, Mapping) else path
+
     def kernel(self, name: str) -> jax.Array:
         d = self._pure()
         for k in self._path(name):
             d = d[k]
         return d
+
+    def weights(self) -> dict[str, jax.Array]:
+        """``{name: leaf}`` of the block's parameters with ``ndim >= 2`` (nnx: ``nnx.Param``
+        variables; linen: the ``params`` collection), named like layers."""
+        if self.kind == "nnx":
+            flat = [(p, v[...]) for p, v in nnx.to_flat_state(self.params) if isinstance(v, nnx.Param)]
+        else:
+            flat = [(p[1:], v) for p, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(self.params)).items()
+                    if p[0] == "params"]
+        return {layer_name(p): v for p, v in flat if jnp.ndim(v) >= 2}
 
     def with_kernels(self, kernels: dict) -> Any:
         """New params with ``{layer name: kernel}`` replaced."""
@@ -170,13 +226,18 @@ class BlockAdapter:
         return self.static[1], params
 
 
+def _describe(v) -> str:
+    return f"with keys {sorted(v)}" if isinstance(v, Mapping) else f"of type {type(v).__name__}"
+
+
 def run_block(params, x, args, kwargs, *, static, capture: bool, reference=None, ref_params=None, layers=None,
               ref_outputs: bool = True):
-    """The block's outputs, or with ``capture`` only ``{layer name: XᵀX}`` of its Dense/Linear/Conv
-    layers: the outputs are not returned then, so XLA drops what only they need (the last
-    layer's product and the residual after it; for a transformer block, the MLP's down
-    projection: a quarter of the block's flops). ``layers`` (a frozenset of names) limits the
-    capture to those layers, and XLA drops the rest of the block after the last of them.
+    """The block's outputs, or with ``capture`` only ``{layer name: XᵀX}`` of its kernel layers
+    (``None`` for a layer without a layer Hessian, see :class:`LayerSpec`): the outputs are not
+    returned then, so XLA drops what only they need (the last layer's product and the residual
+    after it; for a transformer block, the MLP's down projection: a quarter of the block's
+    flops). ``layers`` (a frozenset of names) limits the capture to those layers, and XLA drops
+    the rest of the block after the last of them.
 
     With ``capture`` and ``reference`` (the dense model's inputs of this block, the same examples
     as ``x``), the block also runs on ``reference`` and each layer gets ``(X̃ᵀX̃, X̃ᵀX)``: X̃ its
@@ -203,9 +264,32 @@ def _split_flags(args, kwargs):
     return [None if isinstance(v, (bool, str)) else v for v in leaves], tree, flags
 
 
+def _read(module, path: tuple, kernel, a: tuple, kw: dict, j: int) -> _Call:
+    """How call ``j`` of kernel module ``module`` (kernel at ``path``) reads its inputs."""
+    name = layer_name(path)
+    where = f"layer {name!r}"
+    if isinstance(module, (nnx.Conv, nn.Conv)):
+        if _no_hessian(module):
+            return _Call(path, None, (), ("conv", name, j),
+                         f"a grouped (feature_group_count={module.feature_group_count}) or input-dilated "
+                         f"(input_dilation={module.input_dilation}) convolution has no single layer Hessian")
+        return _Call(path, _layer_input(module, a[0], name), tuple(range(kernel.ndim - 1)), ("conv", name, j), None)
+    call = kernel_call(module, a, kw)
+    assert call is not None
+    try:
+        rows, in_axes, key = einsum_rows(call.equation, call.x, kernel.ndim, where)
+    except ValueError as e:
+        return _Call(path, None, (), ("bad", name, j), str(e).removeprefix(where + ": "))
+    return _Call(path, rows, in_axes, (id(call.x), key), None, call.x)
+
+
+def _is_kernel_module(mod) -> bool:
+    return isinstance(mod, (nnx.Conv, nn.Conv)) or is_registered(mod)
+
+
 def _calls(params, inputs, traced, *, static, capture: bool, tree, flags):
-    """Run the block on ``inputs``: ``(outputs, {layer name: [(module, input), ...]})``, the layers
-    in the order they are first called (recorded only with ``capture``)."""
+    """Run the block on ``inputs``: ``(outputs, {layer name: [_Call, ...]})``, the layers in the
+    order they are first called (recorded only with ``capture``)."""
     leaves = list(traced)
     for i, v in flags:
         leaves[i] = v
@@ -213,42 +297,69 @@ def _calls(params, inputs, traced, *, static, capture: bool, tree, flags):
     kind, obj = static
     calls: dict[str, list] = {}
 
-    def record(name, module, inp):
-        calls.setdefault(name, []).append((module, inp))
+    def record(path, module, kernel, a, kw):
+        seen = calls.setdefault(layer_name(path), [])
+        seen.append(_read(module, path, kernel, a, kw, len(seen)))
 
     if kind == "nnx":
         block = nnx.merge(obj, params)
         if capture:
             for path, mod in nnx.iter_modules(block):
-                if isinstance(mod, (nnx.Linear, nnx.Conv)) and path:
-                    _record_calls(mod, "/".join(str(p) for p in path), record)
+                if path and _is_kernel_module(mod):
+                    _record_calls(mod, tuple(str(p) for p in path), record)
         return _first(block(inputs, *args, **kwargs)), calls
 
     def interceptor(next_fun, a, kw, context):
         mod = context.module
-        if capture and context.method_name == "__call__" and isinstance(mod, (nn.Dense, nn.Conv)):
-            record("/".join(mod.path), mod, a[0])
+        if capture and context.method_name == "__call__" and _is_kernel_module(mod):
+            param = "kernel" if isinstance(mod, (nn.Conv, nnx.Conv)) else kernel_call(mod, a, kw).param
+            path = tuple(mod.scope.path) + (param,)
+            d = params["params"]
+            for k in path:
+                if not isinstance(d, Mapping) or k not in d:
+                    raise ValueError(f"layer {layer_name(path)!r}: its kernel {param!r} is not in the block's "
+                                     "'params' at that path")
+                d = d[k]
+            record(path, mod, d, a, kw)
         return next_fun(*a, **kw)
 
     with nn.intercept_methods(interceptor):
         return _first(obj.apply(params, inputs, *args, **kwargs)), calls
 
 
-def layer_groups(params, x, args, kwargs, *, static) -> list[list[str]]:
-    """The block's Dense/Linear/Conv layers grouped by the input they read, in call order (for a
-    Llama block: q/k/v, o, gate/up, down): the stages of a true-sequential pass. Traced
-    abstractly on one example (no computation)."""
+_LAYERS: dict = {}
+
+
+def _signature(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((jnp.shape(v), jnp.result_type(v)) if v is not None else None for v in leaves)
+
+
+def block_layers(adapter: BlockAdapter, x, args, kwargs) -> tuple[list[LayerSpec], Any]:
+    """The kernel layers a block's call uses, in call order, and the abstract outputs, traced
+    abstractly on ``x`` (one example, or its ``jax.ShapeDtypeStruct``; no computation; cached per
+    block structure and input shape)."""
     traced, tree, flags = _split_flags(args, kwargs)
-    groups: dict[int, list[str]] = {}
+    key = (adapter.static, tree, flags, _signature(adapter.params), _signature(x), _signature(traced))
+    if key not in _LAYERS:
+        specs: list[LayerSpec] = []
 
-    def trace(params, x, traced):
-        _, calls = _calls(params, x, traced, static=static, capture=True, tree=tree, flags=flags)
-        for name, seen in calls.items():  # the inputs stay referenced in `calls`: their ids are unique
-            groups.setdefault(id(seen[0][1]), []).append(name)
-        return 0
+        def trace(params, x, traced):
+            y, calls = _calls(params, x, traced, static=adapter.static, capture=True, tree=tree, flags=flags)
+            groups: dict = {}
+            for name, seen in calls.items():
+                c = seen[0]
+                err = next((s.error for s in seen if s.error), None)
+                if err is None and any(s.in_axes != c.in_axes for s in seen):
+                    err = "it is called with different contractions"
+                specs.append(LayerSpec(name, c.path, c.in_axes, groups.setdefault(c.key, len(groups)), err))
+            return y
 
-    jax.eval_shape(trace, params, x[:1], traced)
-    return list(groups.values())
+        out = jax.eval_shape(trace, adapter.params, x, traced)
+        if len(_LAYERS) > 256:
+            _LAYERS.clear()
+        _LAYERS[key] = (specs, out)
+    return _LAYERS[key]
 
 
 @partial(jax.jit, static_argnames=("static", "capture", "tree", "flags", "layers", "ref_outputs"))
@@ -258,38 +369,35 @@ def _run_block(params, x, reference, ref_params, traced, *, static, capture: boo
     if not capture:
         return y
     y_ref, ref_calls = (None, {}) if reference is None else run(ref_params, reference)
-    rows: dict[tuple, jax.Array] = {}  # Dense/Linear layers fed the same input (q/k/v) share one XᵀX
+    rows: dict[tuple, jax.Array] = {}  # layers fed the same inputs (q/k/v) share one XᵀX
     grams: dict[str, Any] = {}
     for name, seen in calls.items():
         if layers is not None and name not in layers:
             continue
-        if _no_hessian(seen[0][0]):
+        if any(c.error for c in seen):
             grams[name] = None  # refused by the driver unless the layer is excluded
             continue
-        for j, (module, inp) in enumerate(seen):
-            conv = isinstance(module, (nnx.Conv, nn.Conv))
-            a = _layer_input(module, inp, name) if conv else inp
-            key = ("gram", id(inp)) if not conv else ("gram", name, j)
-            if key not in rows:  # the inputs stay referenced in `calls`, so their ids stay unique
-                rows[key] = gram(a)
-            g: Any = rows[key]
+        for j, c in enumerate(seen):
+            if ("gram", c.key) not in rows:
+                rows["gram", c.key] = gram(c.rows)
+            g: Any = rows["gram", c.key]
             if reference is not None:
-                ref_module, ref_inp = ref_calls[name][j]
-                b = _layer_input(ref_module, ref_inp, name) if conv else ref_inp
-                ckey = ("cross", id(inp), id(ref_inp)) if not conv else ("cross", name, j)
-                if ckey not in rows:
-                    rows[ckey] = cross_gram(a, b)
-                g = (g, rows[ckey])
+                r = ref_calls[name][j]
+                if ("cross", c.key, r.key) not in rows:
+                    rows["cross", c.key, r.key] = cross_gram(c.rows, r.rows)
+                g = (g, rows["cross", c.key, r.key])
             grams[name] = jax.tree.map(jnp.add, grams[name], g) if name in grams else g
     return grams if reference is None else (grams, y_ref if ref_outputs else None)
 
 
-def _record_calls(mod, name, record):
+def _record_calls(mod, path: tuple, record):
     """Give this (traced, fresh) module a subclass of its class whose call records its input."""
     base = type(mod)
+    conv = isinstance(mod, nnx.Conv)
 
-    def __call__(self, x, *a, **kw):
-        record(name, self, x)
-        return base.__call__(self, x, *a, **kw)
+    def __call__(self, *a, **kw):
+        param = "kernel" if conv else kernel_call(self, a, kw).param
+        record(path + (param,), self, getattr(self, param)[...], a, kw)
+        return base.__call__(self, *a, **kw)
 
     object.__setattr__(mod, "__class__", type(f"Capturing{base.__name__}", (base,), {"__call__": __call__}))

@@ -20,7 +20,9 @@ import numpy as np
 
 from ._budget import check_sparsity
 from ._capture import BlockAdapter
-from ._layerwise import _excluder, _forward  # the driver's own passes and layer filter
+from ._layer import _as_rows
+from ._layerwise import Excluder, _forward, plan_blocks  # the driver's own passes and layer plan
+from ._stacked import Stacked
 
 __all__ = ["owl_sparsities", "allocate_counts"]
 
@@ -55,7 +57,7 @@ def allocate_counts(fractions: np.ndarray, sizes: np.ndarray, granules: np.ndarr
 
 
 def owl_sparsities(
-    blocks: Sequence[Any],
+    blocks: Union[Sequence[Any], Stacked],
     inputs: Any,
     sparsity: float,
     *,
@@ -100,24 +102,36 @@ def owl_sparsities(
         raise ValueError(f"`spread` must be in [0, 1), got {spread!r}")
     if granularity not in ("layer", "unit"):
         raise ValueError(f"`granularity` must be 'layer' or 'unit', got {granularity!r}")
-    skip = _excluder(exclude)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
     kwargs = dict(kwargs or {})
     x = jnp.asarray(inputs)
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"`inputs` must have a leading example axis with at least one example, got {x.shape}")
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError("`inputs` contain NaN or Inf")
+    blocks = blocks.unstack() if isinstance(blocks, Stacked) else list(blocks)
+    if not blocks:
+        raise ValueError("`blocks` is empty: give the model's blocks in order")
+    adapters = [BlockAdapter(b, f"blocks[{i}]") for i, b in enumerate(blocks)]
+    plans = plan_blocks(adapters, x, args, kwargs, Excluder(exclude))
+    if not any(todo for _, todo in plans):
+        raise ValueError("`exclude` leaves no layer to prune")
     names, sizes, granules, ratios, owner = [], [], [], [], []
-    for b, block in enumerate(blocks):
-        adapter = BlockAdapter(block)
-        grams = _forward(adapter, adapter.params, x, args, kwargs, batch_size, None, capture=True)
+    for b, adapter in enumerate(adapters):
+        todo = plans[b][1]
+        grams = _forward(adapter, adapter.params, x, args, kwargs, batch_size, None, capture=True,
+                         layers=frozenset(s.name for s in todo))
         scores = []
-        for name in (n for n in grams if not skip(n)):
-            if grams[name] is None:
-                raise ValueError(f"block {b}, layer {name!r}: a grouped (depthwise) or input-dilated convolution "
-                                 "has no single layer Hessian; leave it dense with `exclude`")
-            kernel = adapter.kernel(name)
-            rows = jnp.abs(kernel.reshape(-1, kernel.shape[-1]))  # (d_in, d_out)
-            scores.append((rows * jnp.sqrt(jnp.maximum(jnp.diagonal(grams[name]), 0.0))[:, None]).ravel())
-            names.append(name)
-            sizes.append(kernel.size)
-            granules.append(kernel.shape[-1] if granularity == "unit" else 1)
+        for spec in todo:
+            h = grams[spec.name]
+            if not bool(jnp.all(jnp.isfinite(h))):
+                raise ValueError(f"block {b}, layer {spec.name!r}: its captured activations contain NaN or Inf")
+            w = _as_rows(adapter.kernel(spec.name), spec.in_axes)[0]  # (d_out, d_in)
+            scores.append((jnp.abs(w) * jnp.sqrt(jnp.maximum(jnp.diagonal(h), 0.0))[None, :]).ravel())
+            names.append(spec.name)
+            sizes.append(w.size)
+            granules.append(w.shape[0] if granularity == "unit" else 1)
             owner.append(b)
         if scores:
             allv = jnp.concatenate(scores)

@@ -25,11 +25,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ._budget import check_sparsity
-from ._capture import BlockAdapter, layer_groups, run_block
+from ._budget import check_sparsity, parse_pattern
+from ._capture import BlockAdapter, LayerSpec, block_layers, run_block
+from ._stacked import Stacked
 from ._keys import as_key
 from ._hessian import accumulate_dtype
-from ._layer import Factors, check_finite, check_layer_args, factor_hessian, needs_factors, prune_checked
+from ._layer import Factors, _as_rows, _from_rows, check_finite, check_layer_args, factor_hessian, needs_factors, prune_checked
 from ._progress import progress as show
 
 __all__ = ["prune_layerwise", "LayerwiseResult"]
@@ -56,15 +57,40 @@ class LayerwiseResult(NamedTuple):
     info: dict
 
 
-def _excluder(exclude) -> Callable[[str], bool]:
-    if exclude is None:
-        return lambda name: False
-    if callable(exclude):
-        return exclude
-    if isinstance(exclude, str):
-        exclude = [exclude]
-    pats = [re.compile(p) for p in exclude]
-    return lambda name: any(p.search(name) for p in pats)
+class Excluder:
+    """``exclude`` as a predicate on layer names, remembering which patterns matched."""
+
+    def __init__(self, exclude):
+        self.fn: Optional[Callable[[str], bool]] = None
+        self.patterns: list = []
+        self.used: list[bool] = []
+        if exclude is None:
+            return
+        if callable(exclude):
+            self.fn = exclude
+            return
+        pats = [exclude] if isinstance(exclude, str) else exclude
+        if not isinstance(pats, (list, tuple)) or not all(isinstance(p, str) for p in pats):
+            raise ValueError(f"`exclude` must be a regex, a list of them or callable(name) -> bool, got {exclude!r}")
+        try:
+            self.patterns = [re.compile(p) for p in pats]
+        except re.error as e:
+            raise ValueError(f"`exclude`: bad regex ({e})") from e
+        self.used = [False] * len(self.patterns)
+
+    def __call__(self, name: str) -> bool:
+        if self.fn is not None:
+            return bool(self.fn(name))
+        hits = [bool(p.search(name)) for p in self.patterns]
+        self.used = [u or h for u, h in zip(self.used, hits)]
+        return any(hits)
+
+    def check_used(self, names: list) -> None:
+        """ValueError for a pattern that matched none of ``names`` (every layer and weight seen)."""
+        for p, used in zip(self.patterns, self.used):
+            if not used:
+                raise ValueError(f"`exclude` pattern {p.pattern!r} matches no layer; the layers are named like "
+                                 f"{sorted(set(names))[:8]}")
 
 
 def _per_block_sparsity(sparsity, n_blocks: int) -> list:
@@ -82,12 +108,59 @@ def _per_block_sparsity(sparsity, n_blocks: int) -> list:
     return out
 
 
-def _layer_sparsity(entry, name: str, where: str):
-    if not isinstance(entry, dict):
-        return entry
-    if name not in entry:
-        raise ValueError(f"{where}: no sparsity given for it in this block's `sparsity` dict (has {sorted(entry)})")
-    return entry[name]
+def _layer_sparsity(entry, name: str):
+    return entry[name] if isinstance(entry, dict) else entry
+
+
+def plan_blocks(adapters: list, x: jax.Array, args, kwargs, skip: Excluder, per_block=None) -> list:
+    """Every block's kernel layers (:class:`LayerSpec`, all of them) and those to prune, found by
+    tracing the blocks in turn on one abstract example, after every check that needs no data:
+    each ``ndim >= 2`` parameter is a captured kernel or excluded, no excluded-or-not pattern is
+    unused, the kernels to prune are floating and have a layer Hessian, and per-layer sparsity
+    dicts name exactly the layers pruned."""
+    x1: Any = jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype)
+    plans, seen_names = [], []
+    for i, ad in enumerate(adapters):
+        try:
+            specs, x1 = block_layers(ad, x1, args, kwargs)
+        except Exception as e:  # the user's block (or a wrong input width) fails: say which block
+            raise ValueError(f"block {i}: calling it on inputs of shape {(None,) + tuple(x1.shape[1:])} raised "
+                             f"{type(e).__name__}: {e}") from e
+        x1 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x1)
+        weights = ad.weights()
+        names = [s.name for s in specs]
+        seen_names += names + list(weights)
+        if not specs:
+            raise ValueError(f"block {i} has no kernel layers to prune (Dense/Linear, DenseGeneral/LinearGeneral, "
+                             "Einsum, Conv, or a module registered with `cobs_jax.register_kernel`)")
+        todo = []
+        for spec in specs:
+            if skip(spec.name):
+                continue
+            where = f"block {i}, layer {spec.name!r}"
+            if spec.error:
+                raise ValueError(f"{where}: {spec.error}; leave it dense with `exclude`")
+            kernel = weights.get(spec.name)
+            if kernel is not None and not jnp.issubdtype(jnp.result_type(kernel), jnp.floating):
+                raise ValueError(f"{where}: its kernel is {jnp.result_type(kernel)}, not floating; leave it dense "
+                                 "with `exclude`")
+            todo.append(spec)
+        for name, w in weights.items():
+            if name not in names and not skip(name):
+                raise ValueError(
+                    f"block {i}: parameter {name!r} {jnp.shape(w)} is not the kernel of a layer cobs_jax captures "
+                    "(Dense/Linear, DenseGeneral/LinearGeneral, Einsum, Conv, attention projections) or it is never "
+                    "called; register its module with `cobs_jax.register_kernel` or leave it dense with "
+                    f"`exclude={name!r}`")
+        entry = per_block[i] if per_block is not None else None
+        if isinstance(entry, dict):
+            want = {s.name for s in todo}
+            if set(entry) != want:
+                raise ValueError(f"`sparsity[{i}]` must name exactly block {i}'s pruned layers {sorted(want)}; "
+                                 f"unknown {sorted(set(entry) - want)}, missing {sorted(want - set(entry))}")
+        plans.append((specs, todo))
+    skip.check_used(seen_names)
+    return plans
 
 
 def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture, reference=None, layers=None,
@@ -119,16 +192,16 @@ def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture, re
 
 
 @jax.jit
-def _dense_fit(kernel, h, cross, u):
-    """``W̄ + H̃_λ⁻¹ (X̃ᵀX - X̃ᵀX̃) W̄`` (``H̃_λ⁻¹ = uᵀu``, the damped inverse) for a kernel
-    ``(..., d_out)`` whose leading axes are its inputs: the minimiser of the asymmetric objective
-    plus the damping term ``λ‖W - W̄‖²``, the same damping as the usual objective's."""
-    w = kernel.reshape(-1, kernel.shape[-1]).astype(u.dtype)
-    return (w + u.T @ (u @ ((cross - h) @ w))).reshape(kernel.shape)
+def _dense_fit(w, h, cross, u):
+    """``W̄ + H̃_λ⁻¹ (X̃ᵀX - X̃ᵀX̃) W̄`` (``H̃_λ⁻¹ = uᵀu``, the damped inverse) for a ``(d_in, d_out)``
+    kernel: the minimiser of the asymmetric objective plus the damping term ``λ‖W - W̄‖²``, the
+    same damping as the usual objective's."""
+    w = w.astype(u.dtype)
+    return w + u.T @ (u @ ((cross - h) @ w))
 
 
-def _prune_captured(kernel, gram, where: str, shared: list, *, asymmetric: bool, damping: float, method: str,
-                    update, **opts):
+def _prune_captured(kernel, gram, spec: LayerSpec, where: str, shared: list, *, asymmetric: bool, damping: float,
+                    method: str, update, **opts):
     """Prune one captured layer: ``gram`` is its ``XᵀX`` (or ``(X̃ᵀX̃, X̃ᵀX)`` when ``asymmetric``).
     ``shared`` holds the ``(H, factors)`` of this block so far: layers reading one input (q/k/v,
     gate/up) factor their H once."""
@@ -143,14 +216,17 @@ def _prune_captured(kernel, gram, where: str, shared: list, *, asymmetric: bool,
         if factors is None:
             factors = factor_hessian(h, damping, where)
             shared.append((h, factors))
-    target = kernel if cross is None or factors is None else _dense_fit(kernel, h, cross, factors.u)
+    target = kernel
+    if cross is not None and factors is not None:
+        rows, layout = _as_rows(kernel, spec.in_axes)
+        target = _from_rows(_dense_fit(rows.T, h, cross, factors.u).T, layout)
     new, mask, linfo = prune_checked(target, h, method=method, update=update, damping=damping,
-                                     in_axes=tuple(range(kernel.ndim - 1)), name=where, factors=factors, **opts)
+                                     in_axes=spec.in_axes, name=where, factors=factors, **opts)
     return jax.block_until_ready(new.astype(kernel.dtype)), mask, linfo
 
 
 def prune_layerwise(
-    blocks: Sequence[Any],
+    blocks: Union[Sequence[Any], Stacked],
     inputs: jax.typing.ArrayLike,
     *,
     sparsity: Union[None, float, Sequence[Union[float, Mapping[str, float]]]] = None,
@@ -258,9 +334,16 @@ def prune_layerwise(
                 f"{axis!r} ({mesh.shape[axis]}) and divide the number of examples ({x.shape[0]})"
             )
         sharding = NamedSharding(mesh, PartitionSpec(axis))
-    skip = _excluder(exclude)
-    adapters = [BlockAdapter(b) for b in blocks]
+    stack = blocks if isinstance(blocks, Stacked) else None
+    block_list = stack.unstack() if stack is not None else list(blocks)
+    if not block_list:
+        raise ValueError("`blocks` is empty: give the model's blocks in order")
+    adapters = [BlockAdapter(b, f"blocks[{i}]") for i, b in enumerate(block_list)]
     per_block = _per_block_sparsity(sparsity, len(adapters))
+    if parse_pattern(pattern) is None and any(e is None for e in per_block):
+        raise ValueError("`sparsity` is required (or give `pattern='N:M'`)")
+    skip = Excluder(exclude)
+    plans = plan_blocks(adapters, x, args, kwargs, skip, per_block)
 
     t_capture = t_forward = 0.0
     t_start = time.perf_counter()
@@ -268,14 +351,13 @@ def prune_layerwise(
     zeros = total = 0
     x_dense = x  # with `asymmetric`, the dense model's hidden states
     for i, adapter in show(enumerate(adapters), progress, len(adapters), f"prune_layerwise ({method})"):
+        specs, todo = plans[i]
+        by_name = {s.name: s for s in todo}
         if true_sequential:  # one capture per group of layers reading one input, after the groups before it are pruned
-            groups = layer_groups(adapter.params, x, args, kwargs, static=adapter.static)
-            if not groups:
-                raise ValueError(f"block {i} has no Dense/Linear/Conv layers to prune")
-            todo = [frozenset(n for n in g if not skip(n)) for g in groups]
-            stages: list = todo[:1] + [g for g in todo[1:] if g]  # the first also gives the dense outputs
+            groups = [frozenset(s.name for s in todo if s.group == g) for g in sorted({s.group for s in specs})]
+            stages: list = groups[:1] + [g for g in groups[1:] if g]  # the first also gives the dense outputs
         else:
-            stages = [None]  # every layer captured from the dense block in one pass
+            stages = [frozenset(by_name)]  # every layer captured from the dense block in one pass
         kernels, block_masks = {}, {}
         shared: list[tuple[jax.Array, Factors]] = []  # q/k/v (gate/up) see one input: factor its H once
         params = adapter.params
@@ -288,36 +370,33 @@ def prune_layerwise(
                 if j == 0:
                     x_dense_next = dense_out
             t_capture += time.perf_counter() - t0
-            if not grams and stage is None:
-                raise ValueError(f"block {i} has no Dense/Linear/Conv layers to prune")
-            for name in (n for n in grams if not skip(n)):
+            for name in (n for n in grams if n in by_name):
                 where = f"block {i}, layer {name!r}"
-                if grams[name] is None:
-                    raise ValueError(f"{where}: a grouped (depthwise) or input-dilated convolution has no single "
-                                     "layer Hessian; leave it dense with `exclude`")
-                kernel = adapter.kernel(name)
                 t1 = time.perf_counter()
                 new, mask, linfo = _prune_captured(
-                    kernel, grams[name], where, shared, asymmetric=asymmetric, damping=damping,
-                    sparsity=_layer_sparsity(per_block[i], name, where), pattern=pattern, method=method,
+                    adapter.kernel(name), grams[name], by_name[name], where, shared, asymmetric=asymmetric,
+                    damping=damping, sparsity=_layer_sparsity(per_block[i], name), pattern=pattern, method=method,
                     update=update, block_size=block_size, granularity=granularity, start=start, window=window,
                     max_swaps=max_swaps, mesh=mesh)
                 dt = time.perf_counter() - t1
                 kernels[name], block_masks[name] = new, mask
                 layers.append(dict(block=i, layer=name, shape=tuple(new.shape), error=linfo.error,
                                    damping=linfo.damping, sparsity=linfo.sparsity, seconds=dt, swaps=linfo.swaps))
-                zeros += int(mask.size - jnp.sum(mask))
-                total += int(mask.size)
             params = adapter.with_kernels(kernels)
         if asymmetric:
             x_dense = x_dense_next  # the dense model's outputs of this block
         t2 = time.perf_counter()
         x = _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture=False)
         t_forward += time.perf_counter() - t2
+        for k in kernels.values():  # the sparsity of the kernels the result holds
+            zeros += int(jnp.sum(k == 0))
+            total += int(k.size)
         new_blocks.append(adapter.rebuild(params))
         masks.append(block_masks)
     elapsed = time.perf_counter() - t_start
     t_prune = elapsed - t_capture - t_forward
-    info = dict(layers=layers, sparsity=zeros / total if total else 0.0,
+    excluded = sorted({s.name for specs, todo in plans for s in specs} - {s.name for _, todo in plans for s in todo})
+    info = dict(layers=layers, sparsity=zeros / total if total else 0.0, excluded=excluded,
                 timings=dict(capture=t_capture, prune=t_prune, forward=t_forward, total=elapsed))
-    return LayerwiseResult(new_blocks, masks, x, info)
+    out_blocks: Any = stack.restack(new_blocks) if stack is not None else new_blocks
+    return LayerwiseResult(out_blocks, masks, x, info)

@@ -174,13 +174,13 @@ def test_asymmetric_equals_least_squares_on_the_dense_outputs(true_sequential):
 
 
 def test_true_sequential_groups_layers_by_input_and_skips_excluded_groups():
-    from cobs_jax._capture import BlockAdapter, layer_groups
+    from cobs_jax._capture import BlockAdapter, block_layers
 
     blocks = [Block(8, 16, nnx.Rngs(i)) for i in range(2)]
     x = _data()
-    ad = BlockAdapter(blocks[0])
-    assert layer_groups(ad.params, x, (1.5,), {}, static=ad.static) == [
-        ["attn/v_proj", "attn/q_proj"], ["attn/o_proj"], ["mlp/up_proj"], ["mlp/down_proj"]]
+    specs, _ = block_layers(BlockAdapter(blocks[0]), x[:1], (1.5,), {})
+    assert [(s.name, s.group) for s in specs] == [
+        ("attn/v_proj", 0), ("attn/q_proj", 0), ("attn/o_proj", 1), ("mlp/up_proj", 2), ("mlp/down_proj", 3)]
     # only the last layer pruned: nothing before it changes, so both protocols agree (with
     # asymmetric, the first group, all excluded, still yields the dense outputs)
     kw = dict(sparsity=0.5, args=(1.5,), exclude=["attn", "up_proj"], asymmetric=True)
