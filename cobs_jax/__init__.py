@@ -9,7 +9,8 @@ The public API is flat: ``cobs_jax.prune`` does everything in one call; the stag
 Layer-wise pruning (for transformers and LLMs, where the N x D gradient matrix cannot be held):
 ``layer_hessian`` (XᵀX of a layer's inputs, streamed), ``prune_layer`` (magnitude, Wanda,
 SparseGPT and the exact re-solve for one kernel) and ``prune_layerwise`` (a Flax model block by
-block from calibration data).
+block from calibration data; any kernel module: Dense, DenseGeneral, Einsum, attention, conv, and
+the user's own through ``register_kernel``; scanned stacks through ``Stacked``).
 """
 
 from ._budget import Budget as Budget
@@ -29,6 +30,7 @@ from ._gradual import sparsity_schedule as sparsity_schedule
 from ._hessian import layer_hessian as layer_hessian
 from ._iht import IHT as IHT
 from ._iht import update_aware_objective as update_aware_objective
+from ._kernels import register_kernel as register_kernel
 from ._layer import LAYER_METHODS as LAYER_METHODS
 from ._layer import LayerInfo as LayerInfo
 from ._layer import prune_layer as prune_layer
@@ -50,6 +52,7 @@ from ._prune import make_selector as make_selector
 from ._prune import prune as prune
 from ._prune import prune_sweep as prune_sweep
 from ._selectors import Magnitude as Magnitude
+from ._stacked import Stacked as Stacked
 from ._selectors import Problem as Problem
 from ._selectors import WoodFisher as WoodFisher
 from ._selectors import smallest_k as smallest_k
@@ -72,6 +75,7 @@ __all__ = [
     "Magnitude",
     "NMPacked",
     "Problem",
+    "Stacked",
     "PruneResult",
     "WoodFisher",
     "apply_masks",
@@ -96,6 +100,7 @@ __all__ = [
     "reconstruction_error",
     "rmp_mask",
     "save",
+    "register_kernel",
     "smallest_k",
     "sparsity_of",
     "sparsity_schedule",

@@ -115,7 +115,7 @@ def _layer_sparsity(entry, name: str):
 def plan_blocks(adapters: list, x: jax.Array, args, kwargs, skip: Excluder, per_block=None) -> list:
     """Every block's kernel layers (:class:`LayerSpec`, all of them) and those to prune, found by
     tracing the blocks in turn on one abstract example, after every check that needs no data:
-    each ``ndim >= 2`` parameter is a captured kernel or excluded, no excluded-or-not pattern is
+    each ``ndim >= 2`` parameter is a captured kernel, a captured layer's ``bias``, or excluded, no excluded-or-not pattern is
     unused, the kernels to prune are floating and have a layer Hessian, and per-layer sparsity
     dicts name exactly the layers pruned."""
     x1: Any = jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype)
@@ -145,8 +145,10 @@ def plan_blocks(adapters: list, x: jax.Array, args, kwargs, skip: Excluder, per_
                 raise ValueError(f"{where}: its kernel is {jnp.result_type(kernel)}, not floating; leave it dense "
                                  "with `exclude`")
             todo.append(spec)
+        owners = {s.path[:-1] for s in specs}
         for name, w in weights.items():
-            if name not in names and not skip(name):
+            bias = name.endswith("/bias") and tuple(name.split("/")[:-1]) in owners  # a captured layer's bias
+            if name not in names and not bias and not skip(name):
                 raise ValueError(
                     f"block {i}: parameter {name!r} {jnp.shape(w)} is not the kernel of a layer cobs_jax captures "
                     "(Dense/Linear, DenseGeneral/LinearGeneral, Einsum, Conv, attention projections) or it is never "
