@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from typing import Optional, Union
 
 import jax
@@ -36,8 +38,35 @@ def _safetensors():
 
 
 def _flat(tree: PyTree, prefix: str) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {f"{prefix}{jax.tree_util.keystr(kp)}": np.asarray(v) for kp, v in leaves}
+    out = {}
+    for kp, v in jax.tree_util.tree_leaves_with_path(tree):
+        name = f"{prefix}{jax.tree_util.keystr(kp)}"
+        if isinstance(v, jax.Array) and jnp.issubdtype(v.dtype, jax.dtypes.prng_key):
+            raise ValueError(f"leaf {name!r} is a PRNG key array, which cannot be saved: save "
+                             "`nnx.state(model, nnx.Param)` (or drop the RNG state) instead")
+        try:
+            a = np.asarray(v)
+        except Exception as e:
+            raise ValueError(f"leaf {name!r} ({type(v).__name__}) is not an array and cannot be saved") from e
+        if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+            raise ValueError(f"leaf {name!r} ({type(v).__name__}, dtype {a.dtype}) is not a numeric array and "
+                             "cannot be saved")
+        out[name] = a
+    return out
+
+
+def _check_masks(params: PyTree, masks: PyTree) -> list:
+    """The mask leaves, one per param leaf, checked: same structure, same shapes, bool."""
+    if not same_structure(jax.tree.structure(params), jax.tree.structure(masks)):
+        raise ValueError("`masks` must have the structure of `params`")
+    out = []
+    for (kp, w), m in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(masks)):
+        if np.shape(m) != np.shape(w):
+            raise ValueError(f"mask of {jax.tree_util.keystr(kp)} has shape {np.shape(m)}, the leaf {np.shape(w)}")
+        if np.asarray(m).dtype != np.bool_:
+            raise ValueError(f"mask of {jax.tree_util.keystr(kp)} must be bool (True = kept), got {np.asarray(m).dtype}")
+        out.append(m)
+    return out
 
 
 def save(path: str, params: PyTree, masks: Optional[PyTree] = None) -> None:
@@ -46,19 +75,28 @@ def save(path: str, params: PyTree, masks: Optional[PyTree] = None) -> None:
     Every array leaf is stored under ``"params" + keystr(path)`` (``"masks" + ...`` for the masks)
     with its dtype (masks as bool). Restore with :func:`load` given trees of the same structure.
 
+    The file is written to a temporary file beside ``path`` and renamed over it, so an
+    interrupted save never leaves a truncated file.
+
     Raises:
-      ValueError: if ``masks`` does not have the structure of ``params``, or a leaf is not an array.
+      ValueError: if ``masks`` does not have the structure, shapes and bool dtype of ``params``,
+        or a leaf is not a numeric array (a string, a PRNG key: the leaf is named).
     """
     st = _safetensors()
-    if masks is not None and not same_structure(jax.tree.structure(params), jax.tree.structure(masks)):
-        raise ValueError("`masks` must have the structure of `params`")
+    if masks is not None:
+        _check_masks(params, masks)
     tensors = _flat(params, _PARAMS)
     if masks is not None:
         tensors.update(_flat(masks, _MASKS))
-    bad = [k for k, v in tensors.items() if v.dtype == object]
-    if bad:
-        raise ValueError(f"leaves that are not arrays cannot be saved: {bad}")
-    st.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".cobs_jax_save_", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        st.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load(path: str, like: PyTree, masks_like: Optional[PyTree] = None) -> Union[PyTree, tuple[PyTree, PyTree]]:
@@ -66,18 +104,24 @@ def load(path: str, like: PyTree, masks_like: Optional[PyTree] = None) -> Union[
 
     Args:
       path: the safetensors file.
-      like: a params tree of the saved structure (e.g. the model's freshly initialised params);
-        only its structure, shapes and dtypes are used.
+      like: a params tree of the saved structure (e.g. the model's freshly initialised params, or
+        ``jax.eval_shape`` of its initialiser); only its structure, shapes and dtypes are used.
       masks_like: pass a tree (e.g. ``like`` itself) to also read the masks.
 
     Returns:
       The params, or ``(params, masks)`` with ``masks_like``.
 
     Raises:
-      ValueError: if a leaf of ``like`` is missing from the file or has another shape or dtype.
+      ValueError: if the file is not a readable safetensors file, or a leaf of ``like`` is missing
+        from it or has another shape or dtype (the path and the leaf are named).
     """
     st = _safetensors()
-    stored = st.load_file(path)
+    try:
+        stored = st.load_file(path)
+    except (OSError, FileNotFoundError):
+        raise
+    except Exception as e:  # safetensors' own errors for truncated or foreign files
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
 
     def read(tree, prefix, as_mask):
         def one(kp, ref):
@@ -85,7 +129,7 @@ def load(path: str, like: PyTree, masks_like: Optional[PyTree] = None) -> Union[
             if name not in stored:
                 raise ValueError(f"{path}: no tensor {name!r} (was it saved from a tree of this structure?)")
             v = stored[name]
-            want = (np.shape(ref), np.dtype(bool) if as_mask else np.dtype(jnp.asarray(ref).dtype))
+            want = (tuple(np.shape(ref)), np.dtype(bool) if as_mask else np.dtype(getattr(ref, "dtype", None) or jnp.asarray(ref).dtype))
             if (v.shape, v.dtype) != want:
                 raise ValueError(f"{path}: {name!r} is {v.dtype}{v.shape}, expected {want[1]}{want[0]}")
             return jnp.asarray(v)
@@ -106,10 +150,14 @@ def to_sparse(params: PyTree, masks: Optional[PyTree] = None, *, min_sparsity: f
 
     Whether this saves time depends on the backend and the sparsity: see the export benchmark
     (``benchmarks/sparse_inference.py``).
+
+    Raises:
+      ValueError: if ``masks`` does not match ``params`` leaf by leaf in structure, shape and bool
+        dtype (a mask that only broadcasts is refused), or ``min_sparsity`` is not in [0, 1].
     """
-    if masks is not None and not same_structure(jax.tree.structure(params), jax.tree.structure(masks)):
-        raise ValueError("`masks` must have the structure of `params`")
-    mask_leaves = [None] * len(jax.tree.leaves(params)) if masks is None else jax.tree.leaves(masks)
+    if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)) or not 0 <= min_sparsity <= 1:
+        raise ValueError(f"`min_sparsity` must be a number in [0, 1], got {min_sparsity!r}")
+    mask_leaves = [None] * len(jax.tree.leaves(params)) if masks is None else _check_masks(params, masks)
 
     def convert(w, m):
         w = jnp.asarray(w)
@@ -168,7 +216,17 @@ def pack_nm(kernel: ArrayLike, pattern: str) -> NMPacked:
 
 
 def unpack_nm(packed: NMPacked) -> jax.Array:
-    """The dense ``(d_in, d_out)`` kernel of :func:`pack_nm` (jit-compatible)."""
+    """The dense ``(d_in, d_out)`` kernel of :func:`pack_nm` (jit-compatible).
+
+    Raises:
+      ValueError: if ``values`` and ``index`` differ in shape, or (on concrete arrays) a position
+        is not in ``0..M-1``.
+    """
+    if packed.values.shape != packed.index.shape or packed.values.ndim != 3:
+        raise ValueError(f"`values` {packed.values.shape} and `index` {packed.index.shape} must be one (groups, N, "
+                         "d_out) shape")
+    if not isinstance(packed.index, jax.core.Tracer) and int(jnp.max(packed.index)) >= packed.m:
+        raise ValueError(f"`index` holds positions up to {int(jnp.max(packed.index))}, outside 0..{packed.m - 1}")
     groups, n, d_out = packed.values.shape
     onehot = packed.index.astype(jnp.int32)[:, :, None, :] == jnp.arange(packed.m)[None, None, :, None]
     dense = jnp.sum(jnp.where(onehot, packed.values[:, :, None, :], 0.0), axis=1)  # (groups, m, d_out)

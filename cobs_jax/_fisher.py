@@ -112,6 +112,15 @@ def check_rows_divisible(num_rows: int, mesh: Optional[Mesh]) -> None:
         )
 
 
+def check_scalar_loss(loss_fn, params: PyTree, batch: PyTree, mini_batch: int) -> None:
+    """ValueError unless ``loss_fn(params, one mini-batch)`` is a scalar (traced abstractly)."""
+    first = jax.tree.map(lambda x: jax.ShapeDtypeStruct((int(mini_batch),) + tuple(np.shape(x)[1:]), x.dtype), batch)
+    out = jax.eval_shape(loss_fn, params, first)
+    if not hasattr(out, "shape") or out.shape != ():
+        raise ValueError(f"`loss_fn` must return a scalar (the mean loss over the batch's leading axis), got "
+                         f"{getattr(out, 'shape', type(out).__name__)}: reduce it with .mean()")
+
+
 def check_grad_batch(batch: PyTree, mini_batch: int, chunk_size: int, mesh: Optional[Mesh]) -> int:
     """Check the examples of G's rows and the chunking; returns the number of examples."""
     if int(mini_batch) < 1:
@@ -218,9 +227,11 @@ def per_example_grads(
 
     Raises:
       ValueError: on a batch with disagreeing leading axes, a size not divisible by
-        ``mini_batch``, bad ``mini_batch``/``chunk_size``, or non-finite gradients (naming layers).
+        ``mini_batch``, bad ``mini_batch``/``chunk_size``, a loss that is not a scalar, or
+        non-finite gradients (naming layers).
     """
     size = check_grad_batch(batch, mini_batch, chunk_size, mesh)
+    check_scalar_loss(loss_fn, params, batch, mini_batch)
     grads = _grads(
         loss_fn, layout, params, batch, size // mini_batch, int(mini_batch), int(chunk_size), mesh, progress
     )

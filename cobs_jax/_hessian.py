@@ -75,11 +75,14 @@ def layer_hessian(x: ArrayLike, into: Optional[ArrayLike] = None) -> jax.Array:
       the activations' dtype. Any positive scale of H (sum, mean) gives the same pruning result.
 
     Raises:
-      ValueError: if ``x`` has fewer than 2 dimensions, or ``into`` has the wrong shape.
+      ValueError: if ``x`` has fewer than 2 dimensions or contains NaN/Inf, or ``into`` has the
+        wrong shape.
     """
     x = jnp.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"`x` must have shape (..., d_in) with at least one sample axis, got {x.shape}")
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError("`x` (the activations) contains NaN or Inf")
     d = x.shape[-1]
     if into is None:
         h = jnp.zeros((d, d), accumulate_dtype())

@@ -148,8 +148,8 @@ def check_layer_args(method, update, damping, block_size, granularity, start="sp
     _positive_int(max_swaps, "max_swaps")
     if update not in (None, "none", "exact"):
         raise ValueError(f"`update` must be None, 'none' or 'exact', got {update!r}")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
-        raise ValueError(f"`damping` must be a positive number, got {damping!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping < math.inf:
+        raise ValueError(f"`damping` must be a positive finite number, got {damping!r}")
     _positive_int(block_size, "block_size")
     if granularity not in (None, "layer", "unit"):
         raise ValueError(f"`granularity` must be None, 'layer' or 'unit', got {granularity!r}")
@@ -296,7 +296,15 @@ def prune_layer(
     h = jnp.asarray(hessian)
     if kernel.ndim < 2 or not jnp.issubdtype(kernel.dtype, jnp.floating):
         raise ValueError(f"{name}: `kernel` must be a floating array with ndim >= 2, got {kernel.dtype}{kernel.shape}")
-    axes = tuple(range(kernel.ndim - 1)) if in_axes is None else tuple(int(a) % kernel.ndim for a in in_axes)
+    if kernel.size == 0:
+        raise ValueError(f"{name}: `kernel` has no entries (shape {kernel.shape})")
+    if in_axes is None:
+        axes = tuple(range(kernel.ndim - 1))
+    else:
+        raw = tuple(in_axes)
+        if not all(isinstance(a, (int, np.integer)) and -kernel.ndim <= a < kernel.ndim for a in raw):
+            raise ValueError(f"`in_axes` must be axes of the {kernel.ndim}-d kernel, got {in_axes!r}")
+        axes = tuple(int(a) % kernel.ndim for a in raw)
     if not axes or len(set(axes)) != len(axes) or len(axes) >= kernel.ndim:
         raise ValueError(f"`in_axes` must name distinct axes of the {kernel.ndim}-d kernel, leaving an output axis; got {in_axes!r}")
     d_in = math.prod(kernel.shape[a] for a in axes)
@@ -306,6 +314,9 @@ def prune_layer(
         raise ValueError(f"{name}: `hessian` is {h.shape} but the kernel {kernel.shape} has d_in = {d_in} (in_axes {axes})")
     check_finite(kernel, f"{name}: `kernel`")
     check_finite(h, f"{name}: `hessian`")
+    scale = float(jnp.max(jnp.abs(h)))
+    if not bool(jnp.allclose(h, h.T, rtol=1e-5, atol=1e-6 * scale)):
+        raise ValueError(f"{name}: `hessian` is not symmetric (XᵀX is): check that it is a layer Hessian")
     if mesh is not None and not isinstance(mesh, Mesh):
         raise ValueError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     out = prune_checked(kernel, h.astype(accumulate_dtype()), sparsity=sparsity, pattern=pattern, method=method,
@@ -343,6 +354,9 @@ def prune_checked(
     """:func:`prune_layer` on arguments already checked (finite, matching shapes, H in the
     accumulation dtype), with optional precomputed :class:`Factors` of H (the model driver
     factors a Hessian shared by several layers once)."""
+    if not float(jnp.max(jnp.diagonal(h))) > 0:
+        raise ValueError(f"{name}: its Hessian is all zero (the layer's calibration inputs are all zero), so every "
+                         "mask fits equally; check the calibration data or leave the layer dense")
     w_rows, layout = _as_rows(kernel, in_axes)
     d_in = w_rows.shape[1]
     select = start if method == "cbs" else method  # the method whose mask is chosen first

@@ -13,7 +13,7 @@ by largest remainders.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax.numpy as jnp
 import numpy as np
@@ -104,6 +104,8 @@ def owl_sparsities(
         raise ValueError(f"`granularity` must be 'layer' or 'unit', got {granularity!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ValueError(f"`kwargs` must be a dict of keyword arguments for every block call, got {kwargs!r}")
     kwargs = dict(kwargs or {})
     x = jnp.asarray(inputs)
     if x.ndim < 1 or x.shape[0] == 0:

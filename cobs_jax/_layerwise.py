@@ -95,8 +95,10 @@ class Excluder:
 
 def _per_block_sparsity(sparsity, n_blocks: int) -> list:
     """``sparsity`` as one entry per block (float, ``{layer: float}`` or None), validated."""
-    if sparsity is None or isinstance(sparsity, (int, float)):
-        return [sparsity] * n_blocks
+    if sparsity is None:
+        return [None] * n_blocks
+    if isinstance(sparsity, (int, float)):
+        return [check_sparsity(sparsity)] * n_blocks
     if not isinstance(sparsity, Sequence) or len(sparsity) != n_blocks:
         raise ValueError(f"`sparsity` must be a float or one entry per block ({n_blocks}), got {sparsity!r:.80}")
     out: list = []
@@ -317,6 +319,10 @@ def prune_layerwise(
         if not isinstance(value, bool):
             raise ValueError(f"`{flag}` must be a bool, got {value!r}")
     check_layer_args(method, update, damping, block_size, granularity, start, window, max_swaps)
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ValueError(f"`kwargs` must be a dict of keyword arguments for every block call, got {kwargs!r}")
+    if not isinstance(args, (tuple, list)):
+        raise ValueError(f"`args` must be a tuple of positional arguments for every block call, got {args!r}")
     kwargs = dict(kwargs or {})
     x = jnp.asarray(inputs)
     if x.ndim < 1 or x.shape[0] == 0:
