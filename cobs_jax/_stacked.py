@@ -42,6 +42,7 @@ class Stacked:
             raise ValueError(f"`axis` must be a non-negative int, got {axis!r}")
         self.axis = axis
         self.layers = layers
+        state: Any
         if isinstance(layers, nnx.Module):
             self._graphdef, state = nnx.split(layers)
             params = [v[...] for _, v in nnx.to_flat_state(state) if isinstance(v, nnx.Param)]
@@ -55,7 +56,7 @@ class Stacked:
         if not params or len(sizes) != 1 or None in sizes:
             raise ValueError(f"`Stacked`: every parameter must have the layer axis {axis} with one size; found sizes "
                              f"{sorted(map(str, sizes))}")
-        self.length: int = sizes.pop()
+        self.length: int = int(sizes.pop() or 0)
         self._state = state
 
     def _stacked(self, leaf) -> bool:

@@ -82,5 +82,5 @@ def test_owl_without_spread_is_uniform_and_bad_args():
         cobs_jax.prune_layerwise(blocks, x, sparsity=[0.5, 0.5], args=(1.0,))
     with pytest.raises(ValueError, match=r"sparsity\[1\]"):
         cobs_jax.prune_layerwise(blocks, x, sparsity=[0.5, 1.2, 0.5], args=(1.0,))
-    with pytest.raises(ValueError, match="no sparsity given"):
+    with pytest.raises(ValueError, match=r"must name exactly block 0's pruned layers .*missing \['attn/o_proj'"):
         cobs_jax.prune_layerwise(blocks, x, sparsity=[{"mlp/up_proj": 0.5}] * 3, args=(1.0,))
