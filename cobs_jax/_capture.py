@@ -182,16 +182,18 @@ class BlockAdapter:
             return nnx.to_pure_dict(self.params)
         return jax.tree.map(lambda a: a, flax.core.unfreeze(self.params))  # a fresh nested dict
 
-    def _path(self, name: str) -> tuple:
+    def _path(self, name: str, pure: dict) -> tuple:
+        """The path of layer ``name``'s kernel in ``pure`` (the name plus ``kernel`` if that is
+        where the kernel sits)."""
         path = tuple(name.split("/")) if self.kind == "nnx" else ("params",) + tuple(name.split("/"))
-        d = self._pure()
+        d = pure
         for k in path:
             d = d[k]
         return path + ("kernel",) if isinstance(d, Mapping) else path
 
     def kernel(self, name: str) -> jax.Array:
-        d = self._pure()
-        for k in self._path(name):
+        d = pure = self._pure()
+        for k in self._path(name, pure):
             d = d[k]
         return d
 
@@ -209,7 +211,7 @@ class BlockAdapter:
         """New params with ``{layer name: kernel}`` replaced."""
         pure = self._pure()
         for name, value in kernels.items():
-            *head, last = self._path(name)
+            *head, last = self._path(name, pure)
             d = pure
             for k in head:
                 d = d[k]

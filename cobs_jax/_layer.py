@@ -50,7 +50,7 @@ class LayerInfo(NamedTuple):
     swaps: Optional[int] = None
 
 
-def _as_rows(kernel: jax.Array, in_axes: Sequence[int]) -> tuple[jax.Array, tuple]:
+def as_rows(kernel: jax.Array, in_axes: Sequence[int]) -> tuple[jax.Array, tuple]:
     """(rows = output units, d_in) view of a kernel whose contraction axes are ``in_axes``."""
     out_axes = [a for a in range(kernel.ndim) if a not in in_axes]
     perm = tuple(in_axes) + tuple(out_axes)
@@ -59,7 +59,7 @@ def _as_rows(kernel: jax.Array, in_axes: Sequence[int]) -> tuple[jax.Array, tupl
     return moved.reshape(d_in, -1).T, (perm, moved.shape)
 
 
-def _from_rows(rows: jax.Array, layout: tuple) -> jax.Array:
+def from_rows(rows: jax.Array, layout: tuple) -> jax.Array:
     perm, moved_shape = layout
     return jnp.transpose(rows.T.reshape(moved_shape), tuple(int(a) for a in np.argsort(perm)))
 
@@ -357,7 +357,7 @@ def prune_checked(
     if not float(jnp.max(jnp.diagonal(h))) > 0:
         raise ValueError(f"{name}: its Hessian is all zero (the layer's calibration inputs are all zero), so every "
                          "mask fits equally; check the calibration data or leave the layer dense")
-    w_rows, layout = _as_rows(kernel, in_axes)
+    w_rows, layout = as_rows(kernel, in_axes)
     d_in = w_rows.shape[1]
     select = start if method == "cbs" else method  # the method whose mask is chosen first
     sparsity, nm = _resolve_sparsity(sparsity, pattern, d_in, select, block_size, name)
@@ -391,8 +391,8 @@ def prune_checked(
     err, finite = _error_and_finite(w_rows.astype(h.dtype), w, h)
     if not bool(finite):
         raise ValueError(f"{name}: the pruned kernel is not finite (ill-conditioned Hessian); raise `damping`")
-    new_kernel = _from_rows(w, layout).astype(kernel.dtype)
-    mask = _from_rows(keep, layout)
+    new_kernel = from_rows(w, layout).astype(kernel.dtype)
+    mask = from_rows(keep, layout)
     return new_kernel, mask, LayerInfo(used, float(err), 1.0 - float(jnp.mean(mask)), swaps)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ._budget import check_sparsity
 from ._capture import BlockAdapter
-from ._layer import _as_rows
+from ._layer import as_rows
 from ._layerwise import Excluder, _forward, plan_blocks  # the driver's own passes and layer plan
 from ._stacked import Stacked
 
@@ -129,7 +129,7 @@ def owl_sparsities(
             h = grams[spec.name]
             if not bool(jnp.all(jnp.isfinite(h))):
                 raise ValueError(f"block {b}, layer {spec.name!r}: its captured activations contain NaN or Inf")
-            w = _as_rows(adapter.kernel(spec.name), spec.in_axes)[0]  # (d_out, d_in)
+            w = as_rows(adapter.kernel(spec.name), spec.in_axes)[0]  # (d_out, d_in)
             scores.append((jnp.abs(w) * jnp.sqrt(jnp.maximum(jnp.diagonal(h), 0.0))[None, :]).ravel())
             names.append(spec.name)
             sizes.append(w.size)

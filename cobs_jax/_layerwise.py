@@ -30,7 +30,8 @@ from ._capture import BlockAdapter, LayerSpec, block_layers, run_block
 from ._stacked import Stacked
 from ._keys import as_key
 from ._hessian import accumulate_dtype
-from ._layer import Factors, _as_rows, _from_rows, check_finite, check_layer_args, factor_hessian, needs_factors, prune_checked
+from ._layer import (Factors, as_rows, check_finite, check_layer_args, factor_hessian, from_rows, needs_factors,
+                     prune_checked)
 from ._progress import progress as show
 
 __all__ = ["prune_layerwise", "LayerwiseResult"]
@@ -223,8 +224,8 @@ def _prune_captured(kernel, gram, spec: LayerSpec, where: str, shared: list, *, 
             shared.append((h, factors))
     target = kernel
     if cross is not None and factors is not None:
-        rows, layout = _as_rows(kernel, spec.in_axes)
-        target = _from_rows(_dense_fit(rows.T, h, cross, factors.u).T, layout)
+        rows, layout = as_rows(kernel, spec.in_axes)
+        target = from_rows(_dense_fit(rows.T, h, cross, factors.u).T, layout)
     new, mask, linfo = prune_checked(target, h, method=method, update=update, damping=damping,
                                      in_axes=spec.in_axes, name=where, factors=factors, **opts)
     return jax.block_until_ready(new.astype(kernel.dtype)), mask, linfo
