@@ -78,7 +78,7 @@ def _general(axis, n_out: int, batch, x, name: str):
         raise ValueError(f"{name}: a general linear layer with batch axes ({batch}) holds one kernel per batch "
                          "index and has no single layer Hessian; leave it dense with `exclude`")
     axis = (axis,) if isinstance(axis, int) else tuple(axis)
-    axis = tuple(a % x.ndim for a in axis)
+    axis = tuple(sorted(a % x.ndim for a in axis))  # Flax contracts the kernel's axes with the sorted ones
     xs = _letters(x.ndim)
     feats = string.ascii_uppercase[:n_out]
     out = "".join(c for i, c in enumerate(xs) if i not in axis) + feats

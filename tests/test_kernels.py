@@ -81,26 +81,33 @@ def _flat(kernel, in_axes):
 
 
 class _One(nn.Module):
-    """One einsum kernel; the block returns its input (the kernel is the only layer)."""
+    """One einsum (or, with ``general``, the equivalent DenseGeneral) kernel; the block returns its
+    input (the kernel is the only layer)."""
 
     eq: str
     shape: tuple
+    general: tuple = ()
 
     @nn.compact
     def __call__(self, x):
-        nn.Einsum(self.shape, self.eq, name="k", param_dtype=jnp.float64)(x)
+        if self.general:  # "btnh,nhd->btd" as DenseGeneral over the last two axes (given in any order)
+            nn.DenseGeneral(self.shape[-1], axis=self.general, use_bias=False, name="k", param_dtype=jnp.float64)(x)
+        else:
+            nn.Einsum(self.shape, self.eq, name="k", param_dtype=jnp.float64)(x)
         return x
 
 
-@pytest.mark.parametrize("eq,shape,in_axes,xshape", [
-    ("btnh,nhd->btd", (2, 3, 4), (0, 1), (7, 5, 2, 3)),   # contraction first (attention output)
-    ("btd,ndh->btnh", (2, 6, 3), (1,), (7, 5, 6)),       # contraction in the middle (query)
-    ("bsd,ckdh->cbskh", (2, 1, 6, 3), (2,), (7, 5, 6)),  # gemma's kv_einsum layout
-    ("btd,dn->bn", (6, 4), (0,), (7, 5, 6)),             # an input axis summed by the einsum
+@pytest.mark.parametrize("eq,shape,in_axes,xshape,general", [
+    ("btnh,nhd->btd", (2, 3, 4), (0, 1), (7, 5, 2, 3), ()),        # contraction first (attention output)
+    ("btnh,nhd->btd", (2, 3, 4), (0, 1), (7, 5, 2, 3), (-2, -1)),  # the same as nn.DenseGeneral
+    ("btnh,nhd->btd", (2, 3, 4), (0, 1), (7, 5, 2, 3), (-1, 2)),   # its axes given out of order
+    ("btd,ndh->btnh", (2, 6, 3), (1,), (7, 5, 6), ()),             # contraction in the middle (query)
+    ("bsd,ckdh->cbskh", (2, 1, 6, 3), (2,), (7, 5, 6), ()),        # gemma's kv_einsum layout
+    ("btd,dn->bn", (6, 4), (0,), (7, 5, 6), ()),                   # an input axis summed by the einsum
 ])
-def test_exact_update_on_einsum_kernels_equals_lstsq_on_flattened_inputs(eq, shape, in_axes, xshape):
+def test_exact_update_on_einsum_kernels_equals_lstsq_on_flattened_inputs(eq, shape, in_axes, xshape, general):
     x = np.random.default_rng(1).normal(size=xshape)
-    m = _One(eq, shape)
+    m = _One(eq, shape, general)
     v = m.init(jax.random.key(0), x[:1])
     res = cobs_jax.prune_layerwise([(m, v)], x, sparsity=0.5, method="magnitude", update="exact", damping=1e-12,
                                    batch_size=7)
