@@ -210,15 +210,17 @@ def floor_seconds(blocks, x, args, batch_size) -> tuple[float, float]:
     return t_forward, time.perf_counter() - t
 
 
+def _user_tokens(path: str) -> np.ndarray:
+    t = np.load(path, mmap_mode="r")
+    if t.ndim != 2 or not np.issubdtype(t.dtype, np.integer) or t.shape[1] < 2:
+        raise SystemExit(f"{path}: expected int tokens of shape (n, seq), got {t.dtype}{t.shape}")
+    return t
+
+
 def _data(a, lm):
     """(calib, eval, split): the Brown windows, or the user's ``--calib-tokens`` / ``--eval-tokens``."""
-    if a.calib_tokens or a.eval_tokens:
-        if not (a.calib_tokens and a.eval_tokens):
-            raise SystemExit("give both --calib-tokens and --eval-tokens")
-        calib, ev = (np.load(f) for f in (a.calib_tokens, a.eval_tokens))
-        for f, t in ((a.calib_tokens, calib), (a.eval_tokens, ev)):
-            if t.ndim != 2 or not np.issubdtype(t.dtype, np.integer) or t.shape[1] < 2:
-                raise SystemExit(f"{f}: expected int tokens of shape (n, seq), got {t.dtype}{t.shape}")
+    if a.calib_tokens:
+        calib, ev = (np.asarray(_user_tokens(f)) for f in (a.calib_tokens, a.eval_tokens))
         split = dict(calib_file=os.path.abspath(a.calib_tokens), eval_file=os.path.abspath(a.eval_tokens))
     else:
         calib, ev, split = calibration_and_eval(lm.tokenizer, a.seq, a.calib, a.eval)
@@ -294,6 +296,8 @@ def main():
                     "+ _quick with --quick)")
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # worker: run one cell, print its JSON
     a = ap.parse_args()
+    if bool(a.calib_tokens) != bool(a.eval_tokens):
+        raise SystemExit("give both --calib-tokens and --eval-tokens")
     if a.quick:
         a.calib, a.eval, a.configs = 8, 8, "50%,2:4"
     if a.cell:
@@ -306,8 +310,10 @@ def main():
     setup = dict(calib=a.calib, seq=a.seq, eval=a.eval, batch=a.batch)
     if a.model != "smollm2-135m":
         setup["model"] = a.model
-    if a.calib_tokens:
-        setup.update(calib_tokens=os.path.abspath(a.calib_tokens), eval_tokens=os.path.abspath(a.eval_tokens))
+    if a.calib_tokens:  # the setup says what the files hold
+        (a.calib, a.seq), a.eval = _user_tokens(a.calib_tokens).shape, len(_user_tokens(a.eval_tokens))
+        setup.update(calib=a.calib, seq=a.seq, eval=a.eval, calib_tokens=os.path.abspath(a.calib_tokens),
+                     eval_tokens=os.path.abspath(a.eval_tokens))
     saved = json.loads(path.read_text()) if path.exists() and not a.fresh else {}
     if saved.get("setup") != setup:
         saved = {}
