@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 import cobs_jax
-from cobs_jax._capture import BlockAdapter, run_block
+from cobs_jax._layer.capture import BlockAdapter, run_block
 from common import RESULTS, metadata
 from text import SOURCE, calibration_and_eval
 

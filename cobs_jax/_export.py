@@ -21,8 +21,8 @@ import numpy as np
 from jax.experimental import sparse
 from jax.typing import ArrayLike
 
-from ._budget import parse_pattern
-from ._layout import PyTree, same_structure
+from ._core.budget import parse_pattern
+from ._core.layout import PyTree, same_structure
 
 __all__ = ["save", "load", "to_sparse", "NMPacked", "pack_nm", "unpack_nm"]
 

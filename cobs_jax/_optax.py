@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._layout import PyTree
-from ._masks import check_same_structure
+from ._core.layout import PyTree
+from ._core.masks import check_same_structure
 
 __all__ = ["keep_sparsity", "KeepSparsityState"]
 

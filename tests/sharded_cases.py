@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh
 
 import cobs_jax
-from cobs_jax import _prune
+from cobs_jax._fisher import prune as _prune
 from helpers import linen_setup
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")

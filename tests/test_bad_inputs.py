@@ -72,7 +72,7 @@ def test_prune_layerwise_refuses_bad_arguments():
 
 
 def test_bad_sparsity_is_refused_before_any_capture(monkeypatch):
-    from cobs_jax import _layerwise
+    from cobs_jax._layer import layerwise as _layerwise
 
     def boom(*a, **k):
         raise AssertionError("a capture pass ran")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import cobs_jax
-from cobs_jax._cbs import alpha_beta
+from cobs_jax._fisher.cbs import alpha_beta
 from helpers import brute_force_best, dense_f, random_fisher, selection_objective
 
 
@@ -93,7 +93,7 @@ def test_grouped_pass_keeps_group_counts_and_equals_dense(blocks):
 def test_pass_on_top_k_prefix_equals_full_sort(monkeypatch, case):
     """A pass that takes its candidate orders from ``lax.top_k`` (and sorts all D only once it gets
     past them) makes the same swaps as one that sorts everything, ties included."""
-    from cobs_jax import _cbs
+    from cobs_jax._fisher import cbs as _cbs
 
     sel = cobs_jax.CBS(epsilon=1e-6, rho=2, tau=12)
     w, fisher = random_fisher(d=40, n=8, seed=9)
@@ -278,7 +278,7 @@ def test_layer_blocks_equal_full_on_block_diagonal_problem():
 
 @pytest.mark.parametrize("groups", [False, True])
 def test_rmp_mask_exact_count_and_per_bucket_proportion(groups):
-    from cobs_jax._cbs import _rmp_sampler
+    from cobs_jax._fisher.cbs import _rmp_sampler
 
     d, b, k = 1000, 31, 700
     absw = jnp.abs(jax.random.normal(jax.random.key(0), (d,)))
@@ -314,7 +314,7 @@ def test_rmp_mask_exact_count_and_per_bucket_proportion(groups):
 
 @pytest.mark.parametrize("d,wide", [(1000, True), (1000, False), (70_000, True), (70_000, False)])
 def test_rmp_random_order_is_a_uniform_permutation(d, wide):
-    from cobs_jax._cbs import _random_order
+    from cobs_jax._fisher.cbs import _random_order
 
     perms = np.stack([np.asarray(_random_order(jax.random.key(s), d, wide)) for s in range(40)])
     for p in perms[:3]:

@@ -75,7 +75,7 @@ def test_grads_bad_batch_and_nonfinite():
 
 @pytest.mark.parametrize("width", [1, 7, 8, 20, 64])
 def test_column_reduce_matches_whole_reduction(width):
-    from cobs_jax._fisher import column_reduce
+    from cobs_jax._fisher.fisher import column_reduce
 
     g = jax.random.normal(jax.random.key(0), (5, 20), jnp.float64).at[2, 13].set(jnp.inf)
     np.testing.assert_allclose(column_reduce(g, jnp.square, width=width), np.sum(np.asarray(g) ** 2, 0))

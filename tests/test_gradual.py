@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import cobs_jax
-from cobs_jax._selectors import smallest_k
+from cobs_jax._fisher.selectors import smallest_k
 from helpers import linen_setup
 
 
@@ -172,7 +172,7 @@ def test_compiled_schedule_nested_exact_and_deterministic(kw):
 
 
 def test_compiled_schedule_does_not_recompile_for_a_new_sparsity():
-    from cobs_jax import _multistage
+    from cobs_jax._fisher import multistage as _multistage
 
     params, loss_fn, batch = linen_setup(n=40, hidden=8)
     kw = dict(stages=4, method="magnitude", update="cbs", damping=1e-2)

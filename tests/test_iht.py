@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cobs_jax
-from cobs_jax._iht import fisher_max_eigenvalue
+from cobs_jax._fisher.iht import fisher_max_eigenvalue
 from helpers import dense_f, linen_setup, random_fisher
 
 

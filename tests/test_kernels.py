@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import cobs_jax
-from cobs_jax._kernels import einsum_rows
+from cobs_jax._layer.kernels import einsum_rows
 
 P64 = dict(param_dtype=jnp.float64, dtype=jnp.float64)
 
@@ -56,7 +56,7 @@ def _blocks(kind):
 
 
 def _kernel(block, name):
-    return cobs_jax._capture.BlockAdapter(block).kernel(name)
+    return cobs_jax._layer.capture.BlockAdapter(block).kernel(name)
 
 
 @pytest.mark.parametrize("kind", ["linen", "nnx"])

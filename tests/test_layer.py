@@ -121,7 +121,7 @@ def test_sparsegpt_sub_blocks_equal_dense_sequential_obs(pattern):
 
 
 def test_factor_hessian_is_the_upper_cholesky_factor_of_the_damped_inverse():
-    from cobs_jax._layer import factor_hessian
+    from cobs_jax._layer.layer import factor_hessian
 
     x, w, h = _problem(2, n=40, d=9, out=3)
     h = h.copy()
@@ -166,8 +166,8 @@ def test_exact_update_equals_lstsq_per_output_unit(method):
 
 def test_exact_update_rows_of_different_counts_each_use_their_smaller_system():
     # rows keeping 1..11 of 12 inputs (so both forms in one call, padded to min(|K|, |P|) <= 6)
-    from cobs_jax._layer import factor_hessian
-    from cobs_jax._layer_exact import exact_update
+    from cobs_jax._layer.layer import factor_hessian
+    from cobs_jax._layer.exact import exact_update
 
     x, w, h = _problem(4, n=60, d=12, out=11)
     rng = np.random.default_rng(0)

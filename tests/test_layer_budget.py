@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 import cobs_jax
-from cobs_jax._layer_budget import allocate_counts
+from cobs_jax._layer.owl import allocate_counts
 from test_layerwise import NAMES, Block, _data, _fwd
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cobs_jax
-from cobs_jax._layer_cbs import _kept_form, _pair_scores, _pruned_form, _weights, spd_inverse
+from cobs_jax._layer.cbs import _kept_form, _pair_scores, _pruned_form, _weights, spd_inverse
 
 
 def _problem(seed, n=40, d=12, out=6):

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import cobs_jax
-from cobs_jax._capture import _layer_input
+from cobs_jax._layer.capture import _layer_input
 
 F64 = dict(use_bias=False, dtype=jnp.float64, param_dtype=jnp.float64)
 NAMES = ("attn/q_proj", "attn/v_proj", "attn/o_proj", "mlp/up_proj", "mlp/down_proj")
@@ -174,7 +174,7 @@ def test_asymmetric_equals_least_squares_on_the_dense_outputs(true_sequential):
 
 
 def test_true_sequential_groups_layers_by_input_and_skips_excluded_groups():
-    from cobs_jax._capture import BlockAdapter, block_layers
+    from cobs_jax._layer.capture import BlockAdapter, block_layers
 
     blocks = [Block(8, 16, nnx.Rngs(i)) for i in range(2)]
     x = _data()
@@ -347,7 +347,7 @@ def test_bad_input():
 
 
 def test_compiled_once_per_layer_shape_not_per_layer():
-    from cobs_jax import _capture, _layer, _layer_masks, _sparsegpt
+    from cobs_jax._layer import capture as _capture, layer as _layer, masks as _layer_masks, sparsegpt as _sparsegpt
 
     fns = [_sparsegpt.sparsegpt, _capture._run_block, _layer._damped_factor, _layer._error_and_finite]
     blocks = [Block(8, 24, nnx.Rngs(i)) for i in range(3)]  # shapes no other test uses

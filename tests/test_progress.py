@@ -3,7 +3,7 @@ import sys
 import pytest
 
 import cobs_jax
-from cobs_jax._progress import progress
+from cobs_jax._core.progress import progress
 from helpers import linen_setup
 
 

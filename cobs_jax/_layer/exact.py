@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from ._layer_cbs import rows_sharded
+from .cbs import rows_sharded
 
 __all__ = ["exact_update"]
 

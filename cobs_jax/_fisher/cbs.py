@@ -27,10 +27,10 @@ import numpy as np
 from jax.scipy.linalg import cho_solve
 from jax.typing import ArrayLike
 
-from ._fisher import Fisher
-from ._iht import update_aware_objective
-from ._selectors import Problem, _rank_in_group, smallest_k
-from ._update import cbs_update
+from .fisher import Fisher
+from .iht import update_aware_objective
+from .selectors import Problem, _rank_in_group, smallest_k
+from .update import cbs_update
 
 __all__ = ["CBS", "alpha_beta", "rmp_mask"]
 

@@ -25,14 +25,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ._budget import check_sparsity, parse_pattern
-from ._capture import BlockAdapter, LayerSpec, block_layers, run_block
-from ._stacked import Stacked
-from ._keys import as_key
-from ._hessian import accumulate_dtype
-from ._layer import (Factors, as_rows, check_finite, check_layer_args, factor_hessian, from_rows, needs_factors,
+from .._core.budget import check_sparsity, parse_pattern
+from .capture import BlockAdapter, LayerSpec, block_layers, run_block
+from .stacked import Stacked
+from .._core.keys import as_key
+from .hessian import accumulate_dtype
+from .layer import (Factors, as_rows, check_finite, check_layer_args, factor_hessian, from_rows, needs_factors,
                      prune_checked)
-from ._progress import progress as show
+from .._core.progress import progress as show
 
 __all__ = ["prune_layerwise", "LayerwiseResult"]
 

@@ -16,13 +16,13 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
-from ._budget import check_sparsity, parse_pattern
-from ._hessian import accumulate_dtype
-from ._keys import as_key
-from ._layer_cbs import cbs_layer
-from ._layer_exact import exact_update
-from ._layer_masks import choose
-from ._sparsegpt import sparsegpt, sparsegpt_counts
+from .._core.budget import check_sparsity, parse_pattern
+from .hessian import accumulate_dtype
+from .._core.keys import as_key
+from .cbs import cbs_layer
+from .exact import exact_update
+from .masks import choose
+from .sparsegpt import sparsegpt, sparsegpt_counts
 
 __all__ = ["prune_layer", "LayerInfo", "LAYER_METHODS", "reconstruction_error"]
 

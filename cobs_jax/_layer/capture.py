@@ -35,8 +35,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.linear import canonicalize_padding
 
-from ._hessian import cross_gram, gram
-from ._kernels import einsum_rows, is_registered, kernel_call
+from .hessian import cross_gram, gram
+from .kernels import einsum_rows, is_registered, kernel_call
 
 __all__ = ["BlockAdapter", "LayerSpec", "block_layers", "run_block"]
 

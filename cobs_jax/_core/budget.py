@@ -21,7 +21,7 @@ from typing import Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 
-from ._layout import Layout
+from .layout import Layout
 
 __all__ = ["Budget", "make_budget", "parse_pattern", "check_sparsity", "layer_index"]
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._layer_masks import nm_prune, prune_smallest, prune_smallest_rows, span_counts
+from .masks import nm_prune, prune_smallest, prune_smallest_rows, span_counts
 
 __all__ = ["sparsegpt", "sparsegpt_counts"]
 

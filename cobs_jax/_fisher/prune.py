@@ -29,14 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ._budget import BudgetSpec, make_budget
-from ._cbs import CBS
-from ._fisher import Fisher, check_finite_grads, check_rows_divisible, per_example_grads, place, row_axis
-from ._iht import IHT
-from ._keys import as_key
-from ._layout import BlockSpec, Prunable, PyTree, make_layout
-from ._selectors import Magnitude, Problem, WoodFisher
-from ._update import cbs_update, obs_update
+from .._core.budget import BudgetSpec, make_budget
+from .cbs import CBS
+from .fisher import Fisher, check_finite_grads, check_rows_divisible, per_example_grads, place, row_axis
+from .iht import IHT
+from .._core.keys import as_key
+from .._core.layout import BlockSpec, Prunable, PyTree, make_layout
+from .selectors import Magnitude, Problem, WoodFisher
+from .update import cbs_update, obs_update
 
 __all__ = ["prune", "prune_sweep", "apply_update", "PruneResult", "make_selector", "METHODS", "UPDATES"]
 

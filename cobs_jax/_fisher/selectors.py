@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from ._fisher import Fisher
+from .fisher import Fisher
 
 __all__ = ["Problem", "Magnitude", "WoodFisher", "smallest_k"]
 

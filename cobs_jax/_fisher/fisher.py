@@ -23,8 +23,8 @@ import numpy as np
 from jax.scipy.linalg import cho_factor, cho_solve
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ._layout import Layout, PyTree
-from ._progress import progress as show
+from .._core.layout import Layout, PyTree
+from .._core.progress import progress as show
 
 __all__ = ["Fisher", "per_example_grads", "check_finite_grads", "place", "row_axis"]
 

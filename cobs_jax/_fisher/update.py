@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jax.typing import ArrayLike
 
-from ._fisher import Fisher
+from .fisher import Fisher
 
 __all__ = ["cbs_update", "obs_update"]
 

@@ -23,9 +23,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ._fisher import Fisher
-from ._selectors import Problem, smallest_k
-from ._update import cbs_update
+from .fisher import Fisher
+from .selectors import Problem, smallest_k
+from .update import cbs_update
 
 __all__ = ["IHT", "update_aware_objective", "fisher_max_eigenvalue"]
 

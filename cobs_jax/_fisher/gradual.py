@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._budget import BudgetSpec, check_sparsity, parse_pattern
-from ._keys import as_key
-from ._layout import PyTree, make_layout
-from ._masks import apply_masks
-from ._progress import progress as show
-from ._multistage import run_stages, stage_plan
-from ._prune import PruneResult, check_damping_update_mesh, make_selector, prune
+from .._core.budget import BudgetSpec, check_sparsity, parse_pattern
+from .._core.keys import as_key
+from .._core.layout import PyTree, make_layout
+from .._core.masks import apply_masks
+from .._core.progress import progress as show
+from .multistage import run_stages, stage_plan
+from .prune import PruneResult, check_damping_update_mesh, make_selector, prune
 
 __all__ = ["sparsity_schedule", "prune_gradual"]
 

@@ -42,12 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ._budget import BudgetSpec, make_budget
-from ._cbs import CBS
-from ._fisher import _batch_size, _grad_rows, check_grad_batch, place, row_axis
-from ._layout import Layout, PyTree
-from ._prune import _NO_FISHER, UPDATES, _fisher, _on_mesh
-from ._selectors import Magnitude, Problem
+from .._core.budget import BudgetSpec, make_budget
+from .cbs import CBS
+from .fisher import _batch_size, _grad_rows, check_grad_batch, place, row_axis
+from .._core.layout import Layout, PyTree
+from .prune import _NO_FISHER, UPDATES, _fisher, _on_mesh
+from .selectors import Magnitude, Problem
 
 __all__ = ["StagePlan", "stage_plan", "run_stages"]
 

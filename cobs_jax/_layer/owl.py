@@ -18,11 +18,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import jax.numpy as jnp
 import numpy as np
 
-from ._budget import check_sparsity
-from ._capture import BlockAdapter
-from ._layer import as_rows
-from ._layerwise import Excluder, _forward, plan_blocks  # the driver's own passes and layer plan
-from ._stacked import Stacked
+from .._core.budget import check_sparsity
+from .capture import BlockAdapter
+from .layer import as_rows
+from .layerwise import Excluder, _forward, plan_blocks  # the driver's own passes and layer plan
+from .stacked import Stacked
 
 __all__ = ["owl_sparsities", "allocate_counts"]
 

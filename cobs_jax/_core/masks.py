@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._layout import PyTree, same_structure
+from .layout import PyTree, same_structure
 
 __all__ = ["apply_masks", "sparsity_of"]
 
