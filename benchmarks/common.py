@@ -49,7 +49,7 @@ def run_one(spec, results, params, loss_fn, batch, grads, sparsity, key, *, damp
             prunable=prunable,
         )
         return {"params": res.params, "masks": res.masks, "info": res.info,
-                "time": time.perf_counter() - t0 + res.info["timings"].get("grads", 0.0)}
+                "time": time.perf_counter() - t0 + res.timings.get("grads", 0.0)}
     prev = results[base]
     out = jax.block_until_ready(cobs_jax.apply_update(
         params, prev["masks"], grads, update=update, damping=damping, blocks=blocks, update_scale=scale,

@@ -253,23 +253,23 @@ def run_cell(a, key: str) -> dict:
             if "sparsity" not in opts:
                 raise SystemExit(f"{key}: OWL budgets are for unstructured sparsity")
             opts["sparsity"] = cobs_jax.owl_sparsities(lm.blocks, x0, opts["sparsity"], args=args,
-                                                       batch_size=a.batch, **OWL)
+                                                       chunk_size=a.batch, **OWL)
         res = cobs_jax.prune_layerwise(lm.blocks, x0, method=method, update=update,
                                        asymmetric="+asym" in m, true_sequential=m.endswith("+seq"),
-                                       args=args, batch_size=a.batch,
+                                       args=args, chunk_size=a.batch,
                                        progress=True, **opts)
         seconds = time.perf_counter() - t
     hwm = _rss("VmHWM")  # the process so far: loading, tokenising and the pruning run
     nll = lm.nll(res.blocks, ev)
-    errs = [l["error"] for l in res.info["layers"]]
+    errs = [l.error for l in res.layers]
     cell = dict(base, method=m, config=conf, ppl=perplexity(nll, ev), nll=nll.tolist(), seconds=seconds,
-                timings=res.info["timings"], sparsity=res.info["sparsity"], peak_gib=mem.peak,
+                timings=res.timings, sparsity=res.sparsity, peak_gib=mem.peak,
                 start_gib=mem.start, process_peak_gib=hwm, layer_errors=errs, median_layer_error=float(np.median(errs)),
-                layer_seconds={l["layer"]: 0.0 for l in res.info["layers"]},
-                redamped=sum(l["damping"] > 0.01 for l in res.info["layers"]),
-                swaps=sum(l["swaps"] or 0 for l in res.info["layers"]))
-    for l in res.info["layers"]:
-        cell["layer_seconds"][l["layer"]] += l["seconds"]
+                layer_seconds={l.layer: 0.0 for l in res.layers},
+                redamped=sum(l.rel_damping > 0.01 for l in res.layers),
+                swaps=sum(l.stats.get("swaps", 0) for l in res.layers))
+    for l in res.layers:
+        cell["layer_seconds"][l.layer] += l.seconds
     fwd, cap = floor_seconds(lm.blocks, x0, args, a.batch)  # this process, this machine state
     cell.update(floor_seconds=2 * fwd, floor_xtx_seconds=fwd + cap)
     if conf == "50%":

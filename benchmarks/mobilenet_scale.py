@@ -125,7 +125,7 @@ def main(argv=None):
             res = cobs_jax.prune(variables, loss_fn, batch, sparsity=s, method=method, update=update,
                                  damping=args.damping, blocks=args.chunk, grads=grads, loss_batch=loss_batch,
                                  progress=True)
-            t = res.info["timings"]
+            t = res.timings
             assert res.info["num_pruned"] == round(s * layout.size), res.info["num_pruned"]
             assert int(jnp.sum(layout.ravel(res.params) == 0)) >= res.info["num_pruned"]
             record(f"{label} @ {s} ({note})", t["select"] + t["update"], method=label, sparsity=s,

@@ -114,13 +114,13 @@ def main(argv=None):
                     if (seed, s, name, asym) in done_cells:
                         continue
                     t0 = time.perf_counter()
-                    res = cobs_jax.prune_layerwise(blocks, x0, sparsity=s, damping=args.damping, asymmetric=asym,
+                    res = cobs_jax.prune_layerwise(blocks, x0, sparsity=s, rel_damping=args.damping, asymmetric=asym,
                                                    exclude="down_conv", kwargs={"train": False},
-                                                   batch_size=args.batch_size, **METHODS[name])
+                                                   chunk_size=args.batch_size, **METHODS[name])
                     seconds = time.perf_counter() - t0
                     pruned = with_blocks(variables, res.blocks)
                     row = {"seed": seed, "sparsity": s, "method": name, "asymmetric": asym, "seconds": seconds,
-                           "achieved_sparsity": res.info["sparsity"], "timings": res.info["timings"],
+                           "achieved_sparsity": res.info["sparsity"], "timings": res.timings,
                            "accuracy": evaluate(pruned, x_te, y_te),
                            "accuracy_refreshed": evaluate(refresh(pruned), x_te, y_te)}
                     state["rows"].append(row)

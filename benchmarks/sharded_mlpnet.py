@@ -70,7 +70,7 @@ def main(argv=None):
             kw = dict(method=method, update=update, damping=1e-3, grads=grads, loss_batch=loss_batch, mesh=mesh)
             cobs_jax.prune(params, loss_fn, batch, sparsity=args.sparsity - 0.1, **kw)  # compile
             res = cobs_jax.prune(params, loss_fn, batch, sparsity=args.sparsity, **kw)
-            t = res.info["timings"]
+            t = res.timings
             acc = float(accuracy(res.params, ds.x_test, ds.y_test))
             keep = np.asarray(layout.ravel(res.masks))
             w = np.asarray(layout.ravel(res.params))

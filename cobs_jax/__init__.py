@@ -31,11 +31,13 @@ from ._layer.hessian import layer_hessian as layer_hessian
 from ._fisher.iht import IHT as IHT
 from ._fisher.iht import update_aware_objective as update_aware_objective
 from ._layer.kernels import register_kernel as register_kernel
-from ._layer.layer import LAYER_METHODS as LAYER_METHODS
+from . import layer as layer
 from ._layer.layer import LayerInfo as LayerInfo
+from ._layer.layer import LayerResult as LayerResult
 from ._layer.layer import prune_layer as prune_layer
-from ._layer.layer import reconstruction_error as reconstruction_error
+from ._layer.hessian import reconstruction_error as reconstruction_error
 from ._layer.owl import owl_sparsities as owl_sparsities
+from ._layer.layerwise import LayerRecord as LayerRecord
 from ._layer.layerwise import LayerwiseResult as LayerwiseResult
 from ._layer.layerwise import prune_layerwise as prune_layerwise
 from ._core.layout import Layout as Layout
@@ -67,8 +69,9 @@ __all__ = [
     "Fisher",
     "IHT",
     "KeepSparsityState",
-    "LAYER_METHODS",
     "LayerInfo",
+    "LayerRecord",
+    "LayerResult",
     "LayerwiseResult",
     "Layout",
     "METHODS",
@@ -83,6 +86,7 @@ __all__ = [
     "cbs_update",
     "default_prunable",
     "keep_sparsity",
+    "layer",
     "layer_hessian",
     "load",
     "make_budget",

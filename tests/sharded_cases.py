@@ -129,7 +129,7 @@ def test_rows_must_split_over_the_mesh(setup):
 
 
 @pytest.mark.parametrize("opts", [dict(sparsity=0.5), dict(pattern="2:4", method="wanda", update="exact"),
-                                  dict(sparsity=0.5, method="cbs", window=4, asymmetric=True)])
+                                  dict(sparsity=0.5, method=cobs_jax.layer.CBS(window=4), asymmetric=True)])
 def test_prune_layerwise_examples_sharded_equals_single_device(opts):
     """Calibration examples sharded over 8 devices (Hessians summed across them) == 1 device."""
     from flax import nnx
@@ -138,9 +138,9 @@ def test_prune_layerwise_examples_sharded_equals_single_device(opts):
 
     blocks = [Block(8, 16, nnx.Rngs(i)) for i in range(2)]
     x = np.random.default_rng(0).normal(size=(16, 5, 8))
-    one = cobs_jax.prune_layerwise(blocks, x, args=(1.0,), batch_size=8, **opts)
-    many = cobs_jax.prune_layerwise(blocks, x, args=(1.0,), batch_size=8, mesh=mesh(8), **opts)
-    for m1, m8 in zip(one.masks, many.masks):
+    one = cobs_jax.prune_layerwise(blocks, x, args=(1.0,), chunk_size=8, **opts)
+    many = cobs_jax.prune_layerwise(blocks, x, args=(1.0,), chunk_size=8, mesh=mesh(8), **opts)
+    for m1, m8 in zip(one.layer_masks, many.layer_masks):
         for name in m1:
             np.testing.assert_array_equal(m1[name], m8[name])
     for b1, b8 in zip(one.blocks, many.blocks):
@@ -148,10 +148,10 @@ def test_prune_layerwise_examples_sharded_equals_single_device(opts):
                      nnx.to_pure_dict(nnx.state(b1)), nnx.to_pure_dict(nnx.state(b8)))
     np.testing.assert_allclose(one.outputs, many.outputs, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="multiple of the mesh axis"):
-        cobs_jax.prune_layerwise(blocks, x, args=(1.0,), batch_size=4, mesh=mesh(8), **opts)
+        cobs_jax.prune_layerwise(blocks, x, args=(1.0,), chunk_size=4, mesh=mesh(8), **opts)
 
 
-@pytest.mark.parametrize("opts", [dict(sparsity=0.6, method="cbs", window=8),
+@pytest.mark.parametrize("opts", [dict(sparsity=0.6, method=cobs_jax.layer.CBS(window=8)),
                                   dict(sparsity=0.5, method="wanda", update="exact")])
 def test_prune_layer_output_units_sharded_equals_single_device(opts):
     """The per-unit work of CBS and the exact re-solve split over 8 devices (37 units: padded) == 1 device."""

@@ -34,7 +34,7 @@ def _h(d=6, seed=0):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(hessian=np.zeros((6, 6))), "all zero"),
-    (dict(damping=float("inf")), "`damping` must be a positive finite"),
+    (dict(rel_damping=float("inf")), "`rel_damping` must be a positive finite"),
     (dict(in_axes=(2,)), "`in_axes` must be axes of the 2-d kernel"),
     (dict(hessian=_h() + np.triu(np.ones((6, 6)), 1)), "not symmetric"),
 ])
@@ -77,7 +77,7 @@ def test_bad_sparsity_is_refused_before_any_capture(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a capture pass ran")
 
-    monkeypatch.setattr(_layerwise, "_forward", boom)
+    monkeypatch.setattr(_layerwise, "forward_chunks", boom)
     _raises("in \\[0, 1\\)", sparsity=1.5)
     _raises("`sparsity` is required", sparsity=None)
 
@@ -126,8 +126,8 @@ def test_nan_calibration_activations_are_refused():
 def test_owl_sparsities_refuses_bad_arguments_and_takes_a_generator():
     with pytest.raises(ValueError, match="`blocks` is empty"):
         cobs_jax.owl_sparsities([], X, 0.5)
-    with pytest.raises(ValueError, match="`batch_size` must be a positive int"):
-        cobs_jax.owl_sparsities([_pair()], X, 0.5, batch_size=0)
+    with pytest.raises(ValueError, match="`chunk_size` must be a positive int"):
+        cobs_jax.owl_sparsities([_pair()], X, 0.5, chunk_size=0)
     with pytest.raises(ValueError, match="leaves no layer"):
         cobs_jax.owl_sparsities([_pair()], X, 0.5, exclude=["a", "b"])
     got = cobs_jax.owl_sparsities((p for p in [_pair(0), _pair(1)]), X, 0.5)

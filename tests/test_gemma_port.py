@@ -65,16 +65,16 @@ def test_chunked_nll_equals_the_full_softmax_and_the_window_is_local():
 def test_every_einsum_kernel_of_every_block_is_pruned():
     model = gemma.Gemma3(C, gemma.init_params(C, jax.random.key(2), seq=6))
     x = model.embed(np.random.default_rng(1).integers(0, C.vocab_size, (4, 6)))
-    res = cobs_jax.prune_layerwise(model.blocks, x, sparsity=0.5, method="magnitude", batch_size=2)
+    res = cobs_jax.prune_layerwise(model.blocks, x, sparsity=0.5, method="magnitude", chunk_size=2)
     names = {"attn/q_einsum/w", "attn/kv_einsum/w", "attn/attn_vec_einsum/w", "mlp/gating_einsum", "mlp/linear"}
     for i, (_, v) in enumerate(res.blocks):
-        assert set(res.masks[i]) == names
+        assert set(res.layer_masks[i]) == names
         for n in names:
             *path, last = n.split("/")
             d = v["params"]
             for k in path:
                 d = d[k]
             assert int(jnp.sum(d[last] == 0)) == d[last].size // 2, n
-    assert res.info["sparsity"] == pytest.approx(0.5)
+    assert res.sparsity == pytest.approx(0.5)
     pruned = model.with_blocks(res.blocks)
     assert np.isfinite(pruned.nll(np.zeros((1, 6), np.int32))).all()

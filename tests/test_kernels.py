@@ -62,16 +62,16 @@ def _kernel(block, name):
 @pytest.mark.parametrize("kind", ["linen", "nnx"])
 def test_every_kernel_kind_is_pruned_to_the_exact_count(kind):
     blocks = _blocks(kind)
-    res = cobs_jax.prune_layerwise(blocks, _x(), sparsity=0.5, method="magnitude", batch_size=3)
-    for i, masks in enumerate(res.masks):
+    res = cobs_jax.prune_layerwise(blocks, _x(), sparsity=0.5, method="magnitude", chunk_size=3)
+    for i, masks in enumerate(res.layer_masks):
         assert set(masks) == LINEN_NAMES, masks.keys()
         for name, mask in masks.items():
             k = np.asarray(_kernel(res.blocks[i], name))
             assert k.shape == mask.shape == _kernel(blocks[i], name).shape
             assert int(np.sum(k == 0)) == round(0.5 * k.size), (i, name)
             np.testing.assert_array_equal(k != 0, np.asarray(mask))
-    assert res.info["sparsity"] == pytest.approx(0.5)
-    assert res.info["excluded"] == []
+    assert res.sparsity == pytest.approx(0.5)
+    assert res.excluded == ()
 
 
 def _flat(kernel, in_axes):
@@ -109,8 +109,8 @@ def test_exact_update_on_einsum_kernels_equals_lstsq_on_flattened_inputs(eq, sha
     x = np.random.default_rng(1).normal(size=xshape)
     m = _One(eq, shape, general)
     v = m.init(jax.random.key(0), x[:1])
-    res = cobs_jax.prune_layerwise([(m, v)], x, sparsity=0.5, method="magnitude", update="exact", damping=1e-12,
-                                   batch_size=7)
+    res = cobs_jax.prune_layerwise([(m, v)], x, sparsity=0.5, method="magnitude", update="exact", rel_damping=1e-12,
+                                   chunk_size=7)
     rows, axes, _ = einsum_rows(eq, jnp.asarray(x), len(shape), "k")
     assert axes == in_axes
     xs = eq.split(",")[0]
@@ -121,7 +121,7 @@ def test_exact_update_on_einsum_kernels_equals_lstsq_on_flattened_inputs(eq, sha
     X = moved.reshape(-1, int(np.prod([x.shape[xs.index(c)] for c in con])))
     np.testing.assert_allclose(np.asarray(rows), X, rtol=1e-12)
     w0 = _flat(np.asarray(v["params"]["k"]["kernel"]), in_axes)
-    keep = _flat(np.asarray(res.masks[0]["k"]), in_axes)
+    keep = _flat(np.asarray(res.layer_masks[0]["k"]), in_axes)
     order = np.argsort(np.abs(w0), axis=None, kind="stable")
     want = np.ones(w0.size, bool)
     want[order[: round(0.5 * w0.size)]] = False
@@ -161,13 +161,13 @@ def test_a_registered_module_is_pruned_per_output_unit_like_its_flattened_matrix
     x = np.random.default_rng(2).normal(size=(4, 5, 6))
     m = GemmaLike()
     v = m.init(jax.random.key(0), x[:1])
-    res = cobs_jax.prune_layerwise([(m, v)], x, sparsity=0.5, method="wanda", batch_size=4)
-    assert set(res.masks[0]) == {"kv_einsum/w", "gating_einsum"}
+    res = cobs_jax.prune_layerwise([(m, v)], x, sparsity=0.5, method="wanda", chunk_size=4)
+    assert set(res.layer_masks[0]) == {"kv_einsum/w", "gating_einsum"}
     h = np.einsum("btd,bte->de", x, x)
     for name, in_axes in (("kv_einsum/w", (2,)), ("gating_einsum", (2,))):
         w = np.asarray(v["params"][name.split("/")[0]][name.split("/")[1]] if "/" in name else v["params"][name])
-        flat, fmask = cobs_jax.prune_layer(_flat(w, in_axes), h, sparsity=0.5, method="wanda")
-        np.testing.assert_array_equal(_flat(np.asarray(res.masks[0][name]), in_axes), np.asarray(fmask))
+        flat, fmask, *_ = cobs_jax.prune_layer(_flat(w, in_axes), h, sparsity=0.5, method="wanda")
+        np.testing.assert_array_equal(_flat(np.asarray(res.layer_masks[0][name]), in_axes), np.asarray(fmask))
 
 
 class Hidden(nn.Module):
@@ -191,12 +191,12 @@ def test_nothing_is_silently_left_dense():
     with pytest.raises(ValueError, match=r"block 0: parameter 'hidden/w' .*register_kernel.*exclude='hidden/w'"):
         cobs_jax.prune_layerwise(blocks, x, sparsity=0.5)
     res = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, exclude="hidden")
-    assert list(res.masks[0]) == ["dense"] and res.info["excluded"] == []
+    assert list(res.layer_masks[0]) == ["dense"] and res.excluded == ()
     with pytest.raises(ValueError, match="'nope' matches no layer"):
         cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, exclude=["hidden", "nope"])
     # linen MHA and nnx attention kernels are pruned, not skipped: the sparsity is of every kernel
     res = cobs_jax.prune_layerwise(_blocks("nnx")[:1], _x(), sparsity=0.5, exclude="mha/out")
-    assert res.info["excluded"] == ["mha/out"] and "mha/query" in res.masks[0]
+    assert res.excluded == ("mha/out",) and "mha/query" in res.layer_masks[0]
 
 
 class Layer(nnx.Module):
@@ -222,10 +222,10 @@ def test_a_scanned_nnx_stack_equals_its_unstacked_layers(method):
 
     stack = make(jax.random.split(jax.random.key(0), 3))
     x = _x(n=8)
-    res = cobs_jax.prune_layerwise(cobs_jax.Stacked(stack), x, sparsity=0.5, method=method, batch_size=4)
+    res = cobs_jax.prune_layerwise(cobs_jax.Stacked(stack), x, sparsity=0.5, method=method, chunk_size=4)
     layers = cobs_jax.Stacked(stack).unstack()
-    ref = cobs_jax.prune_layerwise(layers, x, sparsity=0.5, method=method, batch_size=4)
-    assert isinstance(res.blocks, cobs_jax.Stacked) and len(res.masks) == 3
+    ref = cobs_jax.prune_layerwise(layers, x, sparsity=0.5, method=method, chunk_size=4)
+    assert isinstance(res.blocks, cobs_jax.Stacked) and len(res.layer_masks) == 3
     got = res.blocks.layers
     for i, b in enumerate(ref.blocks):
         np.testing.assert_array_equal(np.asarray(got.up.kernel[...][i]), np.asarray(b.up.kernel[...]))
@@ -246,8 +246,8 @@ def test_a_linen_scan_stack_equals_its_unstacked_layers(axis):
     x = _x(n=4)
     stacked = scanned.init(jax.random.key(0), jnp.asarray(x[:1]), None)
     st = cobs_jax.Stacked((LinenLayer(), stacked), axis=axis)
-    res = cobs_jax.prune_layerwise(st, x, sparsity=0.5, args=(None,), batch_size=2)
-    ref = cobs_jax.prune_layerwise(st.unstack(), x, sparsity=0.5, args=(None,), batch_size=2)
+    res = cobs_jax.prune_layerwise(st, x, sparsity=0.5, args=(None,), chunk_size=2)
+    ref = cobs_jax.prune_layerwise(st.unstack(), x, sparsity=0.5, args=(None,), chunk_size=2)
     params = res.blocks.layers[1]["params"]
     for i, (_, v) in enumerate(ref.blocks):
         for n in ("up", "down"):

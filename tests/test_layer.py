@@ -90,7 +90,7 @@ def _sequential_obs(w, h, damping, sparsity=None, nm=None):
 @pytest.mark.parametrize("seed", range(4))
 def test_sparsegpt_one_block_equals_dense_sequential_obs(seed):
     x, w, h = _problem(seed)
-    new, mask = cobs_jax.prune_layer(w, h, sparsity=0.5, method="sparsegpt", block_size=16)
+    new, mask, *_ = cobs_jax.prune_layer(w, h, sparsity=0.5, method=cobs_jax.layer.SparseGPT(block_size=16))
     ref_w, ref_keep = _sequential_obs(w, h, 0.01, sparsity=0.5)
     np.testing.assert_array_equal(np.asarray(mask), ref_keep)
     np.testing.assert_allclose(np.asarray(new), ref_w, rtol=1e-9, atol=1e-10)
@@ -99,7 +99,7 @@ def test_sparsegpt_one_block_equals_dense_sequential_obs(seed):
 @pytest.mark.parametrize("pattern,nm", [("2:4", (2, 4)), ("1:3", (1, 3))])
 def test_sparsegpt_nm_equals_dense_sequential_obs(pattern, nm):
     x, w, h = _problem(3)
-    new, mask = cobs_jax.prune_layer(w, h, pattern=pattern, method="sparsegpt", block_size=12)
+    new, mask, *_ = cobs_jax.prune_layer(w, h, pattern=pattern, method=cobs_jax.layer.SparseGPT(block_size=12))
     ref_w, ref_keep = _sequential_obs(w, h, 0.01, nm=nm)
     np.testing.assert_array_equal(np.asarray(mask), ref_keep)
     np.testing.assert_allclose(np.asarray(new), ref_w, rtol=1e-9, atol=1e-10)
@@ -111,10 +111,10 @@ def test_sparsegpt_sub_blocks_equal_dense_sequential_obs(pattern):
     # reach the later columns through the lazy product; the result must not change.
     x, w, h = _problem(7, n=120, d=80, out=6)
     if pattern is None:
-        new, mask = cobs_jax.prune_layer(w, h, sparsity=0.5, method="sparsegpt", block_size=80)
+        new, mask, *_ = cobs_jax.prune_layer(w, h, sparsity=0.5, method=cobs_jax.layer.SparseGPT(block_size=80))
         ref_w, ref_keep = _sequential_obs(w, h, 0.01, sparsity=0.5)
     else:
-        new, mask = cobs_jax.prune_layer(w, h, pattern=pattern, method="sparsegpt", block_size=80)
+        new, mask, *_ = cobs_jax.prune_layer(w, h, pattern=pattern, method=cobs_jax.layer.SparseGPT(block_size=80))
         ref_w, ref_keep = _sequential_obs(w, h, 0.01, nm=(2, 4))
     np.testing.assert_array_equal(np.asarray(mask), ref_keep)
     np.testing.assert_allclose(np.asarray(new), ref_w, rtol=1e-8, atol=1e-10)
@@ -142,8 +142,8 @@ def test_sparsegpt_blocks_lazy_update_equals_one_block_when_mask_is_fixed():
     # every group is chosen at its first column from the updated weights in both cases, so the
     # lazy (blocked) update must give exactly the unblocked result.
     x, w, h = _problem(5, d=16)
-    a = cobs_jax.prune_layer(w, h, pattern="2:4", block_size=4)
-    b = cobs_jax.prune_layer(w, h, pattern="2:4", block_size=16)
+    a = cobs_jax.prune_layer(w, h, pattern="2:4", method=cobs_jax.layer.SparseGPT(block_size=4))
+    b = cobs_jax.prune_layer(w, h, pattern="2:4", method=cobs_jax.layer.SparseGPT(block_size=16))
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_allclose(a[0], b[0], rtol=1e-9, atol=1e-12)
 
@@ -152,7 +152,7 @@ def test_sparsegpt_blocks_lazy_update_equals_one_block_when_mask_is_fixed():
 def test_exact_update_equals_lstsq_per_output_unit(method):
     x, w, h = _problem(1, n=30, d=10, out=4)
     damping = 0.01
-    new, mask = cobs_jax.prune_layer(w, h, sparsity=0.6, method=method, update="exact", damping=damping)
+    new, mask, *_ = cobs_jax.prune_layer(w, h, sparsity=0.6, method=method, update="exact", damping=damping)
     new, mask = np.asarray(new), np.asarray(mask)
     lam = damping * np.mean(np.diag(h))
     for r in range(w.shape[1]):
@@ -189,7 +189,7 @@ def test_exact_update_both_forms_agree():
     x, w, h = _problem(2, n=50, d=12, out=6)
     hd = _damped(h)
     for s in (0.25, 0.75):
-        new, mask = cobs_jax.prune_layer(w, h, sparsity=s, method="magnitude", update="exact")
+        new, mask, *_ = cobs_jax.prune_layer(w, h, sparsity=s, method="magnitude", update="exact")
         new, mask = np.asarray(new), np.asarray(mask)
         for r in range(6):
             k = mask[:, r]
@@ -200,12 +200,12 @@ def test_exact_update_both_forms_agree():
 
 def test_wanda_choice_equals_dense_formula():
     x, w, h = _problem(4, d=12, out=5)
-    _, mask = cobs_jax.prune_layer(w, h, sparsity=0.5, method="wanda")
+    _, mask, *_ = cobs_jax.prune_layer(w, h, sparsity=0.5, method="wanda")
     score = np.abs(w) * np.linalg.norm(x, axis=0)[:, None]
     for r in range(5):
         pruned = np.argsort(score[:, r], kind="stable")[:6]
         assert set(np.flatnonzero(~np.asarray(mask)[:, r])) == set(pruned)
-    _, m24 = cobs_jax.prune_layer(w, h, pattern="2:4", method="wanda")
+    _, m24, *_ = cobs_jax.prune_layer(w, h, pattern="2:4", method="wanda")
     g = score.T.reshape(5, 3, 4)
     ref = np.argsort(np.argsort(g, -1, kind="stable"), -1, kind="stable") >= 2
     np.testing.assert_array_equal(np.asarray(m24), ref.reshape(5, 12).T)
@@ -213,10 +213,15 @@ def test_wanda_choice_equals_dense_formula():
 
 def test_magnitude_is_one_threshold_over_the_layer():
     x, w, h = _problem(6)
-    _, mask = cobs_jax.prune_layer(w, h, sparsity=0.4, method="magnitude")
+    _, mask, *_ = cobs_jax.prune_layer(w, h, sparsity=0.4, method="magnitude")
     k = int(round(0.4 * w.size))
     thr = np.sort(np.abs(w).ravel())[k - 1]
     np.testing.assert_array_equal(np.asarray(mask), np.abs(w) > thr)
+
+
+def _pruner(name, **opts):
+    """A layer pruner by name; SparseGPT with 16-column blocks."""
+    return cobs_jax.layer.LAYER_METHODS[name](**opts, **({"block_size": 16} if name == "sparsegpt" else {}))
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
@@ -226,14 +231,14 @@ def test_counts_exact(method, gran):
     x, w = rng.normal(size=(64, 40)), rng.normal(size=(40, 7))
     h = x.T @ x
     for s in (0.1, 0.37, 0.5, 0.9):
-        _, mask = cobs_jax.prune_layer(w, h, sparsity=s, method=method, granularity=gran, block_size=16)
+        _, mask, *_ = cobs_jax.prune_layer(w, h, sparsity=s, method=_pruner(method, granularity=gran))
         mask = np.asarray(mask)
         if gran == "layer":
             assert (~mask).sum() == round(s * w.size)
         else:
             assert np.all((~mask).sum(0) == round(s * 40))
     for pattern, (n, m) in (("2:4", (2, 4)), ("4:8", (4, 8))):
-        _, mask = cobs_jax.prune_layer(w, h, pattern=pattern, method=method, block_size=16)
+        _, mask, *_ = cobs_jax.prune_layer(w, h, pattern=pattern, method=_pruner(method))
         groups = np.asarray(mask).T.reshape(7, 40 // m, m)
         assert np.all(groups.sum(-1) == n)
 
@@ -243,8 +248,8 @@ def test_conv_and_einsum_layouts():
     k = rng.normal(size=(3, 3, 4, 5))
     p = rng.normal(size=(50, 36))  # patches in (kh, kw, c_in) order
     h = p.T @ p
-    new, mask = cobs_jax.prune_layer(k, h, sparsity=0.5, update="exact")
-    flat_new, flat_mask = cobs_jax.prune_layer(k.reshape(36, 5), h, sparsity=0.5, update="exact")
+    new, mask, *_ = cobs_jax.prune_layer(k, h, sparsity=0.5, update="exact")
+    flat_new, flat_mask, *_ = cobs_jax.prune_layer(k.reshape(36, 5), h, sparsity=0.5, update="exact")
     np.testing.assert_allclose(np.asarray(new).reshape(36, 5), flat_new, rtol=1e-12)
     np.testing.assert_array_equal(np.asarray(mask).reshape(36, 5), flat_mask)
     # einsum kernel (heads, head_dim, d_out) contracting over its first two axes; and one whose
@@ -252,10 +257,10 @@ def test_conv_and_einsum_layouts():
     e = rng.normal(size=(3, 12, 5))
     he = rng.normal(size=(60, 36))
     he = he.T @ he
-    new_e, _ = cobs_jax.prune_layer(e, he, sparsity=0.5, in_axes=(0, 1))
-    ref_e, _ = cobs_jax.prune_layer(e.reshape(36, 5), he, sparsity=0.5)
+    new_e, _, *_ = cobs_jax.prune_layer(e, he, sparsity=0.5, in_axes=(0, 1))
+    ref_e, _, *_ = cobs_jax.prune_layer(e.reshape(36, 5), he, sparsity=0.5)
     np.testing.assert_allclose(np.asarray(new_e).reshape(36, 5), ref_e, rtol=1e-12)
-    new_t, _ = cobs_jax.prune_layer(e.reshape(36, 5).T, he, sparsity=0.5, in_axes=(1,))
+    new_t, _, *_ = cobs_jax.prune_layer(e.reshape(36, 5).T, he, sparsity=0.5, in_axes=(1,))
     np.testing.assert_allclose(np.asarray(new_t).T, ref_e, rtol=1e-12)
 
 
@@ -271,7 +276,7 @@ def test_small_layers_error_ordering():
         errs = {}
         for method in ("magnitude", "wanda", "sparsegpt"):
             for update in (None, "exact"):
-                new, _ = cobs_jax.prune_layer(w, h, sparsity=0.5, method=method, update=update)
+                new, _, *_ = cobs_jax.prune_layer(w, h, sparsity=0.5, method=method, update=update)
                 errs[method, update] = _err(w, np.asarray(new), hd)
         for method in ("magnitude", "wanda", "sparsegpt"):
             assert errs[method, "exact"] <= errs[method, None] * (1 + 1e-9) + 1e-12
@@ -329,14 +334,18 @@ def test_bad_input():
         (dict(kernel=w, hessian=h, pattern="4:2"), "pattern"),
         (dict(kernel=w, hessian=h, pattern="2:5"), "multiple of 5"),
         (dict(kernel=w, hessian=h, pattern="2:4", sparsity=0.3), "contradicts"),
-        (dict(kernel=w, hessian=h, pattern="2:4", block_size=6), "block_size"),
-        (dict(kernel=w, hessian=h, sparsity=0.5, damping=0.0), "damping"),
+        (dict(kernel=w, hessian=h, pattern="2:4", method=cobs_jax.layer.SparseGPT(block_size=6)), "block_size"),
+        (dict(kernel=w, hessian=h, sparsity=0.5, rel_damping=0.0), "rel_damping"),
         (dict(kernel=w, hessian=h, sparsity=0.5, method="obs"), "method"),
         (dict(kernel=w, hessian=h, sparsity=0.5, update="cbs"), "update"),
-        (dict(kernel=w, hessian=h, sparsity=0.5, granularity="row"), "granularity"),
         (dict(kernel=w[:, 0], hessian=h, sparsity=0.5), "ndim"),
         (dict(kernel=w, hessian=h, sparsity=0.5, in_axes=(0, 1)), "in_axes"),
     ]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):
             cobs_jax.prune_layer(kw.pop("kernel"), kw.pop("hessian"), **kw)
+    for cls in (cobs_jax.layer.Magnitude, cobs_jax.layer.Wanda, cobs_jax.layer.SparseGPT):
+        with pytest.raises(ValueError, match=rf"`{cls.__name__}\(granularity=...\)`"):
+            cls(granularity="row")
+    with pytest.raises(ValueError, match=r"`SparseGPT\(block_size=...\)`"):
+        cobs_jax.layer.SparseGPT(block_size=0)

@@ -35,7 +35,7 @@ def _blocks():
 @pytest.mark.parametrize("gran", ["layer", "unit"])
 def test_owl_sparsities_follow_the_rule_with_the_total_exact(gran):
     blocks, x = _blocks(), _data()
-    s = cobs_jax.owl_sparsities(blocks, x, 0.6, granularity=gran, outlier_threshold=3.0, args=(1.0,), batch_size=4)
+    s = cobs_jax.owl_sparsities(blocks, x, 0.6, granularity=gran, outlier_threshold=3.0, args=(1.0,), chunk_size=4)
     sizes = {n: getattr(getattr(blocks[0], n.split("/")[0]), n.split("/")[1]).kernel[...].size for n in NAMES}
     pruned = sum(v * sizes[n] for blk in s for n, v in blk.items())
     total = sum(sizes.values()) * 3
@@ -64,15 +64,15 @@ def test_owl_sparsities_follow_the_rule_with_the_total_exact(gran):
             assert abs(v - want[b]) <= tol + 1e-9, (b, n, v, want[b])
     assert len(set(ratios)) == 3  # distinct ratios: the rule had something to order
     # the driver takes the per-layer dicts and prunes exactly that many weights
-    res = cobs_jax.prune_layerwise(blocks, x, sparsity=s, args=(1.0,), batch_size=4, method="wanda",
-                                   granularity=gran)
-    got = sum(int(np.sum(~np.asarray(m))) for blk in res.masks for m in blk.values())
+    res = cobs_jax.prune_layerwise(blocks, x, sparsity=s, args=(1.0,), chunk_size=4,
+                                   method=cobs_jax.layer.Wanda(granularity=gran))
+    got = sum(int(np.sum(~np.asarray(m))) for blk in res.layer_masks for m in blk.values())
     assert got == round(pruned)
 
 
 def test_owl_without_spread_is_uniform_and_bad_args():
     blocks, x = _blocks(), _data()
-    s = cobs_jax.owl_sparsities(blocks, x, 0.5, spread=0.0, args=(1.0,), batch_size=4)
+    s = cobs_jax.owl_sparsities(blocks, x, 0.5, spread=0.0, args=(1.0,), chunk_size=4)
     assert all(v == pytest.approx(0.5) for b in s for v in b.values())
     with pytest.raises(ValueError, match="`sparsity`"):
         cobs_jax.owl_sparsities(blocks, x, 1.0, args=(1.0,))

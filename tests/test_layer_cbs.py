@@ -146,8 +146,11 @@ def test_cbs_reaches_the_enumerated_optimum_in_most_instances_never_worse_than_s
             masks = list(_nm_masks(d, 2, 4))
         else:
             masks = list(_unstructured_masks(d, d - round(config["sparsity"] * d)))
-        ws, ms = cobs_jax.prune_layer(w, h, method=start, update="exact", **config)
-        wc, mc, info = cobs_jax.prune_layer(w, h, method="cbs", start=start, return_info=True, **config)
+        first = cobs_jax.layer.LAYER_METHODS[start](**{k: v for k, v in config.items() if k == "granularity"})
+        options = {k: v for k, v in config.items() if k != "granularity"}
+        ws, ms, *_ = cobs_jax.prune_layer(w, h, method=first, update="exact", **options)
+        res = cobs_jax.prune_layer(w, h, method=cobs_jax.layer.CBS(start=first), **options)
+        wc, mc = res.kernel, res.mask
         wc, mc = np.asarray(wc), np.asarray(mc)
         # the same counts per unit (and per N:M group) as the start; pruned entries exactly 0
         np.testing.assert_array_equal(mc.sum(0), np.asarray(ms).sum(0))
@@ -163,7 +166,7 @@ def test_cbs_reaches_the_enumerated_optimum_in_most_instances_never_worse_than_s
         assert np.all(lc >= opt * (1 - 1e-9))
         hits += int(np.sum(lc <= opt * (1 + 1e-9)))
         total += w.shape[1]
-        assert info.swaps is not None and info.swaps >= 0
+        assert res.stats["swaps"] >= 0
     print(f"{start} {config}: optimum reached in {hits}/{total}")
     assert hits > 0.5 * total, f"optimum reached in {hits}/{total}"
 
@@ -176,8 +179,10 @@ def test_cbs_with_a_window_smaller_than_the_row(config):
     never worse than the start with exact weights, better on most rows."""
     w, h = _problem(7, n=120, d=48, out=10)
     hd = _damped(h)
-    ws, ms = cobs_jax.prune_layer(w, h, method="sparsegpt", update="exact", **config)
-    wc, mc = cobs_jax.prune_layer(w, h, method="cbs", window=8, **config)
+    start = cobs_jax.layer.SparseGPT(**{k: v for k, v in config.items() if k == "granularity"})
+    options = {k: v for k, v in config.items() if k != "granularity"}
+    ws, ms, *_ = cobs_jax.prune_layer(w, h, method=start, update="exact", **options)
+    wc, mc, *_ = cobs_jax.prune_layer(w, h, method=cobs_jax.layer.CBS(start=start, window=8), **options)
     wc, mc, ms = np.asarray(wc), np.asarray(mc), np.asarray(ms)
     np.testing.assert_array_equal(mc.sum(0), ms.sum(0))
     if "pattern" in config:
@@ -198,10 +203,12 @@ def test_cbs_deterministic_inputs_untouched_and_bad_args():
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_array_equal(w, w_copy)
     np.testing.assert_array_equal(h, h_copy)
-    with pytest.raises(ValueError, match="`start`"):
-        cobs_jax.prune_layer(w, h, sparsity=0.5, method="cbs", start="cbs")
-    with pytest.raises(ValueError, match="`window`"):
-        cobs_jax.prune_layer(w, h, sparsity=0.5, method="cbs", window=1)
-    with pytest.raises(ValueError, match="`max_swaps`"):
-        cobs_jax.prune_layer(w, h, sparsity=0.5, method="cbs", max_swaps=0)
+    with pytest.raises(ValueError, match=r"`CBS\(start=...\)`"):
+        cobs_jax.layer.CBS(start="cbs")
+    with pytest.raises(ValueError, match=r"`CBS\(start=...\)`"):
+        cobs_jax.layer.CBS(start="obs")
+    with pytest.raises(ValueError, match=r"`CBS\(window=...\)`"):
+        cobs_jax.layer.CBS(window=1)
+    with pytest.raises(ValueError, match=r"`CBS\(max_swaps=...\)`"):
+        cobs_jax.layer.CBS(max_swaps=0)
 

@@ -88,7 +88,7 @@ def _data(n=12, t=5, d=8):
 
 @pytest.mark.parametrize("opts", [dict(sparsity=0.5), dict(pattern="2:4", update="exact"),
                                   dict(sparsity=0.6, method="wanda", update="exact"),
-                                  dict(sparsity=0.5, method="cbs", window=4), dict(pattern="2:4", method="cbs", start="wanda"),
+                                  dict(sparsity=0.5, method=cobs_jax.layer.CBS(window=4)), dict(pattern="2:4", method=cobs_jax.layer.CBS(start=cobs_jax.layer.Wanda())),
                                   dict(sparsity=0.5, true_sequential=True),
                                   dict(sparsity=0.6, method="wanda", update="exact", true_sequential=True)])
 def test_nnx_driver_equals_pruning_by_hand(opts):
@@ -96,7 +96,7 @@ def test_nnx_driver_equals_pruning_by_hand(opts):
     x = _data()
     before = [nnx.to_pure_dict(nnx.state(b)) for b in blocks]
     scale = jnp.asarray(1.5)
-    res = cobs_jax.prune_layerwise(blocks, x, args=(scale,), batch_size=5, **opts)
+    res = cobs_jax.prune_layerwise(blocks, x, args=(scale,), chunk_size=5, **opts)
     kernels = [{n: np.asarray(b.__getattribute__(n.split("/")[0]).__getattribute__(n.split("/")[1]).kernel[...])
                 for n in NAMES} for b in blocks]
     ref, ref_out = _hand(kernels, x, 1.5, NAMES, **opts)
@@ -105,13 +105,13 @@ def test_nnx_driver_equals_pruning_by_hand(opts):
             a, b = n.split("/")
             got = np.asarray(getattr(getattr(blk, a), b).kernel[...])
             np.testing.assert_allclose(got, ref[i][n], rtol=1e-9, atol=1e-12)
-            np.testing.assert_array_equal(np.asarray(res.masks[i][n]), ref[i][n] != 0)
+            np.testing.assert_array_equal(np.asarray(res.layer_masks[i][n]), ref[i][n] != 0)
     np.testing.assert_allclose(np.asarray(res.outputs), ref_out, rtol=1e-9, atol=1e-12)
     # the user's blocks are untouched
     for b, pure in zip(blocks, before):
         jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(b)), pure)
-    assert len(res.info["layers"]) == 10 and all(np.isfinite(l["error"]) for l in res.info["layers"])
-    assert set(res.info["timings"]) == {"capture", "prune", "forward", "total"}
+    assert len(res.layers) == 10 and all(np.isfinite(l.error) for l in res.layers)
+    assert set(res.timings) == {"capture", "prune", "forward", "total"}
 
 
 @pytest.mark.parametrize("true_sequential", [False, True])
@@ -119,7 +119,7 @@ def test_linen_driver_equals_pruning_by_hand(true_sequential):
     mod = LinenBlock(8, 16)
     x = _data()
     blocks = [(mod, mod.init(jax.random.key(i), x[:1], 1.0)) for i in range(2)]
-    res = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.5,), batch_size=4, true_sequential=true_sequential)
+    res = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.5,), chunk_size=4, true_sequential=true_sequential)
     short = [n.split("/")[1] for n in NAMES]
     kernels = [{s: np.asarray(v["params"][s]["kernel"]) for s in short} for _, v in blocks]
     ref, ref_out = _hand(kernels, x, 1.5, short, true_sequential=true_sequential, sparsity=0.5)
@@ -138,7 +138,7 @@ def test_asymmetric_equals_least_squares_on_the_dense_outputs(true_sequential):
     x = _data(n=16)
     s = 0.5
     res = cobs_jax.prune_layerwise(blocks, x, sparsity=s, method="magnitude", update="exact", asymmetric=True,
-                                   damping=1e-12, args=(1.5,), batch_size=5, true_sequential=true_sequential)
+                                   rel_damping=1e-12, args=(1.5,), chunk_size=5, true_sequential=true_sequential)
     kernels = [{n: np.asarray(getattr(getattr(b, n.split("/")[0]), n.split("/")[1]).kernel[...]) for n in NAMES}
                for b in blocks]
     x_pruned = x_dense = x
@@ -155,7 +155,7 @@ def test_asymmetric_equals_least_squares_on_the_dense_outputs(true_sequential):
             keep = np.ones(fit.size, bool)
             keep[order[: round(s * fit.size)]] = False
             keep = keep.reshape(fit.shape)
-            np.testing.assert_array_equal(np.asarray(res.masks[i][n]), keep, err_msg=f"block {i} {n}")
+            np.testing.assert_array_equal(np.asarray(res.layer_masks[i][n]), keep, err_msg=f"block {i} {n}")
             w = np.zeros_like(fit)
             for c in range(fit.shape[1]):
                 w[keep[:, c], c] = np.linalg.lstsq(xp[:, keep[:, c]], target[:, c], rcond=None)[0]
@@ -166,8 +166,8 @@ def test_asymmetric_equals_least_squares_on_the_dense_outputs(true_sequential):
         x_pruned, x_dense = _fwd(new, x_pruned, 1.5, NAMES)[0], _fwd(k, x_dense, 1.5, NAMES)[0]
     np.testing.assert_allclose(np.asarray(res.outputs), x_pruned, rtol=1e-6, atol=1e-8)
     # the second block's pruned inputs differ from its dense ones, so the objective did change
-    sym = cobs_jax.prune_layerwise(blocks, x, sparsity=s, method="magnitude", update="exact", damping=1e-12,
-                                   args=(1.5,), batch_size=5)
+    sym = cobs_jax.prune_layerwise(blocks, x, sparsity=s, method="magnitude", update="exact", rel_damping=1e-12,
+                                   args=(1.5,), chunk_size=5)
     assert not np.allclose(sym.blocks[1].mlp.up_proj.kernel[...], res.blocks[1].mlp.up_proj.kernel[...])
     with pytest.raises(ValueError, match="asymmetric"):
         cobs_jax.prune_layerwise(blocks, x, sparsity=s, args=(1.5,), asymmetric="yes")
@@ -186,7 +186,7 @@ def test_true_sequential_groups_layers_by_input_and_skips_excluded_groups():
     kw = dict(sparsity=0.5, args=(1.5,), exclude=["attn", "up_proj"], asymmetric=True)
     seq = cobs_jax.prune_layerwise(blocks, x, true_sequential=True, **kw)
     one = cobs_jax.prune_layerwise(blocks, x, **kw)
-    assert [sorted(m) for m in seq.masks] == [["mlp/down_proj"]] * 2
+    assert [sorted(m) for m in seq.layer_masks] == [["mlp/down_proj"]] * 2
     for a, b in zip(seq.blocks, one.blocks):
         jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-9, atol=1e-12),
                      nnx.to_pure_dict(nnx.state(a)), nnx.to_pure_dict(nnx.state(b)))
@@ -200,8 +200,8 @@ def test_asymmetric_first_block_equals_symmetric_with_damping(method):
     is the usual one: same masks and weights for any damping (a ridge towards 0 would differ)."""
     blocks = [Block(8, 16, nnx.Rngs(i)) for i in range(2)]
     x = _data(n=16)
-    a = cobs_jax.prune_layerwise(blocks[:1], x, sparsity=0.5, method=method, damping=0.1, asymmetric=True, args=(1.5,))
-    b = cobs_jax.prune_layerwise(blocks[:1], x, sparsity=0.5, method=method, damping=0.1, args=(1.5,))
+    a = cobs_jax.prune_layerwise(blocks[:1], x, sparsity=0.5, method=method, rel_damping=0.1, asymmetric=True, args=(1.5,))
+    b = cobs_jax.prune_layerwise(blocks[:1], x, sparsity=0.5, method=method, rel_damping=0.1, args=(1.5,))
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-9, atol=1e-12),
                  nnx.to_pure_dict(nnx.state(a.blocks[0])), nnx.to_pure_dict(nnx.state(b.blocks[0])))
     np.testing.assert_allclose(a.outputs, b.outputs, rtol=1e-9, atol=1e-12)
@@ -212,11 +212,11 @@ def test_exclude_deterministic_and_sparsity():
     x = _data()
     a = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.0,), exclude="down_proj")
     b = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.0,), exclude=["down_proj"])
-    assert all("mlp/down_proj" not in m for m in a.masks)
+    assert all("mlp/down_proj" not in m for m in a.layer_masks)
     np.testing.assert_array_equal(a.blocks[1].mlp.down_proj.kernel[...], blocks[1].mlp.down_proj.kernel[...])
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(a.blocks[1])),
                  nnx.to_pure_dict(nnx.state(b.blocks[1])))
-    assert a.info["sparsity"] == pytest.approx(0.5)
+    assert a.sparsity == pytest.approx(0.5)
 
 
 def test_conv_patches_match_the_convolution():
@@ -261,9 +261,9 @@ def test_conv_block_exact_update_lowers_error():
     blocks = [ConvBlock(nnx.Rngs(0))]
     plain = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, method="magnitude")
     exact = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, method="magnitude", update="exact")
-    for p, e in zip(plain.info["layers"], exact.info["layers"]):
-        assert e["error"] <= p["error"] + 1e-12 and p["sparsity"] == pytest.approx(0.5)
-    np.testing.assert_array_equal(plain.masks[0]["c1"], exact.masks[0]["c1"])
+    for p, e in zip(plain.layers, exact.layers):
+        assert e.error <= p.error + 1e-12 and p.sparsity == pytest.approx(0.5)
+    np.testing.assert_array_equal(plain.layer_masks[0]["c1"], exact.layer_masks[0]["c1"])
 
 
 class LinenConvBN(nn.Module):
@@ -282,7 +282,7 @@ def test_python_flags_reach_the_block_as_values():
     variables = {**variables, "batch_stats": {"bn": {"mean": jnp.full(4, 0.3), "var": jnp.full(4, 2.0)}}}
     for mode in ("relu", "linear"):
         res = cobs_jax.prune_layerwise([(module, variables)], x, sparsity=0.5, kwargs={"train": False, "mode": mode},
-                                       batch_size=3)
+                                       chunk_size=3)
         pruned = res.blocks[0][1]
         assert float(jnp.mean(pruned["params"]["conv"]["kernel"] == 0)) == pytest.approx(0.5)
         np.testing.assert_allclose(res.outputs, module.apply(pruned, x, train=False, mode=mode), rtol=1e-12)
@@ -294,12 +294,12 @@ def test_asymmetric_conv_blocks_fit_the_dense_outputs():
     x = np.random.default_rng(3).normal(size=(6, 6, 6, 4))
     blocks = [ConvBlock(nnx.Rngs(i)) for i in range(2)]
     res = cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, method="magnitude", update="exact", asymmetric=True,
-                                   damping=1e-12, batch_size=4)
+                                   rel_damping=1e-12, chunk_size=4)
     c1 = blocks[1].c1
     xp = _layer_input(c1, jnp.asarray(res.blocks[0](jnp.asarray(x)))).reshape(-1, 36)
     xd = _layer_input(c1, jnp.asarray(blocks[0](jnp.asarray(x)))).reshape(-1, 36)
     target = xd @ c1.kernel[...].reshape(36, -1)
-    keep = np.asarray(res.masks[1]["c1"]).reshape(36, -1)
+    keep = np.asarray(res.layer_masks[1]["c1"]).reshape(36, -1)
     got = np.asarray(res.blocks[1].c1.kernel[...]).reshape(36, -1)
     for c in range(keep.shape[1]):
         want = np.linalg.lstsq(xp[:, keep[:, c]], target[:, c], rcond=None)[0]
@@ -322,7 +322,7 @@ def test_grouped_conv_is_refused_by_name_unless_excluded():
     with pytest.raises(ValueError, match="block 0, layer 'dw'.*exclude"):
         cobs_jax.owl_sparsities([DepthwiseBlock(nnx.Rngs(0))], x, 0.5)
     res = cobs_jax.prune_layerwise([DepthwiseBlock(nnx.Rngs(0))], x, sparsity=0.5, method="magnitude", exclude="dw")
-    assert list(res.masks[0]) == ["pw"] and res.info["sparsity"] == pytest.approx(0.5)
+    assert list(res.layer_masks[0]) == ["pw"] and res.sparsity == pytest.approx(0.5)
 
 
 def test_bad_input():
@@ -338,8 +338,8 @@ def test_bad_input():
         cobs_jax.prune_layerwise([lambda x: x], x, sparsity=0.5)
     with pytest.raises(ValueError, match="sparsity"):
         cobs_jax.prune_layerwise(blocks, x, sparsity=1.5, args=(1.0,))
-    with pytest.raises(ValueError, match="batch_size"):
-        cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.0,), batch_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.0,), chunk_size=0)
     with pytest.raises(ValueError, match="mesh"):
         cobs_jax.prune_layerwise(blocks, x, sparsity=0.5, args=(1.0,), mesh="rows")
     with pytest.raises(ValueError, match="multiple of 4"):
@@ -347,13 +347,13 @@ def test_bad_input():
 
 
 def test_compiled_once_per_layer_shape_not_per_layer():
-    from cobs_jax._layer import capture as _capture, layer as _layer, masks as _layer_masks, sparsegpt as _sparsegpt
+    from cobs_jax._layer import capture as _capture, hessian as _hessian, layer as _layer, masks as _layer_masks, sparsegpt as _sparsegpt
 
-    fns = [_sparsegpt.sparsegpt, _capture._run_block, _layer._damped_factor, _layer._error_and_finite]
+    fns = [_sparsegpt.sparsegpt, _capture._run_block, _hessian._damped_factor, _layer._error_and_finite]
     blocks = [Block(8, 24, nnx.Rngs(i)) for i in range(3)]  # shapes no other test uses
     x = _data(n=6)
     for opts in (dict(sparsity=0.5), dict(sparsity=0.5, method="wanda")):
-        cobs_jax.prune_layerwise(blocks[:1], x, args=(1.0,), batch_size=3, **opts)
+        cobs_jax.prune_layerwise(blocks[:1], x, args=(1.0,), chunk_size=3, **opts)
         sizes = [f._cache_size() for f in fns + [_layer_masks.choose]]
-        cobs_jax.prune_layerwise(blocks, x, args=(1.0,), batch_size=3, **opts)
+        cobs_jax.prune_layerwise(blocks, x, args=(1.0,), chunk_size=3, **opts)
         assert [f._cache_size() for f in fns + [_layer_masks.choose]] == sizes

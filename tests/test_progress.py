@@ -36,4 +36,4 @@ def test_long_calls_report_progress(call, monkeypatch, capsys):
                                compiled=False)
         assert "prune_gradual (3 stages): 3/3" in capsys.readouterr().out
     res = cobs_jax.prune(params, loss_fn, batch, sparsity=0.5, method="woodfisher", chunk_size=8)
-    assert capsys.readouterr().out == "" and res.info["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert capsys.readouterr().out == "" and res.sparsity == pytest.approx(0.5, abs=0.02)

@@ -222,6 +222,26 @@ class BlockAdapter:
             return state
         return pure
 
+    def param_masks(self, masks: Mapping[str, jax.Array]) -> Any:
+        """Keep-masks shaped like the block's parameters (nnx: ``nnx.state(block, nnx.Param)``;
+        linen: ``variables["params"]``): ``masks[layer]`` at each layer's kernel, True elsewhere."""
+        ones = lambda tree: jax.tree.map(lambda a: jnp.ones(jnp.shape(a), bool), tree)  # noqa: E731
+        if self.kind == "nnx":
+            tree = ones(self.params.filter(nnx.Param))
+            pure = nnx.to_pure_dict(tree)
+        else:
+            pure = {"params": ones(flax.core.unfreeze(self.params["params"]))}
+        for name, value in masks.items():
+            *head, last = self._path(name, pure)
+            d = pure
+            for k in head:
+                d = d[k]
+            d[last] = value
+        if self.kind == "nnx":
+            nnx.replace_by_pure_dict(tree, pure)
+            return tree
+        return pure["params"]
+
     def rebuild(self, params) -> Any:
         """The block with ``params``: a new nnx module, or a linen ``(module, variables)`` pair."""
         if self.kind == "nnx":

@@ -38,17 +38,21 @@ shapes), each row's factorisation alone in a ``lax.map`` (unbatched LAPACK, see
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from functools import partial
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-__all__ = ["cbs_layer", "window_indices", "spd_inverse"]
+from .base import LayerProblem, LayerPruner, LayerSelection, positive_int
+from .sparsegpt import SparseGPT
+
+__all__ = ["CBS", "cbs_layer", "window_indices", "spd_inverse"]
 
 _PAD = 64  # |K0| is padded to a multiple of this (one compiled program per padded size)
 _CHUNK = 256  # rows per chunk at most
@@ -342,3 +346,48 @@ def cbs_layer(
         swaps = swaps + jnp.sum(made[:nreal])  # summed on device: no host sync per chunk
     inv = np.argsort(order)
     return jnp.concatenate(out_w)[inv], jnp.concatenate(out_k)[inv], int(swaps)
+
+
+@dataclasses.dataclass(frozen=True)
+class CBS(LayerPruner):
+    """The Combinatorial Brain Surgeon on the layer objective: from ``start``'s mask, a joint swap
+    search per output unit on the loss after the optimal update, then the exact weights.
+
+    With the exact weights for the start mask as the reference, the result is never worse: a row
+    whose search ends below its start keeps the start.
+
+    Args:
+      start: the pruner whose mask the search starts from (:class:`~cobs_jax.layer.SparseGPT`,
+        :class:`~cobs_jax.layer.Wanda`, :class:`~cobs_jax.layer.Magnitude`, or its name); its
+        granularity decides where the count is exact.
+      window: inputs per output unit whose keep/prune decision is reopened (its least salient
+        kept and most salient pruned inputs; N:M: whole groups), at least 2.
+      max_swaps: at most this many swaps per output unit.
+
+    ``stats["swaps"]``: kept/pruned swaps made over the layer.
+    """
+
+    start: Any = None
+    window: int = 64
+    max_swaps: int = 64
+    uses_factors: ClassVar[bool] = True
+
+    def __post_init__(self):
+        from .registry import as_pruner  # the registry imports this module
+
+        start = as_pruner(SparseGPT() if self.start is None else self.start, "CBS(start=...)")
+        if isinstance(start, CBS):
+            raise ValueError("`CBS(start=...)` must be a mask-choosing pruner (SparseGPT, Wanda, Magnitude), not CBS")
+        object.__setattr__(self, "start", start)
+        positive_int(self.window, "CBS(window=...)", minimum=2)
+        positive_int(self.max_swaps, "CBS(max_swaps=...)")
+
+    def check(self, d_in: int, nm: Optional[tuple[int, int]], name: str) -> None:
+        self.start.check(d_in, nm, name)
+
+    def prune(self, problem: LayerProblem) -> LayerSelection:
+        assert problem.factors is not None  # uses_factors
+        first = self.start.prune(problem)
+        w, keep, swaps = cbs_layer(problem.w, problem.factors.h, problem.factors.u, first.keep, window=self.window,
+                                   max_swaps=self.max_swaps, nm=problem.nm, mesh=problem.mesh)
+        return LayerSelection(w, keep, {**first.stats, "swaps": swaps})

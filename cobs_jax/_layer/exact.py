@@ -17,6 +17,7 @@ deadlocked when two ran at once (seen with jax 0.10.2 on 2 cores, SmolLM2-sized 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -25,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from .base import LayerProblem, LayerUpdate
 from .cbs import rows_sharded
 
-__all__ = ["exact_update"]
+__all__ = ["Exact", "exact_update"]
 
 _PAD = 32  # padded system sizes are rounded up to a multiple of this (fewer compilations)
 
@@ -99,3 +101,14 @@ def exact_update(w0: jax.Array, h: jax.Array, u: jax.Array, keep: np.ndarray, me
         w0p = w0
     out = _solver(mesh)(h, u.T @ u, w0p, jnp.asarray(idx), jnp.asarray(valid), jnp.asarray(kept_form))
     return out[:rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class Exact(LayerUpdate):
+    """The exact re-solve as an update: after any pruner chose the mask, every output unit's kept
+    weights become the least-squares optimum ``w*_K = [H_KK]⁻¹ (H w̄)_K`` on the damped ``H``
+    (against the original kernel). Use as ``update=Exact()`` or ``update="exact"``."""
+
+    def apply(self, problem: LayerProblem, keep: jax.Array) -> jax.Array:
+        assert problem.factors is not None  # uses_factors
+        return exact_update(problem.w, problem.factors.h, problem.factors.u, np.asarray(keep), mesh=problem.mesh)

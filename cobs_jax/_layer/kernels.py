@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import math
 import string
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-__all__ = ["register_kernel", "KernelCall", "kernel_call", "is_registered", "einsum_rows"]
+__all__ = ["register_kernel", "KernelCall", "kernel_call", "is_registered", "einsum_rows", "as_rows", "from_rows"]
 
 
 class KernelCall(NamedTuple):
@@ -157,3 +158,17 @@ def einsum_rows(equation: str, x: jax.Array, kernel_ndim: int, name: str) -> tup
     key = "".join(canon.get(c, c) for c in spec)
     rows = x if rest + con == xs else jnp.einsum(spec, x)
     return rows.reshape(-1, math.prod(x.shape[xs.index(c)] for c in con)), in_axes, key
+
+
+def as_rows(kernel: jax.Array, in_axes: Sequence[int]) -> tuple[jax.Array, tuple]:
+    """(rows = output units, d_in) view of a kernel whose contraction axes are ``in_axes``."""
+    out_axes = [a for a in range(kernel.ndim) if a not in in_axes]
+    perm = tuple(in_axes) + tuple(out_axes)
+    moved = jnp.transpose(kernel, perm)
+    d_in = math.prod(kernel.shape[a] for a in in_axes)
+    return moved.reshape(d_in, -1).T, (perm, moved.shape)
+
+
+def from_rows(rows: jax.Array, layout: tuple) -> jax.Array:
+    perm, moved_shape = layout
+    return jnp.transpose(rows.T.reshape(moved_shape), tuple(int(a) for a in np.argsort(perm)))

@@ -3,7 +3,7 @@
 For block i (a transformer layer) with calibration inputs X_i (the outputs of the already
 pruned blocks 0..i-1):
 
-1. one forward pass of the dense block over X_i (in chunks of ``batch_size`` examples) captures
+1. one forward pass of the dense block over X_i (in chunks of ``chunk_size`` examples) captures
    the input of every Dense/Linear/Conv layer and sums its ``XᵀX`` (nothing else is kept);
 2. every selected kernel is pruned by :func:`cobs_jax.prune_layer` from its Hessian;
 3. a second forward pass of the *pruned* block gives X_{i+1}.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -30,11 +31,30 @@ from .capture import BlockAdapter, LayerSpec, block_layers, run_block
 from .stacked import Stacked
 from .._core.keys import as_key
 from .hessian import accumulate_dtype
-from .layer import (Factors, as_rows, check_finite, check_layer_args, factor_hessian, from_rows, needs_factors,
-                     prune_checked)
+from .base import LayerPruner, LayerUpdate
+from .hessian import Factors, factor_hessian
+from .kernels import as_rows, from_rows
+from .layer import (LayerResult, check_finite, check_rel_damping, deprecated_damping, reject_unknown, solve_layer,
+                    uses_factors)
+from .registry import as_pruner, as_update, from_flat_options
 from .._core.progress import progress as show
 
 __all__ = ["prune_layerwise", "LayerwiseResult"]
+
+
+class LayerRecord(NamedTuple):
+    """One pruned layer of :func:`prune_layerwise`: its block index, name (its kernel's path in the
+    block, e.g. ``"mlp/up_proj"``), kernel shape, relative reconstruction error, sparsity, the
+    relative damping used, seconds, and the method's own ``stats`` (``CBS``: ``{"swaps": n}``)."""
+
+    block: int
+    layer: str
+    shape: tuple[int, ...]
+    error: float
+    sparsity: float
+    rel_damping: float
+    seconds: float
+    stats: dict[str, Any]
 
 
 class LayerwiseResult(NamedTuple):
@@ -43,20 +63,40 @@ class LayerwiseResult(NamedTuple):
     Attributes:
       blocks: the pruned blocks, of the kind given (new nnx modules, or linen
         ``(module, variables)`` pairs, or a :class:`cobs_jax.Stacked`); the inputs are untouched.
-      masks: ``masks[i][layer]`` is the keep-mask (True = kept) of layer ``layer`` (its path in
-        the block, e.g. ``"mlp/up_proj"``) of block ``i``.
+      masks: per block, keep-masks (True = kept) shaped like the block's parameters (nnx:
+        ``nnx.state(block, nnx.Param)``; linen: ``variables["params"]``), True on everything not
+        pruned: :func:`cobs_jax.keep_sparsity`, :func:`cobs_jax.sparsity_of`,
+        :func:`cobs_jax.save` and :func:`cobs_jax.to_sparse` take them with the block's
+        parameters. A list, or for a :class:`cobs_jax.Stacked` one tree shaped like the stack's.
+      layer_masks: the same masks by layer name, per block: ``layer_masks[i]["mlp/up_proj"]`` is
+        the kernel's keep-mask in the kernel's layout.
       outputs: the pruned model's hidden states after the last block, on the calibration inputs.
-      info: ``"layers"``: one dict per pruned layer (block, layer, shape, error = relative
-        reconstruction error, damping used, sparsity, seconds, swaps made by ``method="cbs"``); ``"timings"``: seconds spent
-        capturing (dense forward + Hessians), pruning and in the pruned forward, and in total;
-        ``"sparsity"``: the fraction of zeros in the pruned kernels the result holds;
-        ``"excluded"``: the kernel layers left dense by ``exclude``.
+      layers: one :class:`LayerRecord` per pruned layer, in order.
+      sparsity: the fraction of zeros in the pruned kernels the result holds.
+      timings: seconds spent capturing (dense forward + Hessians), pruning, in the pruned forward,
+        and in total.
+      excluded: the kernel layers left dense by ``exclude``.
+      stats: the method's own extras summed over layers (``CBS``: ``{"swaps": n}``).
     """
 
     blocks: Any
-    masks: list
+    masks: Any
+    layer_masks: list[dict[str, jax.Array]]
     outputs: jax.Array
-    info: dict
+    layers: tuple[LayerRecord, ...]
+    sparsity: float
+    timings: dict[str, float]
+    excluded: tuple[str, ...]
+    stats: dict[str, Any]
+
+    @property
+    def info(self) -> dict:
+        """Deprecated: version 0.1's dict of ``layers`` (as dicts), ``sparsity``, ``excluded``, ``timings``."""
+        warnings.warn("`LayerwiseResult.info` is deprecated: use its fields (.layers, .sparsity, .timings, "
+                      ".excluded, .stats)", DeprecationWarning, stacklevel=2)
+        layers = [dict(block=r.block, layer=r.layer, shape=r.shape, error=r.error, damping=r.rel_damping,
+                       sparsity=r.sparsity, seconds=r.seconds, swaps=r.stats.get("swaps")) for r in self.layers]
+        return dict(layers=layers, sparsity=self.sparsity, excluded=list(self.excluded), timings=dict(self.timings))
 
 
 class Excluder:
@@ -169,15 +209,15 @@ def plan_blocks(adapters: list, x: jax.Array, args, kwargs, skip: Excluder, per_
     return plans
 
 
-def _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture, reference=None, layers=None,
+def forward_chunks(adapter, params, x, args, kwargs, chunk_size, sharding, capture, reference=None, layers=None,
              ref_outputs=True):
     """Outputs over all examples (chunked), or with ``capture`` the summed Hessians of ``layers``
     (all by default; with ``reference``, the dense model's inputs: ``(XᵀX, X̃ᵀX)`` pairs and the
     dense block's outputs on ``reference`` if ``ref_outputs``; see :func:`run_block`)."""
     outs, grams, ref_outs = [], {}, []
-    for s in range(0, x.shape[0], batch_size):
-        chunk = x[s : s + batch_size]
-        ref = None if reference is None else reference[s : s + batch_size]
+    for s in range(0, x.shape[0], chunk_size):
+        chunk = x[s : s + chunk_size]
+        ref = None if reference is None else reference[s : s + chunk_size]
         if sharding is not None:
             chunk = jax.device_put(chunk, sharding)
             ref = None if ref is None else jax.device_put(ref, sharding)
@@ -206,8 +246,9 @@ def _dense_fit(w, h, cross, u):
     return w + u.T @ (u @ ((cross - h) @ w))
 
 
-def _prune_captured(kernel, gram, spec: LayerSpec, where: str, shared: list, *, asymmetric: bool, damping: float,
-                    method: str, update, **opts):
+def _prune_captured(kernel, gram, spec: LayerSpec, where: str, shared: list, *, asymmetric: bool,
+                    pruner: LayerPruner, update: Optional[LayerUpdate], rel_damping: float, sparsity,
+                    pattern: Optional[str], mesh: Optional[Mesh]) -> LayerResult:
     """Prune one captured layer: ``gram`` is its ``XᵀX`` (or ``(X̃ᵀX̃, X̃ᵀX)`` when ``asymmetric``).
     ``shared`` holds the ``(H, factors)`` of this block so far: layers reading one input (q/k/v,
     gate/up) factor their H once."""
@@ -217,18 +258,18 @@ def _prune_captured(kernel, gram, spec: LayerSpec, where: str, shared: list, *, 
         raise ValueError(f"{where}: its captured activations contain NaN or Inf")
     check_finite(kernel, f"{where}: the kernel")
     factors = None
-    if needs_factors(method, update) or asymmetric:
+    if uses_factors(pruner, update) or asymmetric:
         factors = next((f for h2, f in shared if h2.shape == h.shape and bool(jnp.array_equal(h2, h))), None)
         if factors is None:
-            factors = factor_hessian(h, damping, where)
+            factors = factor_hessian(h, rel_damping, where)
             shared.append((h, factors))
     target = kernel
     if cross is not None and factors is not None:
         rows, layout = as_rows(kernel, spec.in_axes)
         target = from_rows(_dense_fit(rows.T, h, cross, factors.u).T, layout)
-    new, mask, linfo = prune_checked(target, h, method=method, update=update, damping=damping,
-                                     in_axes=spec.in_axes, name=where, factors=factors, **opts)
-    return jax.block_until_ready(new.astype(kernel.dtype)), mask, linfo
+    result = solve_layer(target, h, pruner, update, sparsity=sparsity, pattern=pattern, rel_damping=rel_damping,
+                         in_axes=spec.in_axes, name=where, factors=factors, mesh=mesh)
+    return result._replace(kernel=result.kernel.astype(kernel.dtype))
 
 
 def prune_layerwise(
@@ -237,23 +278,19 @@ def prune_layerwise(
     *,
     sparsity: Union[None, float, Sequence[Union[float, Mapping[str, float]]]] = None,
     pattern: Optional[str] = None,
-    method: str = "sparsegpt",
-    update: Optional[str] = None,
-    damping: float = 0.01,
-    block_size: int = 128,
-    granularity: Optional[str] = None,
-    start: str = "sparsegpt",
-    window: int = 64,
-    max_swaps: int = 64,
+    method: Union[str, LayerPruner] = "sparsegpt",
+    update: Union[None, str, LayerUpdate] = None,
+    rel_damping: float = 0.01,
     asymmetric: bool = False,
     true_sequential: bool = False,
     exclude: Union[None, str, Sequence[str], Callable[[str], bool]] = None,
     args: tuple = (),
     kwargs: Optional[dict] = None,
-    batch_size: int = 8,
+    chunk_size: int = 8,
     mesh: Optional[Mesh] = None,
     progress: bool = False,
     key: Any = None,
+    **deprecated: Any,
 ) -> LayerwiseResult:
     """Prune every kernel of a stack of Flax blocks from calibration data.
 
@@ -280,14 +317,10 @@ def prune_layerwise(
         block: a float for all its layers, or ``{layer name: sparsity}`` for each of its pruned
         layers (a non-uniform budget, e.g. from :func:`cobs_jax.owl_sparsities`).
       pattern: as in :func:`cobs_jax.prune_layer`.
-      method: as in :func:`cobs_jax.prune_layer`.
-      update: as in :func:`cobs_jax.prune_layer`.
-      damping: as in :func:`cobs_jax.prune_layer`.
-      block_size: as in :func:`cobs_jax.prune_layer`.
-      granularity: as in :func:`cobs_jax.prune_layer`.
-      start: as in :func:`cobs_jax.prune_layer` (``method="cbs"``).
-      window: as in :func:`cobs_jax.prune_layer` (``method="cbs"``).
-      max_swaps: as in :func:`cobs_jax.prune_layer` (``method="cbs"``).
+      method: the layer pruner (:class:`cobs_jax.layer.SparseGPT`, ``Wanda``, ``Magnitude``,
+        ``CBS``, with its options) or its name, as in :func:`cobs_jax.prune_layer`.
+      update: as in :func:`cobs_jax.prune_layer` (``cobs_jax.layer.Exact()`` or ``"exact"``).
+      rel_damping: as in :func:`cobs_jax.prune_layer`: relative to ``mean(diag H)``.
       asymmetric: keep the *dense model's* layer outputs (asymmetric calibration, as GPTAQ, Li et
         al., ICML 2025, does for quantization): each layer minimises ``||X W̄ - X̃ W||²`` with X̃
         its inputs in the model pruned so far and X those in the dense model, instead of
@@ -315,13 +348,16 @@ def prune_layerwise(
       args: extra positional arguments of every block call (positions, RoPE tables, masks); they
         are not split into chunks.
       kwargs: extra keyword arguments of every block call.
-      batch_size: examples per forward chunk (bounds the activation memory of a pass).
+      chunk_size: examples per forward chunk (bounds the activation memory of a pass).
       mesh: optional ``jax.sharding.Mesh``: each chunk's examples are sharded over its first axis
-        (``batch_size`` must be a multiple of that axis's size) and the Hessians are summed across
+        (``chunk_size`` must be a multiple of that axis's size) and the Hessians are summed across
         devices by XLA's all-reduce; the output units of ``method="cbs"`` and ``update="exact"``
         are split over the same axis; the result equals the single-device one.
       progress: a tqdm bar over blocks (plain lines without tqdm).
       key: accepted for API uniformity; the methods are deterministic.
+      **deprecated: version 0.1's ``damping`` (now ``rel_damping``), ``batch_size`` (now
+        ``chunk_size``), ``block_size``, ``granularity``, ``start``, ``window`` and ``max_swaps``
+        (now options of the method object) still work, with a DeprecationWarning.
 
     Returns:
       A :class:`LayerwiseResult`.
@@ -334,11 +370,19 @@ def prune_layerwise(
         ``exclude`` pattern that matches nothing, a per-layer sparsity dict whose keys are not
         the block's pruned layers, or a block whose call fails (its index and error named).
     """
+    options = dict(deprecated)
+    method = from_flat_options(method, options, "prune_layerwise")
+    rel_damping = check_rel_damping(deprecated_damping(options, rel_damping, "prune_layerwise"))
+    if "batch_size" in options:
+        warnings.warn("`prune_layerwise(batch_size=...)` is deprecated: say `chunk_size=` (examples per forward "
+                      "chunk, the name both halves use)", DeprecationWarning, stacklevel=2)
+        chunk_size = options.pop("batch_size")
+    reject_unknown(options, "prune_layerwise")
+    pruner, upd = as_pruner(method), as_update(update)
     as_key(key)  # validated for uniformity; the methods are deterministic
     for flag, value in (("asymmetric", asymmetric), ("true_sequential", true_sequential)):
         if not isinstance(value, bool):
             raise ValueError(f"`{flag}` must be a bool, got {value!r}")
-    check_layer_args(method, update, damping, block_size, granularity, start, window, max_swaps)
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise ValueError(f"`kwargs` must be a dict of keyword arguments for every block call, got {kwargs!r}")
     if not isinstance(args, (tuple, list)):
@@ -349,16 +393,16 @@ def prune_layerwise(
         raise ValueError(f"`inputs` must have a leading example axis with at least one example, got {x.shape}")
     if not bool(jnp.all(jnp.isfinite(x))):
         raise ValueError("`inputs` contain NaN or Inf")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
     sharding = None
     if mesh is not None:
         if not isinstance(mesh, Mesh):
             raise ValueError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
         axis = mesh.axis_names[0]
-        if batch_size % mesh.shape[axis] or x.shape[0] % batch_size:
+        if chunk_size % mesh.shape[axis] or x.shape[0] % chunk_size:
             raise ValueError(
-                f"with `mesh`, `batch_size` ({batch_size}) must be a multiple of the mesh axis "
+                f"with `mesh`, `chunk_size` ({chunk_size}) must be a multiple of the mesh axis "
                 f"{axis!r} ({mesh.shape[axis]}) and divide the number of examples ({x.shape[0]})"
             )
         sharding = NamedSharding(mesh, PartitionSpec(axis))
@@ -375,10 +419,10 @@ def prune_layerwise(
 
     t_capture = t_forward = 0.0
     t_start = time.perf_counter()
-    new_blocks, masks, layers = [], [], []
+    new_blocks, masks, layer_masks, layers = [], [], [], []
     zeros = total = 0
     x_dense = x  # with `asymmetric`, the dense model's hidden states
-    for i, adapter in show(enumerate(adapters), progress, len(adapters), f"prune_layerwise ({method})"):
+    for i, adapter in show(enumerate(adapters), progress, len(adapters), f"prune_layerwise ({type(pruner).__name__})"):
         specs, todo = plans[i]
         by_name = {s.name: s for s in todo}
         if true_sequential:  # one capture per group of layers reading one input, after the groups before it are pruned
@@ -391,7 +435,7 @@ def prune_layerwise(
         params = adapter.params
         for j, stage in enumerate(stages):
             t0 = time.perf_counter()
-            grams = _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture=True,
+            grams = forward_chunks(adapter, params, x, args, kwargs, chunk_size, sharding, capture=True,
                              reference=x_dense if asymmetric else None, layers=stage, ref_outputs=j == 0)
             if asymmetric:
                 grams, dense_out = grams
@@ -401,30 +445,34 @@ def prune_layerwise(
             for name in (n for n in grams if n in by_name):
                 where = f"block {i}, layer {name!r}"
                 t1 = time.perf_counter()
-                new, mask, linfo = _prune_captured(
-                    adapter.kernel(name), grams[name], by_name[name], where, shared, asymmetric=asymmetric,
-                    damping=damping, sparsity=_layer_sparsity(per_block[i], name), pattern=pattern, method=method,
-                    update=update, block_size=block_size, granularity=granularity, start=start, window=window,
-                    max_swaps=max_swaps, mesh=mesh)
-                dt = time.perf_counter() - t1
-                kernels[name], block_masks[name] = new, mask
-                layers.append(dict(block=i, layer=name, shape=tuple(new.shape), error=linfo.error,
-                                   damping=linfo.damping, sparsity=linfo.sparsity, seconds=dt, swaps=linfo.swaps))
+                r = _prune_captured(adapter.kernel(name), grams[name], by_name[name], where, shared,
+                                    asymmetric=asymmetric, pruner=pruner, update=upd, rel_damping=rel_damping,
+                                    sparsity=_layer_sparsity(per_block[i], name), pattern=pattern, mesh=mesh)
+                kernels[name], block_masks[name] = r.kernel, r.mask
+                layers.append(LayerRecord(i, name, tuple(r.kernel.shape), r.error, r.sparsity, r.rel_damping,
+                                          time.perf_counter() - t1, r.stats))
             params = adapter.with_kernels(kernels)
         if asymmetric:
             x_dense = x_dense_next  # the dense model's outputs of this block
         t2 = time.perf_counter()
-        x = _forward(adapter, params, x, args, kwargs, batch_size, sharding, capture=False)
+        x = forward_chunks(adapter, params, x, args, kwargs, chunk_size, sharding, capture=False)
         t_forward += time.perf_counter() - t2
         for k in kernels.values():  # the sparsity of the kernels the result holds
             zeros += int(jnp.sum(k == 0))
             total += int(k.size)
         new_blocks.append(adapter.rebuild(params))
-        masks.append(block_masks)
+        masks.append(adapter.param_masks(block_masks))
+        layer_masks.append(block_masks)
     elapsed = time.perf_counter() - t_start
     t_prune = elapsed - t_capture - t_forward
-    excluded = sorted({s.name for specs, todo in plans for s in specs} - {s.name for _, todo in plans for s in todo})
-    info = dict(layers=layers, sparsity=zeros / total if total else 0.0, excluded=excluded,
-                timings=dict(capture=t_capture, prune=t_prune, forward=t_forward, total=elapsed))
-    out_blocks: Any = stack.restack(new_blocks) if stack is not None else new_blocks
-    return LayerwiseResult(out_blocks, masks, x, info)
+    excluded = tuple(sorted({s.name for specs, _ in plans for s in specs} - {s.name for _, todo in plans for s in todo}))
+    stats: dict[str, Any] = {}
+    for rec in layers:
+        for k, v in rec.stats.items():
+            stats[k] = stats.get(k, 0) + v
+    timings = dict(capture=t_capture, prune=t_prune, forward=t_forward, total=elapsed)
+    if stack is not None:
+        return LayerwiseResult(stack.restack(new_blocks), stack.restack_masks(masks), layer_masks, x, tuple(layers),
+                               zeros / total if total else 0.0, timings, excluded, stats)
+    return LayerwiseResult(new_blocks, masks, layer_masks, x, tuple(layers), zeros / total if total else 0.0, timings, excluded,
+                           stats)

@@ -13,6 +13,7 @@ by largest remainders.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax.numpy as jnp
@@ -20,8 +21,9 @@ import numpy as np
 
 from .._core.budget import check_sparsity
 from .capture import BlockAdapter
-from .layer import as_rows
-from .layerwise import Excluder, _forward, plan_blocks  # the driver's own passes and layer plan
+from .kernels import as_rows
+from .layer import reject_unknown
+from .layerwise import Excluder, forward_chunks, plan_blocks  # the driver's own passes and layer plan
 from .stacked import Stacked
 
 __all__ = ["owl_sparsities", "allocate_counts"]
@@ -67,7 +69,8 @@ def owl_sparsities(
     exclude: Union[None, str, Sequence[str], Callable[[str], bool]] = None,
     args: tuple = (),
     kwargs: Optional[dict] = None,
-    batch_size: int = 8,
+    chunk_size: int = 8,
+    **deprecated: Any,
 ) -> list[dict[str, float]]:
     """Per-layer sparsities by OWL's outlier rule, for :func:`cobs_jax.prune_layerwise`.
 
@@ -86,7 +89,8 @@ def owl_sparsities(
       exclude: as in :func:`cobs_jax.prune_layerwise` (those layers get no entry).
       args: as in :func:`cobs_jax.prune_layerwise`.
       kwargs: as in :func:`cobs_jax.prune_layerwise`.
-      batch_size: as in :func:`cobs_jax.prune_layerwise`.
+      chunk_size: as in :func:`cobs_jax.prune_layerwise`.
+      **deprecated: version 0.1's ``batch_size`` (now ``chunk_size``), with a DeprecationWarning.
 
     Returns:
       One ``{layer name: sparsity}`` dict per block, to pass as ``prune_layerwise(...,
@@ -95,6 +99,11 @@ def owl_sparsities(
     Raises:
       ValueError: for a bad argument.
     """
+    if "batch_size" in deprecated:
+        warnings.warn("`owl_sparsities(batch_size=...)` is deprecated: say `chunk_size=`", DeprecationWarning,
+                      stacklevel=2)
+        chunk_size = deprecated.pop("batch_size")
+    reject_unknown(deprecated, "owl_sparsities")
     s = check_sparsity(sparsity)
     if not outlier_threshold > 0:
         raise ValueError(f"`outlier_threshold` must be positive, got {outlier_threshold!r}")
@@ -102,8 +111,8 @@ def owl_sparsities(
         raise ValueError(f"`spread` must be in [0, 1), got {spread!r}")
     if granularity not in ("layer", "unit"):
         raise ValueError(f"`granularity` must be 'layer' or 'unit', got {granularity!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise ValueError(f"`kwargs` must be a dict of keyword arguments for every block call, got {kwargs!r}")
     kwargs = dict(kwargs or {})
@@ -122,7 +131,7 @@ def owl_sparsities(
     names, sizes, granules, ratios, owner = [], [], [], [], []
     for b, adapter in enumerate(adapters):
         todo = plans[b][1]
-        grams = _forward(adapter, adapter.params, x, args, kwargs, batch_size, None, capture=True,
+        grams = forward_chunks(adapter, adapter.params, x, args, kwargs, chunk_size, None, capture=True,
                          layers=frozenset(s.name for s in todo))
         scores = []
         for spec in todo:
@@ -140,7 +149,7 @@ def owl_sparsities(
             ratios.append(float(jnp.mean(allv > outlier_threshold * jnp.mean(allv))))
         else:
             ratios.append(0.0)
-        x = _forward(adapter, adapter.params, x, args, kwargs, batch_size, None, capture=False)
+        x = forward_chunks(adapter, adapter.params, x, args, kwargs, chunk_size, None, capture=False)
     r = np.asarray(ratios)
     span = r.max() - r.min()
     shift = (r - r.min()) / span * 2 * spread if span > 0 else np.zeros_like(r)

@@ -25,16 +25,18 @@ one weight per slab), so the layer (or each row) prunes exactly ``round(s * size
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
-from typing import Optional
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .base import LayerProblem, LayerPruner, LayerSelection, check_granularity, positive_int
 from .masks import nm_prune, prune_smallest, prune_smallest_rows, span_counts
 
-__all__ = ["sparsegpt", "sparsegpt_counts"]
+__all__ = ["sparsegpt", "sparsegpt_counts", "SparseGPT"]
 
 _SUB = 32  # columns per sub-block of the per-column loop
 
@@ -147,3 +149,43 @@ def sparsegpt(
 
     w, keep = jax.lax.fori_loop(0, nb, block, (w, jnp.ones(w.shape, bool)))
     return w[:, :d], keep[:, :d]
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseGPT(LayerPruner):
+    """SparseGPT (Frantar & Alistarh, ICML 2023): masks chosen block by block from the partly
+    updated weights, OBS updates through the Cholesky factor of the damped ``H⁻¹``.
+
+    Args:
+      block_size: the column block of the mask choice and of the lazy update (the paper's
+        ``blocksize``, 128). With an N:M pattern it must be a multiple of M.
+      granularity: where the unstructured count is exact: ``"layer"`` (each block's share of
+        ``round(s * size)`` over its rows x block slab, as published) or ``"unit"`` (per row).
+
+    References: Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned
+    in One-Shot", ICML 2023 (``IST-DASLab/sparsegpt``).
+    """
+
+    block_size: int = 128
+    granularity: str = "layer"
+    uses_factors: ClassVar[bool] = True
+
+    def __post_init__(self):
+        positive_int(self.block_size, "SparseGPT(block_size=...)")
+        check_granularity(self.granularity, "SparseGPT")
+
+    def check(self, d_in: int, nm: Optional[tuple[int, int]], name: str) -> None:
+        if nm is not None and self.block_size % nm[1]:
+            raise ValueError(f"{name}: `SparseGPT(block_size={self.block_size})` must be a multiple of M={nm[1]} "
+                             f"for the pattern {nm[0]}:{nm[1]}")
+
+    def prune(self, problem: LayerProblem) -> LayerSelection:
+        assert problem.factors is not None  # uses_factors
+        rows, d = problem.w.shape
+        counts = None
+        if problem.nm is None:
+            assert problem.sparsity is not None
+            counts = jnp.asarray(sparsegpt_counts(problem.sparsity, rows, d, self.block_size, self.granularity))
+        w, keep = sparsegpt(problem.w, problem.factors.u, counts, block_size=self.block_size, nm=problem.nm,
+                            granularity=self.granularity)
+        return LayerSelection(w, keep, {})

@@ -80,3 +80,12 @@ class Stacked:
         if nnx_kind:
             return Stacked(nnx.merge(self._graphdef, stacked), self.axis)
         return Stacked((self.layers[0], stacked), self.axis)
+
+    def restack_masks(self, masks: list) -> Any:
+        """L per-layer keep-mask trees (as :func:`cobs_jax.prune_layerwise` gives them) stacked into
+        one shaped like the stack's parameters (nnx: ``nnx.state(layers, nnx.Param)``; linen: the
+        stacked ``variables["params"]``)."""
+        if len(masks) != self.length:
+            raise ValueError(f"`restack_masks` needs {self.length} mask trees, got {len(masks)}")
+        ref = self._state.filter(nnx.Param) if isinstance(self.layers, nnx.Module) else self._state["params"]
+        return jax.tree.map(lambda r, *ms: jnp.stack(ms, axis=self.axis) if self._stacked(r) else ms[0], ref, *masks)
