@@ -60,7 +60,7 @@ def main(argv=None):
     blocks = layout.blocks("model")
 
     t_grads, grads = median_time(
-        lambda: cobs_jax.per_example_grads(loss_fn, params, fisher_batch, layout), args.repeats
+        lambda: cobs_jax.per_example_grads(params, loss_fn, fisher_batch, layout), args.repeats
     )
 
     # everything is an argument of the jitted functions (closed-over arrays would be constant-folded)

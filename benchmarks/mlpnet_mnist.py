@@ -98,7 +98,7 @@ def sweep(args, ds, params):
                  "loss": {"x": x_tr[loss_idx], "y": y_tr[loss_idx]}}
         fisher_batch = {"x": batch["x"], "y": batch["y"]}
         t0 = time.perf_counter()
-        grads = jax.block_until_ready(cobs_jax.per_example_grads(loss_fn, params, fisher_batch, layout))
+        grads = jax.block_until_ready(cobs_jax.per_example_grads(params, loss_fn, fisher_batch, layout))
         t_grads = time.perf_counter() - t0
         key = jax.random.key(seed)
         if not warmed:  # compile every stage once so that timings exclude compilation
@@ -161,7 +161,7 @@ def multistage(args, ds, params, name):
     x_tr, y_tr = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     n_loss = min(len(x_tr), args.ms_loss_examples)
     layout = cobs_jax.make_layout(params)
-    grads = lambda p, b: cobs_jax.per_example_grads(loss_fn, p, b, layout)  # noqa: E731
+    grads = lambda p, b: cobs_jax.per_example_grads(p, loss_fn, b, layout)  # noqa: E731
     loss = jax.jit(loss_fn)
 
     def time_floor(batch, loss_batch):  # 16 gradient passes + 16 loss evaluations, plain jitted JAX

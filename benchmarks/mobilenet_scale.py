@@ -110,7 +110,7 @@ def main(argv=None):
     record("setup (init, synthetic data)", 0.0)
     t0 = time.perf_counter()
     grads = jax.block_until_ready(cobs_jax.per_example_grads(
-        loss_fn, variables, batch, layout, mini_batch=args.mini_batch, chunk_size=args.grad_chunk,
+        variables, loss_fn, batch, layout, mini_batch=args.mini_batch, chunk_size=args.grad_chunk,
         progress=True))
     record(f"gradients (N x D, {args.grad_chunk} row(s) per vmap)", time.perf_counter() - t0)
 

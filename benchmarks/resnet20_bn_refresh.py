@@ -71,7 +71,7 @@ def main(argv=None):
         refresh = jax.jit(batchnorm_refresh(calib))
         if seed == 0:
             dense_refreshed = evaluate(refresh(variables), x_te, y_te)
-        grads = cobs_jax.per_example_grads(loss_fn, variables, batch, layout, chunk_size=args.chunk_size)
+        grads = cobs_jax.per_example_grads(variables, loss_fn, batch, layout, chunk_size=args.chunk_size)
         for s in args.sparsities:
             for name, update in METHODS.items():
                 res = cobs_jax.prune(variables, loss_fn, batch, sparsity=s, method="magnitude", update=update,

@@ -122,7 +122,7 @@ def main(argv=None):
         batch = {**fisher_batch, "loss": fisher_batch}
         t0 = time.perf_counter()
         grads = jax.block_until_ready(cobs_jax.per_example_grads(
-            loss_fn, variables, fisher_batch, layout, chunk_size=args.chunk_size, progress=True))
+            variables, loss_fn, fisher_batch, layout, chunk_size=args.chunk_size, progress=True))
         t_grads = time.perf_counter() - t0
         state["grads"][str(seed)] = {"seconds": t_grads, "rows_per_s": args.fisher_n / t_grads}
         print(f"seed {seed}: {args.fisher_n} per-example gradients of {layout.size} weights in {t_grads:.1f}s "
@@ -214,7 +214,7 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
         # +BN: other training images than the Fisher sample, labels unused; one jitted function
         # object per seed, so the runs of a seed share the compiled schedule
         refresh = batchnorm_refresh(x_tr[np.random.default_rng(1000 + seed).choice(len(x_tr), args.bn_images, replace=False)])
-        grads = lambda: cobs_jax.per_example_grads(loss_fn, variables, batch, layout,  # noqa: E731
+        grads = lambda: cobs_jax.per_example_grads(variables, loss_fn, batch, layout,  # noqa: E731
                                                    chunk_size=args.chunk_size)
         loss = jax.jit(loss_fn)
 

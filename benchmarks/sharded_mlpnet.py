@@ -61,7 +61,7 @@ def main(argv=None):
     for p_dev in args.devices:
         mesh = Mesh(np.array(jax.devices()[:p_dev]), ("rows",))
         t0 = time.perf_counter()
-        grads = jax.block_until_ready(cobs_jax.per_example_grads(loss_fn, params, batch, layout, mesh=mesh))
+        grads = jax.block_until_ready(cobs_jax.per_example_grads(params, loss_fn, batch, layout, mesh=mesh))
         t_grads = time.perf_counter() - t0
         shard_mib = grads.addressable_shards[0].data.nbytes / 2**20
         print(f"{p_dev} device(s): G {grads.shape} sharded {grads.sharding.spec}, {shard_mib:.1f} MiB per "

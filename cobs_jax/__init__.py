@@ -25,7 +25,10 @@ from ._export import to_sparse as to_sparse
 from ._export import unpack_nm as unpack_nm
 from ._fisher.fisher import Fisher as Fisher
 from ._fisher.fisher import per_example_grads as per_example_grads
+from ._fisher.gradual import LossCheck as LossCheck
+from ._fisher.gradual import StagedResult as StagedResult
 from ._fisher.gradual import prune_gradual as prune_gradual
+from ._fisher.gradual import prune_multistage as prune_multistage
 from ._fisher.gradual import sparsity_schedule as sparsity_schedule
 from ._layer.hessian import layer_hessian as layer_hessian
 from ._fisher.iht import IHT as IHT
@@ -53,11 +56,11 @@ from ._fisher.prune import apply_update as apply_update
 from ._fisher.prune import make_selector as make_selector
 from ._fisher.prune import prune as prune
 from ._fisher.prune import prune_sweep as prune_sweep
-from ._fisher.selectors import Magnitude as Magnitude
+from ._fisher.magnitude import Magnitude as Magnitude
 from ._layer.stacked import Stacked as Stacked
-from ._fisher.selectors import Problem as Problem
-from ._fisher.selectors import WoodFisher as WoodFisher
-from ._fisher.selectors import smallest_k as smallest_k
+from ._fisher.problem import Problem as Problem
+from ._fisher.woodfisher import WoodFisher as WoodFisher
+from ._core.topk import smallest_k as smallest_k
 from ._fisher.update import cbs_update as cbs_update
 from ._fisher.update import obs_update as obs_update
 
@@ -70,6 +73,7 @@ __all__ = [
     "IHT",
     "KeepSparsityState",
     "LayerInfo",
+    "LossCheck",
     "LayerRecord",
     "LayerResult",
     "LayerwiseResult",
@@ -79,6 +83,7 @@ __all__ = [
     "NMPacked",
     "Problem",
     "Stacked",
+    "StagedResult",
     "PruneResult",
     "WoodFisher",
     "apply_masks",
@@ -99,6 +104,7 @@ __all__ = [
     "prune_gradual",
     "prune_layer",
     "prune_layerwise",
+    "prune_multistage",
     "owl_sparsities",
     "prune_sweep",
     "reconstruction_error",

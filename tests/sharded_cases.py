@@ -61,12 +61,12 @@ def test_same_masks_and_updates_on_1_and_8_devices(setup, method, update, blocks
 def test_grads_are_sharded_by_rows(setup):
     params, loss_fn, batch = setup
     layout = cobs_jax.make_layout(params)
-    g = cobs_jax.per_example_grads(loss_fn, params, batch, layout, mesh=mesh(8), chunk_size=4)
+    g = cobs_jax.per_example_grads(params, loss_fn, batch, layout, mesh=mesh(8), chunk_size=4)
     assert g.sharding.spec == jax.sharding.PartitionSpec("rows")
     shards = sorted(g.addressable_shards, key=lambda s: s.index[0].start)
     assert len(shards) == 8 and all(s.data.shape == (N // 8, layout.size) for s in shards)
     assert len({s.device for s in shards}) == 8
-    np.testing.assert_allclose(g, cobs_jax.per_example_grads(loss_fn, params, batch, layout), rtol=1e-12)
+    np.testing.assert_allclose(g, cobs_jax.per_example_grads(params, loss_fn, batch, layout), rtol=1e-12)
 
 
 @pytest.mark.parametrize("method,update", [("woodfisher", "obs"), ("cbs", "cbs"), ("iht", "cbs")])
@@ -75,7 +75,7 @@ def test_no_device_gathers_g(setup, method, update):
     params, loss_fn, batch = setup
     layout = cobs_jax.make_layout(params)
     m = mesh(8)
-    g = cobs_jax.per_example_grads(loss_fn, params, batch, layout, mesh=m)
+    g = cobs_jax.per_example_grads(params, loss_fn, batch, layout, mesh=m)
     sel, blocks = cobs_jax.make_selector(method), layout.blocks("layer")
     widths = {e - s for s, e in blocks} | {layout.size}
     args = (params, g, jnp.asarray(1e-2), batch)
@@ -107,8 +107,8 @@ def test_apply_update_and_gradual_on_mesh(setup):
     params, loss_fn, batch = setup
     layout = cobs_jax.make_layout(params)
     masks = cobs_jax.prune(params, sparsity=0.7).masks
-    g1 = cobs_jax.per_example_grads(loss_fn, params, batch, layout)
-    g8 = cobs_jax.per_example_grads(loss_fn, params, batch, layout, mesh=mesh(8))
+    g1 = cobs_jax.per_example_grads(params, loss_fn, batch, layout)
+    g8 = cobs_jax.per_example_grads(params, loss_fn, batch, layout, mesh=mesh(8))
     for update in ("cbs", "obs"):
         a = cobs_jax.apply_update(params, masks, g1, update=update, damping=1e-2)
         b = cobs_jax.apply_update(params, masks, g8, update=update, damping=1e-2, mesh=mesh(8))

@@ -130,7 +130,7 @@ def test_nm_pattern_every_method(method, pattern):
 
 def test_nm_woodfisher_chooses_by_obs_saliency_and_update_is_exact():
     params, loss_fn, batch, layout = _setup()
-    grads = cobs_jax.per_example_grads(loss_fn, params, batch, layout)
+    grads = cobs_jax.per_example_grads(params, loss_fn, batch, layout)
     res = _prune(params, loss_fn, batch, pattern="2:4", method="woodfisher", update="cbs", grads=grads)
     fisher = cobs_jax.Fisher(grads, jnp.asarray(1e-2), ((0, layout.size),))
     f = dense_f(fisher)

@@ -74,7 +74,7 @@ def test_every_method_on_a_conv_bn_variables_dict(method, update):
 def test_layer_blocks_equal_dense_per_layer_computation():
     _, variables, loss_fn, batch = conv_setup()
     layout = cobs_jax.make_layout(variables)
-    grads = cobs_jax.per_example_grads(loss_fn, variables, batch, layout)
+    grads = cobs_jax.per_example_grads(variables, loss_fn, batch, layout)
     lam = 1e-2
     fisher = cobs_jax.Fisher(grads, jnp.asarray(lam), layout.blocks("layer"))
     f = dense_f(fisher)  # block-diagonal per layer, from the dense G

@@ -37,7 +37,7 @@ def test_dense_refuses_large():
 def test_grads_rows_are_per_example_and_mean_is_full_gradient():
     params, loss_fn, batch = linen_setup(n=32)
     layout = cobs_jax.make_layout(params)
-    g = cobs_jax.per_example_grads(loss_fn, params, batch, layout)
+    g = cobs_jax.per_example_grads(params, loss_fn, batch, layout)
     assert g.shape == (32, layout.size)
     full = layout.ravel(jax.grad(loss_fn)(params, batch))
     np.testing.assert_allclose(g.mean(0), full, rtol=1e-5, atol=1e-7)
@@ -48,10 +48,10 @@ def test_grads_rows_are_per_example_and_mean_is_full_gradient():
 def test_chunked_equals_unchunked_and_mini_batch_averages():
     params, loss_fn, batch = linen_setup(n=30, dtype=jnp.float64)
     layout = cobs_jax.make_layout(params)
-    g_all = cobs_jax.per_example_grads(loss_fn, params, batch, layout, chunk_size=1000)
-    g_chunk = cobs_jax.per_example_grads(loss_fn, params, batch, layout, chunk_size=7)
+    g_all = cobs_jax.per_example_grads(params, loss_fn, batch, layout, chunk_size=1000)
+    g_chunk = cobs_jax.per_example_grads(params, loss_fn, batch, layout, chunk_size=7)
     np.testing.assert_allclose(g_chunk, g_all, rtol=1e-12, atol=1e-14)
-    g_mb = cobs_jax.per_example_grads(loss_fn, params, batch, layout, mini_batch=3, chunk_size=4)
+    g_mb = cobs_jax.per_example_grads(params, loss_fn, batch, layout, mini_batch=3, chunk_size=4)
     assert g_mb.shape == (10, layout.size)
     np.testing.assert_allclose(g_mb, g_all.reshape(10, 3, -1).mean(1), rtol=1e-10, atol=1e-12)
 
@@ -60,17 +60,17 @@ def test_grads_bad_batch_and_nonfinite():
     params, loss_fn, batch = linen_setup(n=8)
     layout = cobs_jax.make_layout(params)
     with pytest.raises(ValueError, match="leading axis"):
-        cobs_jax.per_example_grads(loss_fn, params, {"x": batch["x"], "y": batch["y"][:5]}, layout)
+        cobs_jax.per_example_grads(params, loss_fn, {"x": batch["x"], "y": batch["y"][:5]}, layout)
     with pytest.raises(ValueError, match="mini_batch"):
-        cobs_jax.per_example_grads(loss_fn, params, batch, layout, mini_batch=3)
+        cobs_jax.per_example_grads(params, loss_fn, batch, layout, mini_batch=3)
     with pytest.raises(ValueError, match="chunk_size"):
-        cobs_jax.per_example_grads(loss_fn, params, batch, layout, chunk_size=0)
+        cobs_jax.per_example_grads(params, loss_fn, batch, layout, chunk_size=0)
 
     def bad_loss(p, b):  # d/dk sqrt(k) is NaN for negative k: only Dense_0 gets NaN gradients
         return loss_fn(p, b) + 0.0 * jnp.sum(jnp.sqrt(p["params"]["Dense_0"]["kernel"]))
 
     with pytest.raises(ValueError, match=r"NaN or Inf in layer\(s\) \[\"\['params'\]\['Dense_0'\]\['kernel'\]\"\]$"):
-        cobs_jax.per_example_grads(bad_loss, params, batch, layout)
+        cobs_jax.per_example_grads(params, bad_loss, batch, layout)
 
 
 @pytest.mark.parametrize("width", [1, 7, 8, 20, 64])

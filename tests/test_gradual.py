@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import cobs_jax
-from cobs_jax._fisher.selectors import smallest_k
+from cobs_jax import smallest_k
 from helpers import linen_setup
 
 

@@ -91,7 +91,7 @@ def test_cbs_update_is_best_quadratic_for_the_mask():
 def test_precomputed_grads_and_zero_sparsity():
     params, loss_fn, batch = linen_setup(n=16)
     layout = cobs_jax.make_layout(params)
-    g = cobs_jax.per_example_grads(loss_fn, params, batch, layout)
+    g = cobs_jax.per_example_grads(params, loss_fn, batch, layout)
     a = cobs_jax.prune(params, loss_fn, batch, sparsity=0.3, method="woodfisher", grads=g)
     b = cobs_jax.prune(params, loss_fn, batch, sparsity=0.3, method="woodfisher")
     np.testing.assert_array_equal(layout.from_masks(a.masks), layout.from_masks(b.masks))

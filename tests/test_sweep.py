@@ -18,7 +18,7 @@ CASES = [
 def test_sweep_equals_loop_of_single_calls(method, update):
     params, loss_fn, batch = linen_setup(n=40, dtype=jnp.float64, hidden=8)
     levels, keys = [0.3, 0.6, 0.85], [jax.random.key(3), jax.random.key(7)]
-    grads = cobs_jax.per_example_grads(loss_fn, params, batch, cobs_jax.make_layout(params))
+    grads = cobs_jax.per_example_grads(params, loss_fn, batch, cobs_jax.make_layout(params))
     kw = dict(method=method, update=update, damping=1e-2, blocks="layer", grads=grads)
     sweep = cobs_jax.prune_sweep(params, loss_fn, batch, sparsities=levels, keys=keys, **kw)
     assert len(sweep) == len(levels) * len(keys)

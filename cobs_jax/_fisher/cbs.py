@@ -29,7 +29,8 @@ from jax.typing import ArrayLike
 
 from .fisher import Fisher
 from .iht import update_aware_objective
-from .selectors import Problem, _rank_in_group, smallest_k
+from .._core.topk import rank_in_group, smallest_k
+from .problem import Problem
 from .update import cbs_update
 
 __all__ = ["CBS", "alpha_beta", "rmp_mask"]
@@ -389,7 +390,7 @@ class CBS:
 
         def full_orders():  # (pi, rank of each pruned weight in its group, theta)
             pi = jnp.argsort(pi_key, stable=True)
-            rank = _rank_in_group(jnp.where(pruned, -alpha, jnp.inf), groups, k.shape[0])
+            rank = rank_in_group(jnp.where(pruned, -alpha, jnp.inf), groups, k.shape[0])
             theta = jnp.argsort(theta_key, stable=True) if groups is None else jnp.lexsort((theta_key, groups))
             return pi, rank, theta
 

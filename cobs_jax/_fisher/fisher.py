@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable, Optional
 
 import jax
@@ -23,13 +24,14 @@ import numpy as np
 from jax.scipy.linalg import cho_factor, cho_solve
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .._core.layout import Layout, PyTree
+from .._core.layout import Layout, PyTree, make_layout
+from .._core.mesh import check_rows_divisible, place, row_axis
 from .._core.progress import progress as show
 
-__all__ = ["Fisher", "per_example_grads", "check_finite_grads", "place", "row_axis"]
+__all__ = ["Fisher", "per_example_grads", "check_finite_grads"]
 
 
-def _batch_size(batch: PyTree, name: str = "batch") -> int:
+def batch_size_of(batch: PyTree, name: str = "batch") -> int:
     leaves = jax.tree_util.tree_leaves(batch)
     if not leaves:
         raise ValueError(f"`{name}` is empty: it must hold at least one array")
@@ -43,7 +45,7 @@ def _batch_size(batch: PyTree, name: str = "batch") -> int:
     return sizes.pop()
 
 
-def _grad_rows(loss_fn, layout, params, batch, start, mini_batch, chunk_size):
+def grad_rows(loss_fn, layout, params, batch, start, mini_batch, chunk_size):
     """Rows ``start .. start + chunk_size`` of G: ``vmap(grad)`` over that many mini-batches."""
     w = layout.ravel(params)
     rows = jax.tree_util.tree_map(
@@ -63,7 +65,7 @@ def _fill_rows(g, params, batch, start, loss_fn, layout, mini_batch, chunk_size,
     """Write rows ``start .. start + chunk_size`` of G (of every shard's rows, with a mesh) in place."""
 
     def local(g, params, batch, start):
-        rows = _grad_rows(loss_fn, layout, params, batch, start, mini_batch, chunk_size)
+        rows = grad_rows(loss_fn, layout, params, batch, start, mini_batch, chunk_size)
         return jax.lax.dynamic_update_slice_in_dim(g, rows.astype(g.dtype), start, axis=0)
 
     if mesh is None:
@@ -72,44 +74,6 @@ def _fill_rows(g, params, batch, start, loss_fn, layout, mini_batch, chunk_size,
     return jax.shard_map(
         local, mesh=mesh, in_specs=(P(ax), P(), P(ax), P()), out_specs=P(ax), check_vma=False
     )(g, params, batch, start)
-
-
-def row_axis(mesh: Mesh) -> str:
-    """The mesh axis that shards the rows of G: the mesh's first axis."""
-    return mesh.axis_names[0]
-
-
-def place(tree: PyTree, mesh: Optional[Mesh], spec: P = P()) -> PyTree:
-    """Put every array of ``tree`` on ``mesh`` with partition ``spec`` (no-op without a mesh).
-
-    On several hosts every process passes the same full arrays and contributes the shards of its
-    own devices (``jax.make_array_from_callback``); arrays already placed so are kept.
-    """
-    if mesh is None:
-        return tree
-    sharding = NamedSharding(mesh, spec)
-
-    def put(x):
-        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
-            return x
-        if jax.process_count() == 1:
-            return jax.device_put(x, sharding)
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-    return jax.tree.map(put, tree)
-
-
-def check_rows_divisible(num_rows: int, mesh: Optional[Mesh]) -> None:
-    """Raise ``ValueError`` unless the N rows of G split evenly over the mesh's row axis."""
-    if mesh is not None and num_rows % mesh.shape[row_axis(mesh)]:
-        p = mesh.shape[row_axis(mesh)]
-        raise ValueError(
-            f"with `mesh`, the number of gradient rows N={num_rows} must be a multiple of the {p} "
-            f"devices on mesh axis {row_axis(mesh)!r} (e.g. N={num_rows - num_rows % p or p})"
-        )
 
 
 def check_scalar_loss(loss_fn, params: PyTree, batch: PyTree, mini_batch: int) -> None:
@@ -127,7 +91,7 @@ def check_grad_batch(batch: PyTree, mini_batch: int, chunk_size: int, mesh: Opti
         raise ValueError(f"`mini_batch` must be >= 1, got {mini_batch}")
     if int(chunk_size) < 1:
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
-    size = _batch_size(batch)
+    size = batch_size_of(batch)
     if size < mini_batch or size % mini_batch:
         raise ValueError(
             f"`batch` has {size} examples, which is not a positive multiple of "
@@ -193,10 +157,10 @@ def check_finite_grads(grads: jax.Array, layout: Layout) -> None:
 
 
 def per_example_grads(
-    loss_fn: Callable[[PyTree, PyTree], jax.Array],
     params: PyTree,
+    loss_fn: Callable[[PyTree, PyTree], jax.Array],
     batch: PyTree,
-    layout: Layout,
+    layout: Optional[Layout] = None,
     *,
     mini_batch: int = 1,
     chunk_size: int = 256,
@@ -210,11 +174,15 @@ def per_example_grads(
     are computed by a compiled ``jax.vmap(jax.grad(...))`` over chunks of ``chunk_size`` rows,
     written in place into G, so peak memory is one chunk of gradients plus G itself.
 
+    The arguments come in :func:`cobs_jax.prune`'s order, ``(params, loss_fn, batch)``; version
+    0.1's ``(loss_fn, params, ...)`` is still accepted, with a DeprecationWarning.
+
     Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over the batch's leading axis.
       params: parameter pytree (same structure as the layout was built from).
+      loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over the batch's leading axis.
       batch: pytree of arrays sharing a leading axis of size ``N * mini_batch``.
-      layout: from :func:`cobs_jax.make_layout`.
+      layout: from :func:`cobs_jax.make_layout` (default: ``make_layout(params)``, every
+        floating leaf with ``ndim >= 2``).
       mini_batch: examples averaged per gradient row.
       chunk_size: rows computed at once per device (bounds the memory of the vmap).
       mesh: optional ``jax.sharding.Mesh``: the rows are computed data-parallel over its first
@@ -230,6 +198,12 @@ def per_example_grads(
         ``mini_batch``, bad ``mini_batch``/``chunk_size``, a loss that is not a scalar, or
         non-finite gradients (naming layers).
     """
+    if callable(params) and not callable(loss_fn):
+        warnings.warn("`per_example_grads(loss_fn, params, ...)` is deprecated: pass `(params, loss_fn, batch)`, "
+                      "the order of `cobs_jax.prune`", DeprecationWarning, stacklevel=2)
+        params, loss_fn = loss_fn, params
+    if layout is None:
+        layout = make_layout(params)
     size = check_grad_batch(batch, mini_batch, chunk_size, mesh)
     check_scalar_loss(loss_fn, params, batch, mini_batch)
     grads = _grads(

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from .fisher import Fisher
-from .selectors import Problem, smallest_k
+from .._core.topk import smallest_k
+from .problem import Problem
 from .update import cbs_update
 
 __all__ = ["IHT", "update_aware_objective", "fisher_max_eigenvalue"]

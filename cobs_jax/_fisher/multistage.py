@@ -44,10 +44,12 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from .._core.budget import BudgetSpec, make_budget
 from .cbs import CBS
-from .fisher import _batch_size, _grad_rows, check_grad_batch, place, row_axis
+from .._core.mesh import on_mesh, place, row_axis
+from .fisher import batch_size_of, check_grad_batch, grad_rows
 from .._core.layout import Layout, PyTree
-from .prune import _NO_FISHER, UPDATES, _fisher, _on_mesh
-from .selectors import Magnitude, Problem
+from .prune import NO_FISHER, UPDATES, make_fisher
+from .magnitude import Magnitude
+from .problem import Problem
 
 __all__ = ["StagePlan", "stage_plan", "run_stages"]
 
@@ -107,7 +109,7 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
     def body(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack, max_halvings):
         num_planned, ng = counts.shape
         d, dtype = layout.size, layout.dtype
-        n_local = _batch_size(batch) // mini_batch
+        n_local = batch_size_of(batch) // mini_batch
         c = min(chunk_size, n_local)
         starts = [min(s, n_local - c) for s in range(0, n_local, c)]
 
@@ -129,7 +131,7 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
 
             def fill(i, g):
                 s = jnp.asarray(starts, jnp.int32)[i]
-                rows = _grad_rows(loss_fn, layout, p, batch, s, mini_batch, c).astype(dtype)
+                rows = grad_rows(loss_fn, layout, p, batch, s, mini_batch, c).astype(dtype)
                 return jax.lax.dynamic_update_slice_in_dim(g, rows, s, axis=0)
 
             return jax.lax.fori_loop(0, len(starts), fill, jnp.zeros((n_local, d), dtype))
@@ -167,7 +169,7 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             if needs_fisher:
                 g = grads_at(w, p)
                 bad = jnp.sum(~jnp.isfinite(g))
-                fisher = _fisher(g, damping, blocks, mesh)
+                fisher = make_fisher(g, damping, blocks, mesh)
                 finite = fisher.sum_rows(bad) == 0
             else:
                 fisher, finite = None, jnp.bool_(True)
@@ -221,7 +223,7 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
         )
         return layout.unravel(w, full(p)), pruned, e, hist, finite, loss0
 
-    return _on_mesh(body, mesh)(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack,
+    return on_mesh(body, mesh)(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack,
                                 max_halvings)
 
 
@@ -254,11 +256,11 @@ def run_stages(
 ) -> tuple[PyTree, jax.Array, dict]:
     """Run the whole schedule compiled; returns (params, pruned (D,) bool, info)."""
     check_grad_batch(batch, mini_batch, chunk_size, mesh)
-    _batch_size(loss_batch, "loss_batch")
+    batch_size_of(loss_batch, "loss_batch")
     warm = selector
     if warm_start and isinstance(selector, CBS) and selector.num_trials > 1:
         warm = dataclasses.replace(selector, num_trials=1)  # trial 0: the previous mask + magnitude
-    needs_fisher = update is not None or not isinstance(selector, _NO_FISHER)
+    needs_fisher = update is not None or not isinstance(selector, NO_FISHER)
     dtype = layout.dtype
     t0 = time.perf_counter()
     new_params, pruned, e, hist, finite, loss0 = jax.block_until_ready(_compiled(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -31,11 +32,15 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from .._core.budget import BudgetSpec, make_budget
 from .cbs import CBS
-from .fisher import Fisher, check_finite_grads, check_rows_divisible, per_example_grads, place, row_axis
+from .._core.mesh import check_rows_divisible, on_mesh, place, row_axis
+from .fisher import Fisher, check_finite_grads, per_example_grads
 from .iht import IHT
+from .._core.deprecation import reject_unknown, take_renamed
 from .._core.keys import as_key
 from .._core.layout import BlockSpec, Prunable, PyTree, make_layout
-from .selectors import Magnitude, Problem, WoodFisher
+from .magnitude import Magnitude
+from .problem import Problem
+from .woodfisher import WoodFisher
 from .update import cbs_update, obs_update
 
 __all__ = ["prune", "prune_sweep", "apply_update", "PruneResult", "make_selector", "METHODS", "UPDATES"]
@@ -48,26 +53,52 @@ METHODS = {
 }
 AUTO_SCALES = tuple(i / 10 for i in range(11))
 UPDATES = {None: None, "obs": obs_update, "cbs": cbs_update}
-_NO_FISHER = (Magnitude,)
+NO_FISHER = (Magnitude,)
 
 
 class PruneResult(NamedTuple):
-    """Result of :func:`prune`.
+    """Result of :func:`prune` (and of each level of :func:`prune_sweep`).
 
     Attributes:
       params: the pruned (and possibly updated) params: same structure and dtypes as the input,
         pruned weights exactly zero.
       masks: bool pytree with the params' structure; True = kept (non-prunable leaves all True).
-      info: dict with ``sparsity``, ``layer_sparsity``, ``num_pruned``, ``num_prunable``,
-        ``objective`` (the CBS selection objective ``w_P^T F_PP w_P``), ``quadratic_loss``
-        (``1/2 dw^T F_lambda dw`` of the applied change), ``loss`` (true loss of the pruned net on
-        the loss batch, when one is available), ``timings`` (seconds per phase) and the
-        selector's own statistics.
+      sparsity: the fraction of prunable weights pruned.
+      layer_sparsity: ``{leaf path: fraction pruned}`` per prunable leaf.
+      num_pruned: how many prunable weights were pruned.
+      num_prunable: how many weights were prunable (D).
+      loss: the true loss of the pruned net on the loss batch, when one was available, else None.
+      timings: seconds per phase (``grads``, ``select``, ``update``).
+      stats: what else the run measured: ``method``, ``update``, ``objective`` (the CBS selection
+        objective ``w_P^T F_PP w_P``), ``quadratic_loss`` (``1/2 dw^T F_lambda dw`` of the applied
+        change), the options that shaped it (``fisher_blocks``, ``budget``, ``pattern``) and the
+        selector's own statistics (e.g. CBS's ``ls_swaps``, IHT's ``iht_iterations``).
     """
 
     params: PyTree
     masks: PyTree
-    info: dict
+    sparsity: float
+    layer_sparsity: dict[str, float]
+    num_pruned: int
+    num_prunable: int
+    loss: Optional[float]
+    timings: dict[str, float]
+    stats: dict[str, Any]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Deprecated: version 0.1's single dict (the typed fields and ``stats`` merged)."""
+        warnings.warn("`PruneResult.info` is deprecated: use its fields (.sparsity, .layer_sparsity, .num_pruned, "
+                      ".num_prunable, .loss, .timings) and .stats", DeprecationWarning, stacklevel=2)
+        return info_dict(self)
+
+
+def info_dict(res: Any) -> dict[str, Any]:
+    """Version 0.1's ``info`` dict of a result: its typed fields and ``stats`` merged."""
+    out = {k: v for k, v in res._asdict().items() if k not in ("params", "masks", "stats")}
+    if out.get("loss") is None:
+        out.pop("loss", None)
+    return {**out, **res.stats}
 
 
 def make_selector(method) -> Any:
@@ -87,19 +118,7 @@ def _loss_on(layout, loss_fn, params, loss_batch):
     return lambda w: loss_fn(layout.unravel(w, params), loss_batch)
 
 
-def _on_mesh(body, mesh, sharded: int = 1):
-    """``body`` as is, or under ``shard_map`` with its argument ``sharded`` (G) split by rows."""
-    if mesh is None:
-        return body
-
-    def run(*args):
-        specs = tuple(P(row_axis(mesh)) if i == sharded else P() for i in range(len(args)))
-        return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(*args)
-
-    return run
-
-
-def _fisher(grads, damping, blocks, mesh):
+def make_fisher(grads, damping, blocks, mesh):
     if grads is None:
         return None
     if mesh is None:
@@ -112,7 +131,7 @@ def _select(selector, layout, loss_fn, blocks, mesh, params, grads, damping, los
             batched=False):
     def body(params, grads, damping, loss_batch, k, groups, key):
         w = layout.ravel(params)
-        fisher = _fisher(grads, damping, blocks, mesh)
+        fisher = make_fisher(grads, damping, blocks, mesh)
         loss = _loss_on(layout, loss_fn, params, loss_batch)
         problem = Problem(w, fisher, layout.layer_ranges(), loss, groups)
 
@@ -124,7 +143,7 @@ def _select(selector, layout, loss_fn, blocks, mesh, params, grads, damping, los
 
         return jax.vmap(one)(k, key) if batched else one(k, key)
 
-    return _on_mesh(body, mesh)(params, grads, damping, loss_batch, k, groups, key)
+    return on_mesh(body, mesh)(params, grads, damping, loss_batch, k, groups, key)
 
 
 @functools.partial(
@@ -135,7 +154,7 @@ def _apply_update(update, layout, loss_fn, blocks, mesh, params, pruned, grads, 
     def body(params, grads, damping, loss_batch, scale, pruned):
         w = layout.ravel(params)
         loss = _loss_on(layout, loss_fn, params, loss_batch)
-        fisher = _fisher(grads, damping, blocks, mesh)
+        fisher = make_fisher(grads, damping, blocks, mesh)
 
         def one(pruned):
             stats = {}
@@ -159,7 +178,7 @@ def _apply_update(update, layout, loss_fn, blocks, mesh, params, pruned, grads, 
 
         return jax.vmap(one)(pruned) if batched else one(pruned)
 
-    return _on_mesh(body, mesh)(params, grads, damping, loss_batch, scale, pruned)
+    return on_mesh(body, mesh)(params, grads, damping, loss_batch, scale, pruned)
 
 
 def _timed(fn, *args, **kwargs):
@@ -191,10 +210,25 @@ class _Setup(NamedTuple):
     timings: dict
 
 
+def renamed_fisher_options(options: dict, abs_damping, fisher_blocks, where: str) -> tuple[Any, Any]:
+    """``(abs_damping, fisher_blocks)`` with version 0.1's ``damping`` / ``blocks`` taken from
+    ``options`` (with a DeprecationWarning); any other leftover keyword raises a TypeError."""
+    abs_damping = take_renamed(options, "damping", "abs_damping", abs_damping, where,
+                               " (the Fisher half's damping is the absolute lambda)")
+    fisher_blocks = take_renamed(options, "blocks", "fisher_blocks", fisher_blocks, where,
+                                 " (`blocks` names a model's blocks in the layer half)")
+    reject_unknown(options, where)
+    return abs_damping, fisher_blocks
+
+
+def check_abs_damping(damping) -> None:
+    if not (isinstance(damping, (int, float, np.floating)) and float(damping) > 0 and np.isfinite(damping)):
+        raise ValueError(f"`abs_damping` must be a finite number > 0, got {damping!r}")
+
+
 def check_damping_update_mesh(damping, update, mesh) -> None:
     """``ValueError`` for damping that is not a finite number > 0, an unknown update or a bad mesh."""
-    if not (isinstance(damping, (int, float, np.floating)) and float(damping) > 0 and np.isfinite(damping)):
-        raise ValueError(f"`damping` must be a finite number > 0, got {damping!r}")
+    check_abs_damping(damping)
     if update not in UPDATES:
         raise ValueError(f"`update` must be one of {list(UPDATES)}, got {update!r}")
     if mesh is not None and not isinstance(mesh, Mesh):
@@ -216,7 +250,7 @@ def _setup(params, loss_fn, batch, *, method, update, damping, blocks, prunable,
     layout = make_layout(params, prunable)
     layout.check_finite(params)
     blocks_t = layout.blocks(blocks)
-    needs_fisher = update is not None or not isinstance(selector, _NO_FISHER)
+    needs_fisher = update is not None or not isinstance(selector, NO_FISHER)
     timings = {}
     if needs_fisher:
         if loss_fn is None:
@@ -225,7 +259,7 @@ def _setup(params, loss_fn, batch, *, method, update, damping, blocks, prunable,
             if batch is None:
                 raise ValueError(f"`batch` is required for method={method!r}, update={update!r}")
             grads, timings["grads"] = _timed(
-                per_example_grads, loss_fn, params, batch, layout, mini_batch=mini_batch,
+                per_example_grads, params, loss_fn, batch, layout, mini_batch=mini_batch,
                 chunk_size=chunk_size, mesh=mesh, progress=progress,
             )
         else:
@@ -267,18 +301,11 @@ def _run(st: _Setup, loss_fn, update, mesh, counts, groups, key, batched=False):
 
 def _result(st: _Setup, new_params, pruned, stats, ustats, extra) -> PruneResult:
     keep = ~np.asarray(pruned)
-    info = {
-        "method": type(st.selector).__name__,
-        **extra,
-        "num_prunable": st.layout.size,
-        "num_pruned": int(np.sum(~keep)),
-        "sparsity": float(1.0 - keep.mean()),
-        "layer_sparsity": st.layout.per_layer_sparsity(keep),
-        "timings": st.timings,
-        **_to_host(stats),
-        **_to_host(ustats),
-    }
-    return PruneResult(new_params, st.layout.to_masks(jnp.asarray(keep)), info)
+    stats = {"method": type(st.selector).__name__, **extra, **_to_host(stats), **_to_host(ustats)}
+    loss = stats.pop("loss", None)
+    return PruneResult(new_params, st.layout.to_masks(jnp.asarray(keep)), float(1.0 - keep.mean()),
+                       st.layout.per_layer_sparsity(keep), int(np.sum(~keep)), st.layout.size,
+                       None if loss is None else float(loss), dict(st.timings), stats)
 
 
 def _log(st: _Setup, what: str):
@@ -293,8 +320,8 @@ def prune(
     sparsity: Optional[float] = None,
     method: Union[str, Any] = "magnitude",
     update: Optional[str] = None,
-    damping: float = 1e-3,
-    blocks: BlockSpec = "model",
+    abs_damping: float = 1e-3,
+    fisher_blocks: BlockSpec = "model",
     key: Union[None, int, jax.Array] = None,
     prunable: Prunable = None,
     mini_batch: int = 1,
@@ -308,6 +335,7 @@ def prune(
     mesh: Optional[Mesh] = None,
     verbose: bool = False,
     progress: bool = False,
+    **deprecated: Any,
 ) -> PruneResult:
     """Prune a fraction ``sparsity`` of the prunable weights of ``params`` in one shot.
 
@@ -323,8 +351,10 @@ def prune(
         selector object such as ``cobs_jax.CBS(num_trials=10)``.
       update: ``None`` (pruned weights just zeroed), ``"obs"`` (WoodFisher OBS-sum update) or
         ``"cbs"`` (CBS-U, the exact multi-weight OBS update).
-      damping: lambda > 0 in ``F_lambda = G^T G / N + lambda I`` (paper: 1e-3 MLPNet, 1e-5 convs).
-      blocks: Fisher blocks: ``"model"``, ``"layer"`` or a chunk size (int).
+      abs_damping: the absolute damping lambda > 0 in ``F_lambda = G^T G / N + lambda I`` (paper:
+        1e-3 MLPNet, 1e-5 convs). (The layer half's ``rel_damping`` is relative to ``mean(diag H)``.)
+      fisher_blocks: the blocks of the block-diagonal Fisher: ``"model"`` (one block), ``"layer"``
+        (one per prunable leaf) or a size (int: consecutive chunks of that many weights).
       key: PRNG key for randomised selectors: a ``jax.random.key``, a legacy ``PRNGKey`` or an
         int seed (default ``jax.random.key(0)``).
       prunable: which leaves may be pruned (see :func:`cobs_jax.make_layout`).
@@ -355,9 +385,12 @@ def prune(
       verbose: print the time of each phase.
       progress: a progress bar (tqdm, or plain lines) over the chunks of per-example gradients,
         and for CBS one line per local-search pass (see :class:`CBS`).
+      **deprecated: version 0.1's ``damping`` (now ``abs_damping``) and ``blocks`` (now
+        ``fisher_blocks``; ``blocks`` names a model's blocks in the layer half) still work, with a
+        DeprecationWarning.
 
     Returns:
-      A :class:`PruneResult` ``(params, masks, info)``.
+      A :class:`PruneResult`.
 
     Raises:
       ValueError: for sparsity outside [0, 1), damping <= 0, an unknown method/update, a missing
@@ -366,8 +399,9 @@ def prune(
         (naming the layer that does not fit), ``masks`` that already exceed the target, or a
         number of gradient rows that does not split over ``mesh``.
     """
+    abs_damping, fisher_blocks = renamed_fisher_options(deprecated, abs_damping, fisher_blocks, "prune")
     st = _setup(
-        params, loss_fn, batch, method=method, update=update, damping=damping, blocks=blocks,
+        params, loss_fn, batch, method=method, update=update, damping=abs_damping, blocks=fisher_blocks,
         prunable=prunable, mini_batch=mini_batch, chunk_size=chunk_size, loss_batch=loss_batch,
         update_scale=update_scale, grads=grads, mesh=mesh, progress=progress,
     )
@@ -377,9 +411,9 @@ def prune(
     key = as_key(key)
     new_params, pruned, stats, ustats = _run(st, loss_fn, update, mesh, plan.counts, plan.groups, key)
     res = _result(st, new_params, pruned, stats, ustats,
-                  dict(update=update, blocks=blocks, budget=budget, pattern=pattern))
+                  dict(update=update, fisher_blocks=fisher_blocks, budget=budget, pattern=pattern))
     if verbose:
-        _log(st, f"{res.info['method']}+{update}: pruned {plan.total}/{layout.size} weights")
+        _log(st, f"{res.stats['method']}+{update}: pruned {plan.total}/{layout.size} weights")
     return res
 
 
@@ -392,8 +426,8 @@ def prune_sweep(
     keys: Optional[Sequence[Any]] = None,
     method: Union[str, Any] = "magnitude",
     update: Optional[str] = None,
-    damping: float = 1e-3,
-    blocks: BlockSpec = "model",
+    abs_damping: float = 1e-3,
+    fisher_blocks: BlockSpec = "model",
     prunable: Prunable = None,
     mini_batch: int = 1,
     chunk_size: int = 256,
@@ -405,6 +439,7 @@ def prune_sweep(
     mesh: Optional[Mesh] = None,
     verbose: bool = False,
     progress: bool = False,
+    **deprecated: Any,
 ) -> list[PruneResult]:
     """:func:`prune` at several sparsity levels and PRNG keys as one batched, compiled computation.
 
@@ -422,8 +457,8 @@ def prune_sweep(
 
     Returns:
       A list of :class:`PruneResult`, ``len(sparsities) * len(keys)`` long, sparsity-major
-      (``results[i * len(keys) + j]`` is level i with key j). ``info["timings"]`` holds the times
-      of the whole sweep, ``info["target"]`` the level and ``info["key_index"]`` j.
+      (``results[i * len(keys) + j]`` is level i with key j). ``timings`` holds the times of the
+      whole sweep, ``stats["target"]`` the level and ``stats["key_index"]`` j.
     """
     levels = [float(x) for x in np.atleast_1d(np.asarray(sparsities, dtype=float))]
     if not levels:
@@ -432,8 +467,9 @@ def prune_sweep(
     if not keys:
         raise ValueError("`keys` must hold at least one key (or be None)")
     keys = [as_key(k, f"keys[{i}]") for i, k in enumerate(keys)]
+    abs_damping, fisher_blocks = renamed_fisher_options(deprecated, abs_damping, fisher_blocks, "prune_sweep")
     st = _setup(
-        params, loss_fn, batch, method=method, update=update, damping=damping, blocks=blocks,
+        params, loss_fn, batch, method=method, update=update, damping=abs_damping, blocks=fisher_blocks,
         prunable=prunable, mini_batch=mini_batch, chunk_size=chunk_size, loss_batch=loss_batch,
         update_scale=update_scale, grads=grads, mesh=mesh, progress=progress,
     )
@@ -455,7 +491,7 @@ def prune_sweep(
         out.append(_result(
             st, jax.tree.map(pick, new_params), pruned[b], jax.tree.map(pick, stats),
             jax.tree.map(pick, ustats),
-            dict(update=update, blocks=blocks, budget=budget, pattern=None, target=levels[i], key_index=j),
+            dict(update=update, fisher_blocks=fisher_blocks, budget=budget, pattern=None, target=levels[i], key_index=j),
         ))
     return out
 
@@ -466,11 +502,12 @@ def apply_update(
     grads: jax.Array,
     *,
     update: str = "cbs",
-    damping: float = 1e-3,
-    blocks: BlockSpec = "model",
+    abs_damping: float = 1e-3,
+    fisher_blocks: BlockSpec = "model",
     prunable: Prunable = None,
     update_scale: float = 1.0,
     mesh: Optional[Mesh] = None,
+    **deprecated: Any,
 ) -> PyTree:
     """Apply a compensating update for a given keep-mask (e.g. MP + CBS-U, cbs.md Table 5).
 
@@ -478,15 +515,16 @@ def apply_update(
       params: the dense params.
       masks: bool keep-mask pytree (True = kept) with the params' structure.
       grads: (N, D) rows from :func:`cobs_jax.per_example_grads` for the same ``prunable`` choice.
-      update: ``"cbs"`` or ``"obs"``; damping, blocks, update_scale, mesh: as in :func:`prune`.
+      update: ``"cbs"`` or ``"obs"``; abs_damping, fisher_blocks, update_scale, mesh: as in
+        :func:`prune` (with its deprecated ``damping`` and ``blocks``).
 
     Returns:
       params with masked weights exactly zero and the others updated.
     """
+    damping, blocks = renamed_fisher_options(deprecated, abs_damping, fisher_blocks, "apply_update")
     if update not in ("cbs", "obs"):
         raise ValueError(f"`update` must be 'cbs' or 'obs', got {update!r}")
-    if not (float(damping) > 0 and np.isfinite(damping)):
-        raise ValueError(f"`damping` must be a finite number > 0, got {damping!r}")
+    check_abs_damping(damping)
     layout = make_layout(params, prunable)
     pruned = ~layout.from_masks(masks)
     if np.ndim(grads) != 2 or np.shape(grads)[1] != layout.size:

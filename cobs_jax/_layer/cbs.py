@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from .._core.mesh import rows_sharded
 from .base import LayerProblem, LayerPruner, LayerSelection, positive_int
 from .sparsegpt import SparseGPT
 
@@ -249,16 +250,6 @@ def _search(t, g, kept0, allowed, *, max_swaps: int):
     kept = jnp.where(worse[:, None], kept0, kept)
     beta = jnp.where(worse[:, None], jnp.einsum("rij,rj->ri", v0, g), beta)
     return kept, beta
-
-
-def rows_sharded(fn, mesh: Optional[Mesh], replicated: int, sharded: int):
-    """``fn`` jitted; with ``mesh``, under ``shard_map``: its first ``replicated`` arguments whole
-    on every device, the next ``sharded`` ones (and the outputs) split by rows over the first axis."""
-    if mesh is None:
-        return jax.jit(fn)
-    ax = mesh.axis_names[0]
-    specs = (P(),) * replicated + (P(ax),) * sharded
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(ax), check_vma=False))
 
 
 def _chunk(h, q, w0, idx, valid, widx, wvalid, kept_w, k0, *, kept_form: bool, group: int, max_swaps: int):

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from .base import LayerProblem, LayerUpdate
-from .cbs import rows_sharded
+from .._core.mesh import rows_sharded
 
 __all__ = ["Exact", "exact_update"]
 

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
 from .._core.budget import check_sparsity, parse_pattern
+from .._core.deprecation import reject_unknown, take_renamed
 from .._core.keys import as_key
 from .base import LayerProblem, LayerPruner, LayerUpdate
 from .hessian import Factors, accumulate_dtype, factor_hessian, reconstruction_error
@@ -27,6 +28,8 @@ from .kernels import as_rows, from_rows
 from .registry import as_pruner, as_update, from_flat_options
 
 __all__ = ["prune_layer", "LayerResult", "LayerInfo", "solve_layer"]
+
+_RELATIVE = " (the layer half's damping is relative to mean(diag H))"
 
 
 class LayerResult(NamedTuple):
@@ -70,20 +73,6 @@ def check_rel_damping(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"`rel_damping` must be a positive finite number, got {value!r}")
     return float(value)
-
-
-def deprecated_damping(options: dict, rel_damping: float, where: str) -> float:
-    """``damping=`` of version 0.1 (relative in the layer half) as ``rel_damping``, with a warning."""
-    if "damping" not in options:
-        return rel_damping
-    warnings.warn(f"`{where}(damping=...)` is deprecated: the layer half's damping is relative, say "
-                  "`rel_damping=`", DeprecationWarning, stacklevel=3)
-    return options.pop("damping")
-
-
-def reject_unknown(options: dict, where: str) -> None:
-    if options:
-        raise TypeError(f"{where}() got unexpected keyword arguments {sorted(options)}")
 
 
 def resolve_sparsity(sparsity: Optional[float], pattern: Optional[str], d_in: int,
@@ -233,7 +222,7 @@ def prune_layer(
     """
     options = dict(deprecated)
     method = from_flat_options(method, options, "prune_layer")
-    rel_damping = deprecated_damping(options, rel_damping, "prune_layer")
+    rel_damping = take_renamed(options, "damping", "rel_damping", rel_damping, "prune_layer", _RELATIVE)
     return_info = options.pop("return_info", None)
     reject_unknown(options, "prune_layer")
     pruner, upd = as_pruner(method), as_update(update)

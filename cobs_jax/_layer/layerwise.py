@@ -34,8 +34,8 @@ from .hessian import accumulate_dtype
 from .base import LayerPruner, LayerUpdate
 from .hessian import Factors, factor_hessian
 from .kernels import as_rows, from_rows
-from .layer import (LayerResult, check_finite, check_rel_damping, deprecated_damping, reject_unknown, solve_layer,
-                    uses_factors)
+from .._core.deprecation import reject_unknown, take_renamed
+from .layer import LayerResult, check_finite, check_rel_damping, solve_layer, uses_factors
 from .registry import as_pruner, as_update, from_flat_options
 from .._core.progress import progress as show
 
@@ -372,11 +372,8 @@ def prune_layerwise(
     """
     options = dict(deprecated)
     method = from_flat_options(method, options, "prune_layerwise")
-    rel_damping = check_rel_damping(deprecated_damping(options, rel_damping, "prune_layerwise"))
-    if "batch_size" in options:
-        warnings.warn("`prune_layerwise(batch_size=...)` is deprecated: say `chunk_size=` (examples per forward "
-                      "chunk, the name both halves use)", DeprecationWarning, stacklevel=2)
-        chunk_size = options.pop("batch_size")
+    rel_damping = check_rel_damping(take_renamed(options, "damping", "rel_damping", rel_damping, "prune_layerwise"))
+    chunk_size = take_renamed(options, "batch_size", "chunk_size", chunk_size, "prune_layerwise")
     reject_unknown(options, "prune_layerwise")
     pruner, upd = as_pruner(method), as_update(update)
     as_key(key)  # validated for uniformity; the methods are deterministic
@@ -468,8 +465,8 @@ def prune_layerwise(
     excluded = tuple(sorted({s.name for specs, _ in plans for s in specs} - {s.name for _, todo in plans for s in todo}))
     stats: dict[str, Any] = {}
     for rec in layers:
-        for k, v in rec.stats.items():
-            stats[k] = stats.get(k, 0) + v
+        for name, value in rec.stats.items():
+            stats[name] = stats.get(name, 0) + value
     timings = dict(capture=t_capture, prune=t_prune, forward=t_forward, total=elapsed)
     if stack is not None:
         return LayerwiseResult(stack.restack(new_blocks), stack.restack_masks(masks), layer_masks, x, tuple(layers),

@@ -7,7 +7,8 @@ A layer kernel is seen as ``W`` of shape ``(rows, d_in)``: one row per output un
 * ``"unit"``: ``round(s * d_in)`` in every row (every output unit equally sparse);
 * ``N:M``: in every group of M consecutive inputs of a row, exactly ``M - N`` pruned.
 
-Ties are broken by position (stable sort), so the result is deterministic.
+Ties are broken by position (stable sort), with ``-0.0 == +0.0``: the rule of
+:func:`cobs_jax.smallest_k`, which every selection here goes through.
 """
 
 from __future__ import annotations
@@ -19,44 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._core.topk import smallest_k
+
 __all__ = ["prune_smallest", "prune_smallest_rows", "nm_prune", "span_counts"]
 
 
-def _order_keys(x: jax.Array) -> jax.Array:
-    """Unsigned ints whose order is the order of the (finite) floats ``x`` (-0.0 before +0.0)."""
-    bits = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
-    u = jax.lax.bitcast_convert_type(x, bits)
-    sign = jnp.asarray(1, bits) << (8 * x.dtype.itemsize - 1)
-    return jnp.where(u & sign, ~u, u | sign)
-
-
-def _kth_key(keys: jax.Array, count) -> jax.Array:
-    """The smallest key t with ``#(keys <= t) >= count`` (bisection on the bits, no sort)."""
-    nbits = 8 * keys.dtype.itemsize
-
-    def step(_, lohi):
-        lo, hi = lohi
-        mid = lo + (hi - lo) // 2
-        enough = jnp.sum(keys <= mid) >= count
-        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-    lo, hi = jnp.min(keys), jnp.max(keys)
-    return jax.lax.fori_loop(0, nbits, step, (lo, hi))[1]
-
-
 def prune_smallest(score: jax.Array, count) -> jax.Array:
-    """Bool array of ``score``'s shape, True on its ``count`` smallest entries (flattened).
-
-    Ties at the threshold go to the earliest positions (as a stable sort would). The threshold
-    is found by bisection over the floats' bit patterns (one pass per bit, no sort): sorting
-    is the slow part on CPU, and this is the same on every backend.
-    """
-    flat = score.reshape(-1)
-    keys = _order_keys(flat)
-    t = _kth_key(keys, jnp.maximum(count, 1))
-    less = keys < t
-    ties = (keys == t) & (jnp.cumsum(keys == t) <= count - jnp.sum(less))
-    return (less | ties).reshape(score.shape)
+    """Bool array of ``score``'s shape, True on its ``count`` smallest entries (flattened): the
+    library's one top-k (:func:`cobs_jax.smallest_k`, its tie rule: ``-0.0 == +0.0``, the
+    earliest position first), by bisection on the floats' bits (no sort)."""
+    return smallest_k(score.reshape(-1), count).reshape(score.shape)
 
 
 def prune_smallest_rows(score: jax.Array, counts) -> jax.Array:

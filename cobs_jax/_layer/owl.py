@@ -13,7 +13,6 @@ by largest remainders.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ import numpy as np
 from .._core.budget import check_sparsity
 from .capture import BlockAdapter
 from .kernels import as_rows
-from .layer import reject_unknown
+from .._core.deprecation import reject_unknown, take_renamed
 from .layerwise import Excluder, forward_chunks, plan_blocks  # the driver's own passes and layer plan
 from .stacked import Stacked
 
@@ -99,10 +98,7 @@ def owl_sparsities(
     Raises:
       ValueError: for a bad argument.
     """
-    if "batch_size" in deprecated:
-        warnings.warn("`owl_sparsities(batch_size=...)` is deprecated: say `chunk_size=`", DeprecationWarning,
-                      stacklevel=2)
-        chunk_size = deprecated.pop("batch_size")
+    chunk_size = take_renamed(deprecated, "batch_size", "chunk_size", chunk_size, "owl_sparsities")
     reject_unknown(deprecated, "owl_sparsities")
     s = check_sparsity(sparsity)
     if not outlier_threshold > 0:

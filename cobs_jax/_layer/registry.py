@@ -6,6 +6,7 @@ registers its class here (or a user calls :func:`register_layer_method`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Union
 
 from .base import LayerPruner, LayerUpdate
@@ -71,7 +72,7 @@ def from_flat_options(method: Any, options: dict[str, Any], where: str) -> Union
         raise ValueError(f"`{where}`: the deprecated options {sorted(given)} need `method` given by name, got {method!r}")
     def build(n: str, opts: dict) -> LayerPruner:
         cls = LAYER_METHODS[n]
-        fields = {f for f in cls.__dataclass_fields__}
+        fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in opts.items() if k in fields and v is not None})
     if name == "cbs":
         start = given.pop("start", "sparsegpt")
