@@ -1,6 +1,13 @@
 import os
+import pathlib
 import shutil
+import sys
 import tempfile
+
+# tests/ mirrors the package (core/, fisher/, layer/); helpers and the shared test models import
+# from any of them by module name
+_HERE = pathlib.Path(__file__).parent
+sys.path[:0] = [str(_HERE)] + [str(_HERE / d) for d in ("core", "fisher", "layer")]
 
 # The suite compiles thousands of tiny programs, where XLA's CPU backend spends far more time
 # optimising than running them: compile them with LLVM's cheap pipeline (the programs and their

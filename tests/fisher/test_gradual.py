@@ -122,7 +122,7 @@ def test_finetune_cannot_revive_pruned_weights():
 
 @pytest.mark.parametrize("kw,match", [({"masks": None}, "masks"), ({"pattern": "2:4", "compiled": False}, "pattern"),
                                       ({"finetune": lambda p, m, t: p, "compiled": True}, "finetune"),
-                                      ({"compiled": True, "loss_check": 0.0}, "loss_check"),
+                                      ({"compiled": True, "loss_check": 0.0}, r"LossCheck\(ratio"),
                                       ({"stages": 3, "max_stages": 2}, "max_stages"),
                                       ({"max_halvings": -1}, "max_halvings"), ({"max_halvings": 1.5}, "max_halvings"),
                                       ({"compare_magnitude": True, "compiled": False}, "compare_magnitude"),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import llama  # noqa: E402
 
 
