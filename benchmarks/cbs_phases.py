@@ -23,8 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
-from data import CACHE, load_mnist  # noqa: E402
-from models import loss_fn, trained_mlpnet  # noqa: E402
+from lib.data import CACHE, load_mnist  # noqa: E402
+from lib.models import loss_fn, trained_mlpnet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

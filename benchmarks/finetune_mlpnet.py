@@ -31,8 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
-from data import CACHE, DataUnavailable, load_mnist  # noqa: E402
-from models import accuracy, dense_accuracy, loss_fn, train, trained_mlpnet  # noqa: E402
+from lib.data import CACHE, DataUnavailable, load_mnist  # noqa: E402
+from lib.models import accuracy, dense_accuracy, loss_fn, train, trained_mlpnet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -64,7 +64,7 @@ def run_seed(args, seed, params, ds, methods):
         return {"x": x[idx], "y": y[idx]}
 
     loss_idx = rng.choice(len(x), min(len(x), args.loss_examples), replace=False)
-    common = dict(damping=args.damping, loss_batch={"x": x[loss_idx], "y": y[loss_idx]})
+    common = dict(abs_damping=args.damping, loss_batch={"x": x[loss_idx], "y": y[loss_idx]})
     key = jax.random.key(seed)
     rows = []
     for name, (method, update) in methods.items():
@@ -76,7 +76,7 @@ def run_seed(args, seed, params, ds, methods):
         curve = [_pct(res.params, ds)]
         finetune(res.params, res.masks, ds, args.epochs, args.lr, seed, curve)
         rows.append({"seed": seed, "method": name, "schedule": "one-shot", "curve": curve,
-                     "prune_time_s": t_prune, "sparsity": res.info["sparsity"]})
+                     "prune_time_s": t_prune, "sparsity": res.sparsity})
         # gradual: one fine-tuning epoch between stages, the rest at the end
         between = []
         res = cobs_jax.prune_gradual(
@@ -84,13 +84,13 @@ def run_seed(args, seed, params, ds, methods):
             method=method, update=update, key=key,
             finetune=lambda p, m, t: finetune(p, m, ds, 1, args.lr, seed + 100 * (t + 1), between), **common,
         )
-        t_prune = sum(sum(e["timings"].values()) for e in res.info["stages"])  # fine-tuning excluded
+        t_prune = sum(sum(e["timings"].values()) for e in res.stages)  # fine-tuning excluded
         curve = [_pct(res.params, ds)]
         finetune(res.params, res.masks, ds, args.epochs - (args.stages - 1), args.lr, seed, curve)
         rows.append({"seed": seed, "method": name, "schedule": f"gradual ({args.stages} stages)",
                      "curve": curve, "between_stages": between, "prune_time_s": t_prune,
-                     "stage_sparsity": [e["sparsity"] for e in res.info["stages"]],
-                     "sparsity": res.info["sparsity"]})
+                     "stage_sparsity": [e["sparsity"] for e in res.stages],
+                     "sparsity": res.sparsity})
     # 2:4
     nm_methods = {"MP": ("magnitude", None), "WF-S + CBS-U": ("woodfisher", "cbs"), **{
         k: v for k, v in methods.items() if k != "MP"}}
@@ -102,7 +102,7 @@ def run_seed(args, seed, params, ds, methods):
         curve = [_pct(res.params, ds)]
         finetune(res.params, res.masks, ds, args.nm_epochs, args.lr, seed, curve)
         rows.append({"seed": seed, "method": name, "schedule": "2:4 one-shot", "curve": curve,
-                     "prune_time_s": t_prune, "sparsity": res.info["sparsity"]})
+                     "prune_time_s": t_prune, "sparsity": res.sparsity})
     return rows
 
 

@@ -47,8 +47,8 @@ from flax import nnx
 
 import cobs_jax
 from cobs_jax._layer.capture import BlockAdapter, run_block
-from common import RESULTS, metadata
-from text import SOURCE, calibration_and_eval
+from lib.common import RESULTS, metadata
+from lib.text import SOURCE, calibration_and_eval
 
 CONFIGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "70%": dict(sparsity=0.7),
            "80%": dict(sparsity=0.8), "2:4": dict(pattern="2:4"), "4:8": dict(pattern="4:8")}
@@ -114,7 +114,7 @@ class SmolLM2:
     name, kernels = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32)", "210 linear layers of the 30 blocks"
 
     def __init__(self):
-        from llama import load_gguf
+        from lib.llama import load_gguf
 
         self.model, self.tokenizer, _ = load_gguf()
         self.blocks = list(self.model.layers)
@@ -137,7 +137,7 @@ class SmolLM2:
                                for s in range(0, len(windows), batch)])
 
     def sample(self, blocks) -> str:
-        from llama import greedy
+        from lib.llama import greedy
 
         return greedy(with_blocks(self.model, blocks), self.tokenizer, PROMPT, 30)
 
@@ -146,7 +146,7 @@ class Gemma3_270M:
     name, kernels = "Gemma 3 270M base (Q4_K_M GGUF dequantised to float32)", "90 einsum kernels of the 18 blocks"
 
     def __init__(self):
-        from gemma import load_gguf
+        from lib.gemma import load_gguf
 
         self.model, self.tokenizer, self.config = load_gguf()
         self.blocks = self.model.blocks
@@ -170,7 +170,7 @@ class Gemma3_270M:
         return np.concatenate([m.nll(windows[s : s + batch]) for s in range(0, len(windows), batch)])
 
     def sample(self, blocks) -> str:
-        from gemma import greedy
+        from lib.gemma import greedy
 
         return greedy(self.model.with_blocks(blocks), self.tokenizer, PROMPT, 30)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import RESULTS
+from lib.common import RESULTS
 
 GiB = 2**30
 
@@ -62,7 +62,7 @@ def plan(name, a):
         "hidden states in + out (sharded)": 2 * tokens * d * f32 / a.devices,
         "block Hessians (one per distinct input)": sum(i * i for i in inputs.values()) * f32,
         "factors of the largest (damped H, U)": 2 * max(inputs.values()) ** 2 * f32,
-        # a block's intermediate tensors, and attention scores in 64-query blocks (benchmarks/llama.py)
+        # a block's intermediate tensors, and attention scores in 64-query blocks (benchmarks/lib/llama.py)
         "forward chunk activations (per device)": a.batch_size * a.seq_len * (3 * ff + 4 * d + 2 * q + 2 * kv) * f32
         + a.batch_size * heads * 64 * a.seq_len * f32,
     }

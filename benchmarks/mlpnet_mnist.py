@@ -20,13 +20,13 @@ CBS-auto (``--methods ... CBS-auto``): CBS with ``update_scale="auto"`` (the CBS
 {0, 0.1, ..., 1} with the lowest loss on the loss batch).
 
 Multi-stage table (``--ms-methods``, ``--ms-sparsities``, ``--ms-seeds``; ``--ms-methods`` with no
-name skips it): ``cobs_jax.prune_gradual(stages=16)`` without fine-tuning, the Fisher recomputed at
+name skips it): ``cobs_jax.prune_multistage(stages=16)`` without fine-tuning, the Fisher recomputed at
 the updated weights before every stage, each stage selecting with MP, CBS (default columns, with CBS-geo) or
 IHT (``--ms-methods MP CBS IHT``; several minutes per run) and updating with CBS-U, the whole
 schedule one compiled program with loss-checked stages (``--ms-loss-check``, default 3.0 as in
-``prune_gradual``; 0 turns the check off and runs exactly the planned stages, written to
+``prune_multistage``; 0 turns the check off and runs exactly the planned stages, written to
 ``<name>_check0_multistage.*``). Columns ``MP-geo`` and ``CBS-geo`` take the geometric schedule
-without the check (``schedule="geometric", loss_check=None``). Its time is set against the floor of 16 stages: 16
+without the check (``schedule="geometric", check=None``). Its time is set against the floor of 16 stages: 16
 per-example-gradient passes and 16 loss evaluations on the loss batch, timed just before each run (the
 speed of a shared machine drifts within minutes). Rows are saved as they finish (``<name>_multistage.json``) and a rerun
 skips them, so an interrupted run resumes.
@@ -47,10 +47,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
-from common import (RESULTS, markdown, metadata, multistage_table, plot, run_one, run_sweep,  # noqa: E402
+from lib.common import (RESULTS, markdown, metadata, multistage_table, plot, run_one, run_sweep,  # noqa: E402
                     summarise, time_loop_vs_sweep, write)
-from data import CACHE, DataUnavailable, load_fashion_mnist, load_mnist  # noqa: E402
-from models import accuracy, dense_accuracy, loss_fn, trained_mlpnet  # noqa: E402
+from lib.data import CACHE, DataUnavailable, load_fashion_mnist, load_mnist  # noqa: E402
+from lib.models import accuracy, dense_accuracy, loss_fn, trained_mlpnet  # noqa: E402
 
 SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 
@@ -145,9 +145,9 @@ def sweep(args, ds, params):
     return rows, wanted, speed
 
 
-# column: prune_gradual keywords (cubic schedule, loss check --ms-loss-check unless given); CBS-vs-MP keeps, at
+# column: prune_multistage keywords (cubic schedule, loss check --ms-loss-check unless given); CBS-vs-MP keeps, at
 # every stage, the lower of CBS's and MP's deployed masks; the -geo columns take the geometric schedule, unchecked
-GEO = dict(schedule="geometric", loss_check=None)
+GEO = dict(schedule="geometric", check=None)
 MS_METHODS = {"MP": dict(method="magnitude"), "CBS": dict(method="cbs"), "IHT": dict(method="iht"),
               "CBS-vs-MP": dict(method="cbs", compare_magnitude=True),
               "MP-geo": dict(method="magnitude", **GEO), "CBS-geo": dict(method="cbs", **GEO)}
@@ -155,7 +155,7 @@ TRAINED = {"adam": "Adam-trained", "sgd": "SGD-trained"}
 
 
 def multistage(args, ds, params, name):
-    """The multi-stage table: rows of prune_gradual runs, resumed from ``<name>_multistage.json``."""
+    """The multi-stage table: rows of prune_multistage runs, resumed from ``<name>_multistage.json``."""
     path = RESULTS / f"{name}_multistage.json"
     done = json.loads(path.read_text())["rows"] if path.exists() else []
     x_tr, y_tr = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
@@ -183,10 +183,11 @@ def multistage(args, ds, params, name):
             for s in args.ms_sparsities:
                 if (m, s) not in todo:
                     continue
-                kw = {"loss_check": args.ms_loss_check or None, **MS_METHODS[m]}
-                run = lambda: cobs_jax.prune_gradual(  # noqa: E731
+                check = cobs_jax.LossCheck(ratio=args.ms_loss_check) if args.ms_loss_check else None
+                kw = {"check": check, **MS_METHODS[m]}  # the -geo columns: check=None
+                run = lambda: cobs_jax.prune_multistage(  # noqa: E731
                     params, loss_fn, batch, sparsity=s, stages=args.ms_stages, update="cbs", loss_batch=loss_batch,
-                    damping=args.damping, blocks="model", key=seed, **kw)
+                    abs_damping=args.damping, fisher_blocks="model", key=seed, **kw)
                 if m not in warm:  # compiled once per method: the counts are traced, so no recompilation
                     jax.block_until_ready(run().params)
                     warm.add(m)
@@ -198,8 +199,8 @@ def multistage(args, ds, params, name):
                 dt = time.perf_counter() - t0
                 acc = float(accuracy(res.params, ds.x_test, ds.y_test))
                 done.append({"seed": seed, "method": m, "sparsity": s, "accuracy": acc, "time_s": dt,
-                             "floor_s": floor, "stages_run": len(res.info["stages"]),
-                             "loss": float(res.info["loss"])})
+                             "floor_s": floor, "stages_run": len(res.stages),
+                             "loss": float(res.loss)})
                 print(f"multi-stage seed {seed} {m} x{args.ms_stages} at {s}: {100 * acc:.2f}% in {dt:.1f}s "
                       f"({dt / floor:.1f}x the floor of {floor:.2f}s, {len(res.info['stages'])} stages run)", flush=True)
                 path.write_text(json.dumps({"command": " ".join(sys.argv), "rows": done}, indent=1))
@@ -208,13 +209,13 @@ def multistage(args, ds, params, name):
     seeds = sorted({r["seed"] for r in rows})
     fl = sorted(r["floor_s"] for r in rows) or [float("nan")]
     floors = f"{fl[0]:.2f}-{fl[-1]:.2f} s, timed just before each run"
-    header = (f"MLPNet ({TRAINED[args.train]}), multi-stage, no fine-tuning: `prune_gradual(stages={args.ms_stages}, "
+    header = (f"MLPNet ({TRAINED[args.train]}), multi-stage, no fine-tuning: `prune_multistage(stages={args.ms_stages}, "
               f"update=\"cbs\")`, loss batch "
               f"{n_loss} training images, test accuracy (%) mean ± std over seed(s) {seeds}; time per run (s), "
               f"its ratio to the floor ({args.ms_stages} gradient passes + loss evaluations, {floors}) and the stages run "
-              + (f"(loss_check={args.ms_loss_check:g}: stages split, at most twice the planned number)."
-                 if args.ms_loss_check else "(loss_check=None: the planned stages only).")
-              + (" The -geo columns: `schedule=\"geometric\", loss_check=None` (the planned stages only)."
+              + (f"(check=LossCheck(ratio={args.ms_loss_check:g}): stages split, at most twice the planned number)."
+                 if args.ms_loss_check else "(check=None: the planned stages only).")
+              + (" The -geo columns: `schedule=\"geometric\", check=None` (the planned stages only)."
                  if any(m.endswith("-geo") for m in args.ms_methods) else ""))
     return multistage_table(rows, args.ms_methods, args.ms_sparsities, args.ms_stages, header)
 
@@ -245,7 +246,7 @@ def main(argv=None):
     p.add_argument("--ms-stages", type=int, default=16)
     p.add_argument("--ms-loss-examples", type=int, default=8000)
     p.add_argument("--ms-loss-check", type=float, default=3.0,
-                   help="prune_gradual's loss_check (0: off, exactly the planned stages)")
+                   help="prune_multistage's LossCheck ratio (0: check=None, exactly the planned stages)")
     p.add_argument("--only-multistage", action="store_true", help="skip the one-shot table")
     args = p.parse_args(argv)
     if args.quick:

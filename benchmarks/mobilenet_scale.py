@@ -33,7 +33,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
-from common import metadata, write  # noqa: E402
+from lib.common import metadata, write  # noqa: E402
 
 # (output channels, stride) of the 13 depthwise-separable blocks of MobileNetV1
 BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)) + ((512, 1),) * 5 + ((1024, 2), (1024, 1))
@@ -123,14 +123,14 @@ def main(argv=None):
     for label, method, update in (methods[m] for m in args.methods):
         for s, note in ((0.5, "incl. compile"), (0.7, "compiled")):
             res = cobs_jax.prune(variables, loss_fn, batch, sparsity=s, method=method, update=update,
-                                 damping=args.damping, blocks=args.chunk, grads=grads, loss_batch=loss_batch,
+                                 abs_damping=args.damping, fisher_blocks=args.chunk, grads=grads, loss_batch=loss_batch,
                                  progress=True)
             t = res.timings
-            assert res.info["num_pruned"] == round(s * layout.size), res.info["num_pruned"]
-            assert int(jnp.sum(layout.ravel(res.params) == 0)) >= res.info["num_pruned"]
+            assert res.num_pruned == round(s * layout.size), res.num_pruned
+            assert int(jnp.sum(layout.ravel(res.params) == 0)) >= res.num_pruned
             record(f"{label} @ {s} ({note})", t["select"] + t["update"], method=label, sparsity=s,
-                   select_s=t["select"], update_s=t["update"], sparsity_reached=res.info["sparsity"],
-                   loss=res.info.get("loss"))
+                   select_s=t["select"], update_s=t["update"], sparsity_reached=res.sparsity,
+                   loss=res.loss)
             del res
 
     lines = [

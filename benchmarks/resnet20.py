@@ -32,7 +32,7 @@ from flax import serialization
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from data import CACHE, DataUnavailable, load_fashion_mnist  # noqa: E402
+from lib.data import CACHE, DataUnavailable, load_fashion_mnist  # noqa: E402
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics
 

@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
-from common import metadata, write  # noqa: E402
+from lib.common import metadata, write  # noqa: E402
 from resnet20 import MODEL, batchnorm_refresh, cached_model_and_data, evaluate, loss_fn, pad32, paper_prunable  # noqa: E402
 from resnet20_fashion import fisher_sample  # noqa: E402
 
@@ -75,7 +75,7 @@ def main(argv=None):
         for s in args.sparsities:
             for name, update in METHODS.items():
                 res = cobs_jax.prune(variables, loss_fn, batch, sparsity=s, method="magnitude", update=update,
-                                     damping=args.damping, blocks="layer", prunable=paper_prunable, grads=grads)
+                                     abs_damping=args.damping, fisher_blocks="layer", prunable=paper_prunable, grads=grads)
                 t0 = time.perf_counter()
                 refreshed = jax.block_until_ready(refresh(res.params))
                 t_refresh = time.perf_counter() - t0

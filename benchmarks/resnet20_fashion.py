@@ -6,7 +6,7 @@ does the same for ResNet20). The BatchNorm statistics are used in eval mode and 
 Methods: MP, WF-S, WF (OBS-sum update, scale 1 as the paper's ResNet20 runs), CBS-S, CBS.
 
 Multi-stage table (``--ms-methods``, default MP and CBS; ``--ms-methods`` with no name skips it):
-``cobs_jax.prune_gradual(stages=16, update="cbs")`` without fine-tuning, the whole schedule one
+``cobs_jax.prune_multistage(stages=16, update="cbs")`` without fine-tuning, the whole schedule one
 compiled program (per-layer Fisher blocks recomputed at the updated weights every stage, loss-checked
 stages on the 1000 Fisher examples), at 0.8 / 0.9 / 0.95 for ``--ms-seeds`` seeds (default 1: a run
 takes 20-36 minutes on 2 CPU cores; ``--budget 0`` renders the table from the saved rows). Its time
@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
-from common import (RESULTS, compile_seconds, markdown, metadata, multistage_table, plot,  # noqa: E402
+from lib.common import (RESULTS, compile_seconds, markdown, metadata, multistage_table, plot,  # noqa: E402
                     run_one, summarise, write)
 from resnet20 import batchnorm_refresh, cached_model_and_data, evaluate, loss_fn, pad32, paper_prunable  # noqa: E402
 
@@ -72,7 +72,7 @@ def main(argv=None):
     p.add_argument("--ms-methods", nargs="*", default=["MP", "CBS"],
                    choices=[m + bn for m in ("MP", "CBS", "CBS-vs-MP", "MP-geo", "CBS-geo") for bn in ("", "+BN")],
                    help="multi-stage columns (none: skip the multi-stage table; CBS-vs-MP: CBS with "
-                        "compare_magnitude=True; -geo: schedule=\"geometric\", loss_check=None; +BN: "
+                        "compare_magnitude=True; -geo: schedule=\"geometric\", check=None; +BN: "
                         "BatchNorm statistics re-estimated after every stage, see --bn-images)")
     p.add_argument("--bn-images", type=int, default=2000,
                    help="+BN columns: unlabelled training images whose batch statistics replace the "
@@ -80,9 +80,9 @@ def main(argv=None):
     p.add_argument("--ms-sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--ms-seeds", type=int, default=1)
     p.add_argument("--ms-stages", type=int, default=16)
-    p.add_argument("--ms-max-halvings", type=int, default=1, help="prune_gradual's max_halvings")
+    p.add_argument("--ms-max-halvings", type=int, default=1, help="prune_multistage LossCheck's max_halvings")
     p.add_argument("--ms-loss-check", type=float, default=3.0,
-                   help="prune_gradual's loss_check for the cubic columns (0: None, the planned stages only)")
+                   help="prune_multistage's LossCheck ratio for the cubic columns (0: None, the planned stages only)")
     p.add_argument("--only-multistage", action="store_true", help="skip the one-shot sweep")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -199,7 +199,7 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
         sys.exit(f"{path} was made with other settings ({state['args']}); delete it or use --out")
     state["args"] = settings
     cbs = cobs_jax.CBS(num_trials=args.trials)
-    geo = dict(schedule="geometric", loss_check=None)
+    geo = dict(schedule="geometric", check=None)
     columns = {"MP": dict(method="magnitude"), "CBS": dict(method=cbs), "CBS-vs-MP": dict(method=cbs, compare_magnitude=True),
                "MP-geo": dict(method="magnitude", **geo), "CBS-geo": dict(method=cbs, **geo)}
     last_run, complete = 0.0, True
@@ -234,21 +234,22 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
                 break
             floor = time_floor()  # beside every run: this machine's speed drifts within minutes
             t0, c0 = time.perf_counter(), compile_seconds()
-            res = cobs_jax.prune_gradual(
+            res = cobs_jax.prune_multistage(
                 variables, loss_fn, batch, sparsity=s, stages=args.ms_stages, update="cbs",
-                **{"loss_check": args.ms_loss_check or None, **columns[m.removesuffix("+BN")]},
+                **{"check": cobs_jax.LossCheck(ratio=args.ms_loss_check, max_halvings=args.ms_max_halvings)
+                   if args.ms_loss_check else None, **columns[m.removesuffix("+BN")]},
                 refresh=refresh if m.endswith("+BN") else None,
-                loss_batch=batch, damping=args.damping, blocks="layer", prunable=paper_prunable,
-                chunk_size=args.chunk_size, key=seed, max_halvings=args.ms_max_halvings, progress=True)
+                loss_batch=batch, abs_damping=args.damping, fisher_blocks="layer", prunable=paper_prunable,
+                chunk_size=args.chunk_size, key=seed, progress=True)
             jax.block_until_ready(res.params)
             last_run = time.perf_counter() - t0
             compile_s = compile_seconds() - c0
             acc = evaluate(res.params, x_te, y_te)
             state["rows"].append({"seed": seed, "method": m, "sparsity": s, "accuracy": acc,
                                   "time_s": last_run - compile_s, "compile_s": compile_s,
-                                  "floor_s": floor, "floor_beside_run": True, "stages_run": len(res.info["stages"]),
+                                  "floor_s": floor, "floor_beside_run": True, "stages_run": len(res.stages),
                                   "max_halvings": args.ms_max_halvings,
-                                  "loss": res.info["loss"], "stages": res.info["stages"]})
+                                  "loss": res.loss, "stages": res.stages})
             print(f"multi-stage seed {seed} {m} x{args.ms_stages} at {s}: {100 * acc:.2f} % in {last_run:.0f}s "
                   f"({compile_s:.0f}s compiling; {len(res.info['stages'])} stages run)", flush=True)
             path.write_text(json.dumps(state, indent=1))
@@ -261,8 +262,8 @@ def multistage(args, variables, layout, x_tr, y_tr, x_te, y_te, dense, t_start):
     else:  # rows from before the floor was timed per run share one timed at the file's first run
         floors += ", timed just before each run, or once at the file's first run for the older rows"
     header = (f"ResNet20 (dense {100 * dense:.2f} %) multi-stage, no fine-tuning: "
-              f"`prune_gradual(stages={args.ms_stages}, update=\"cbs\", blocks=\"layer\", "
-              f"max_halvings={args.ms_max_halvings}, loss_check={args.ms_loss_check or None})` (-geo columns: `schedule=\"geometric\", loss_check=None`; "
+              f"`prune_multistage(stages={args.ms_stages}, update=\"cbs\", fisher_blocks=\"layer\", "
+              f"check=LossCheck(ratio={args.ms_loss_check or None}, max_halvings={args.ms_max_halvings}))` (-geo columns: `schedule=\"geometric\", check=None`; "
               f"CBS: {args.trials} RMP trials at the first stage, "
               f"warm-started swap search after), N = {args.fisher_n} (also the loss batch), damping {args.damping}; test accuracy (%) mean "
               f"± std over seed(s) {seeds}; time per run without compilation (s), its ratio to the floor "

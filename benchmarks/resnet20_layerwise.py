@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
-from common import RESULTS, metadata, write  # noqa: E402
+from lib.common import RESULTS, metadata, write  # noqa: E402
 from resnet20 import MEAN, STD, BasicBlock, batchnorm_refresh, cached_model_and_data, evaluate, pad32  # noqa: E402
 from resnet20_fashion import fisher_sample  # noqa: E402
 
@@ -120,7 +120,7 @@ def main(argv=None):
                     seconds = time.perf_counter() - t0
                     pruned = with_blocks(variables, res.blocks)
                     row = {"seed": seed, "sparsity": s, "method": name, "asymmetric": asym, "seconds": seconds,
-                           "achieved_sparsity": res.info["sparsity"], "timings": res.timings,
+                           "achieved_sparsity": res.sparsity, "timings": res.timings,
                            "accuracy": evaluate(pruned, x_te, y_te),
                            "accuracy_refreshed": evaluate(refresh(pruned), x_te, y_te)}
                     state["rows"].append(row)

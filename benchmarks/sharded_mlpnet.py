@@ -31,9 +31,9 @@ from jax.sharding import Mesh  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cobs_jax  # noqa: E402
-from common import metadata, write  # noqa: E402
-from data import CACHE, DataUnavailable, load_mnist  # noqa: E402
-from models import accuracy, loss_fn, trained_mlpnet  # noqa: E402
+from lib.common import metadata, write  # noqa: E402
+from lib.data import CACHE, DataUnavailable, load_mnist  # noqa: E402
+from lib.models import accuracy, loss_fn, trained_mlpnet  # noqa: E402
 
 
 def main(argv=None):
@@ -67,7 +67,7 @@ def main(argv=None):
         print(f"{p_dev} device(s): G {grads.shape} sharded {grads.sharding.spec}, {shard_mib:.1f} MiB per "
               f"device, gradients {t_grads:.2f}s", flush=True)
         for name, method, update in methods:
-            kw = dict(method=method, update=update, damping=1e-3, grads=grads, loss_batch=loss_batch, mesh=mesh)
+            kw = dict(method=method, update=update, abs_damping=1e-3, grads=grads, loss_batch=loss_batch, mesh=mesh)
             cobs_jax.prune(params, loss_fn, batch, sparsity=args.sparsity - 0.1, **kw)  # compile
             res = cobs_jax.prune(params, loss_fn, batch, sparsity=args.sparsity, **kw)
             t = res.timings

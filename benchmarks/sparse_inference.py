@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import cobs_jax
-from common import RESULTS, metadata
+from lib.common import RESULTS, metadata
 
 MODELS = {"MLP 784-300-100-10 (batch 256)": ((784, 300, 100, 10), 256),
           "transformer MLP 576-1536-576 (512 tokens)": ((576, 1536, 576), 512)}

@@ -50,10 +50,10 @@ def assert_same(a, b):
 @pytest.mark.parametrize("method,update,blocks", CASES)
 def test_same_masks_and_updates_on_1_and_8_devices(setup, method, update, blocks):
     params, loss_fn, batch = setup
-    kw = dict(sparsity=0.6, method=method, update=update, blocks=blocks, damping=1e-2)
+    kw = dict(sparsity=0.6, method=method, update=update, fisher_blocks=blocks, abs_damping=1e-2)
     ref = cobs_jax.prune(params, loss_fn, batch, **kw)
     if isinstance(method, cobs_jax.CBS) or method == "cbs":
-        assert ref.info["ls_swaps"].sum() > 0  # the swap search did something to compare
+        assert ref.stats["ls_swaps"].sum() > 0  # the swap search did something to compare
     for p in (1, 8):  # the mesh path on one device, and rows split over eight
         assert_same(ref, cobs_jax.prune(params, loss_fn, batch, mesh=mesh(p), **kw))
 
@@ -97,7 +97,7 @@ def test_no_device_gathers_g(setup, method, update):
 def test_sweep_on_mesh_equals_single_device(setup):
     params, loss_fn, batch = setup
     kw = dict(sparsities=[0.4, 0.8], keys=[0, 1], method=cobs_jax.CBS(num_trials=4), update="cbs",
-              blocks="layer", damping=1e-2)
+              fisher_blocks="layer", abs_damping=1e-2)
     for a, b in zip(cobs_jax.prune_sweep(params, loss_fn, batch, **kw),
                     cobs_jax.prune_sweep(params, loss_fn, batch, mesh=mesh(8), **kw)):
         assert_same(a, b)
@@ -110,13 +110,13 @@ def test_apply_update_and_gradual_on_mesh(setup):
     g1 = cobs_jax.per_example_grads(params, loss_fn, batch, layout)
     g8 = cobs_jax.per_example_grads(params, loss_fn, batch, layout, mesh=mesh(8))
     for update in ("cbs", "obs"):
-        a = cobs_jax.apply_update(params, masks, g1, update=update, damping=1e-2)
-        b = cobs_jax.apply_update(params, masks, g8, update=update, damping=1e-2, mesh=mesh(8))
+        a = cobs_jax.apply_update(params, masks, g1, update=update, abs_damping=1e-2)
+        b = cobs_jax.apply_update(params, masks, g8, update=update, abs_damping=1e-2, mesh=mesh(8))
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
-    kw = dict(sparsity=0.8, stages=3, method="woodfisher", update="cbs", damping=1e-2)
-    assert_same(cobs_jax.prune_gradual(params, loss_fn, batch, **kw),
-                cobs_jax.prune_gradual(params, loss_fn, batch, mesh=mesh(8), **kw))
+    kw = dict(sparsity=0.8, stages=3, method="woodfisher", update="cbs", abs_damping=1e-2)
+    assert_same(cobs_jax.prune_multistage(params, loss_fn, batch, **kw),
+                cobs_jax.prune_multistage(params, loss_fn, batch, mesh=mesh(8), **kw))
 
 
 def test_rows_must_split_over_the_mesh(setup):

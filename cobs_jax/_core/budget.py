@@ -21,7 +21,7 @@ from typing import Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 
-from .layout import Layout
+from .layout import Layout, leaf_name
 
 __all__ = ["Budget", "make_budget", "parse_pattern", "check_sparsity", "layer_index"]
 
@@ -64,12 +64,6 @@ def parse_pattern(pattern: Optional[str]) -> Optional[tuple[int, int]]:
     return n, mm
 
 
-def _components(path: str) -> list[str]:
-    if path.endswith(".value"):  # flax.nnx State leaves: "['l1']['kernel'].value"
-        path = path[: -len(".value")]
-    return re.findall(r"[^\[\]'\".]+", path)
-
-
 def layer_index(layout: Layout, name: str) -> int:
     """Index of the prunable layer called ``name``.
 
@@ -80,7 +74,7 @@ def layer_index(layout: Layout, name: str) -> int:
     names = layout.names
     if name in names:
         return names.index(name)
-    slashed = ["/".join(_components(n)) for n in names]
+    slashed = [leaf_name(n) for n in names]
     hits = [i for i, s in enumerate(slashed) if s == name or s.endswith("/" + name)]
     if len(hits) == 1:
         return hits[0]

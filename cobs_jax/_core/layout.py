@@ -12,17 +12,20 @@ C (row-major) order. Non-prunable leaves are not part of the vector.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .exclude import Exclude, Excluder
+
 PyTree = Any
 Prunable = Union[None, Callable[[str, Any], bool], PyTree]
 BlockSpec = Union[str, int]
 
-__all__ = ["Layout", "make_layout", "default_prunable"]
+__all__ = ["Layout", "make_layout", "default_prunable", "leaf_name"]
 
 
 def same_structure(a: Any, b: Any) -> bool:
@@ -202,7 +205,14 @@ def _collection_filter(params: PyTree) -> Callable[[tuple], bool]:
     return lambda keypath: True
 
 
-def make_layout(params: PyTree, prunable: Prunable = None) -> Layout:
+def leaf_name(path: str) -> str:
+    """A leaf's ``keystr`` path as ``/``-joined names: ``"params/Dense_0/kernel"`` (nnx: ``"l1/kernel"``)."""
+    if path.endswith(".value"):  # flax.nnx State leaves: "['l1']['kernel'].value"
+        path = path[: -len(".value")]
+    return "/".join(re.findall(r"[^\[\]'\".]+", path))
+
+
+def make_layout(params: PyTree, prunable: Prunable = None, exclude: Exclude = None) -> Layout:
     """Build the static :class:`Layout` of ``params``.
 
     Args:
@@ -212,6 +222,9 @@ def make_layout(params: PyTree, prunable: Prunable = None) -> Layout:
         with ``ndim >= 2``, under ``'params'`` if the tree has such a collection); a callable
         ``prunable(path: str, leaf) -> bool`` receives ``jax.tree_util.keystr`` of each leaf path;
         or a pytree of Python/NumPy bools with the structure of ``params``.
+      exclude: leaves left dense, by name (:func:`leaf_name`: ``"params/Dense_1/kernel"``): a
+        regex or a list of them searched in the name, or ``callable(name) -> bool``; the layer
+        half's ``exclude``. A pattern that matches no leaf raises.
 
     Raises:
       ValueError: if ``params`` is empty, ``prunable`` has the wrong structure, a chosen leaf is not
@@ -238,6 +251,12 @@ def make_layout(params: PyTree, prunable: Prunable = None) -> Layout:
                 f"got structure {ptd}, expected {treedef}"
             )
         flags = [bool(np.all(np.asarray(x))) for x in pl]
+    if exclude is not None:
+        skip = Excluder(exclude)
+        names = [leaf_name(p) for p in paths]
+        dense = [skip(n) for n in names]
+        flags = [f and not d for f, d in zip(flags, dense)]
+        skip.check_used(names)
     for p, leaf, f in zip(paths, leaves, flags):
         if f and not _is_floating(leaf):
             raise ValueError(f"`prunable` selects leaf {p}, which is not a floating-point array")

@@ -54,6 +54,49 @@ from .problem import Problem
 __all__ = ["StagePlan", "stage_plan", "run_stages"]
 
 
+class Deployed(NamedTuple):
+    """One attempt of a stage: the pruned set, the deployed weights (and whole params with
+    ``refresh``), the quadratic model's predicted rise, the true loss, and whether the magnitude
+    completion won (``compare_magnitude``)."""
+
+    mask: jax.Array
+    w: jax.Array
+    pred: jax.Array
+    loss: jax.Array
+    params: Any
+    won: jax.Array
+
+
+class History(NamedTuple):
+    """Per stage run (arrays of ``max_stages``): target and pruned counts, predicted rise, true
+    loss, loss before, halvings, reverted, magnitude kept."""
+
+    target: jax.Array
+    pruned: jax.Array
+    pred: jax.Array
+    loss: jax.Array
+    before: jax.Array
+    tries: jax.Array
+    reverted: jax.Array
+    magnitude_kept: jax.Array
+
+
+class StageState(NamedTuple):
+    """The device loop's state: stages run, planned stages done, weights, params (``refresh``),
+    pruned set, current loss, history, whether the last gradients were finite, and the best full
+    step of the current planned stage."""
+
+    run: jax.Array
+    planned: jax.Array
+    w: jax.Array
+    params: Any
+    pruned: jax.Array
+    loss: jax.Array
+    hist: History
+    finite: jax.Array
+    best: Deployed
+
+
 class StagePlan(NamedTuple):
     """Per-stage pruned counts of a schedule.
 
@@ -152,20 +195,20 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
                 if refresh is not None:  # e.g. BatchNorm statistics re-estimated; pruned weights stay 0
                     p_new = refresh(layout.unravel(w_new, p))
                     w_new = jnp.where(mask, 0.0, layout.ravel(p_new))
-                return mask, w_new, pred, loss(w_new, p_new), p_new
+                return Deployed(mask, w_new, pred, loss(w_new, p_new), p_new, jnp.bool_(False))
 
             out = deployed(new)
             if not guard:
-                return out + (jnp.bool_(False),)
+                return out
             # the magnitude completion of the frozen set, deployed the same way: kept if lower (the
             # selector often returns that very mask, which needs no second update)
             alt_mask = Magnitude().select(problem, k, k_e)[0]
             alt = jax.lax.cond(jnp.array_equal(alt_mask, new), lambda: out, lambda: deployed(alt_mask))
-            won = alt[3] < out[3]
-            return jax.tree.map(lambda a, b: jnp.where(won, a, b), alt, out) + (won,)
+            won = alt.loss < out.loss
+            return jax.tree.map(lambda a, b: jnp.where(won, a, b), alt, out)._replace(won=won)
 
-        def stage(st):
-            e, t, w, p, pruned, loss_w, hist, _, fb = st
+        def stage(st: StageState) -> StageState:
+            e, t, w, p, pruned, loss_w, hist, fb = st.run, st.planned, st.w, st.params, st.pruned, st.loss, st.hist, st.best
             if needs_fisher:
                 g = grads_at(w, p)
                 bad = jnp.sum(~jnp.isfinite(g))
@@ -181,9 +224,9 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             first = attempt(fisher, w, p, pruned, held, full, k_e, e == 0)
 
             def rejected(a):
-                target, tries, (_, _, pred, new_loss, _, _) = a
+                target, tries, tried = a
                 smaller = held + (target - held) // 2
-                return ((new_loss - loss_w > check * jnp.maximum(pred, 0.0) + tol) & allowed
+                return ((tried.loss - loss_w > check * jnp.maximum(tried.pred, 0.0) + tol) & allowed
                         & (tries < max_halvings) & (jnp.sum(smaller - held) > 0))
 
             def halve(a):
@@ -197,31 +240,28 @@ def _compiled(selector, warm, update, layout, loss_fn, blocks, mesh, mini_batch,
             done = jnp.all(target == full)
             # the best full step tried during this planned stage: a split path that ends the stage
             # above it is undone (so splitting never ends a planned stage higher than not splitting)
-            better = first[3] < fb[3]
+            better = first.loss < fb.loss
             fb = jax.tree.map(lambda a, b: jnp.where(better, a, b), first, fb)
-            revert = done & (fb[3] < new_loss)
+            revert = done & (fb.loss < new_loss)
             new, w_new, pred, new_loss, p_new, won = jax.tree.map(lambda a, b: jnp.where(revert, a, b), fb,
-                                                                  (new, w_new, pred, new_loss, p_new, won))
+                                                                  Deployed(new, w_new, pred, new_loss, p_new, won))
             fb = jax.tree.map(lambda a, b: jnp.where(done, a, b), fb0, fb)
-            h_target, h_pruned, h_pred, h_loss, h_before, h_tries, h_revert, h_won = hist
-            hist = (h_target.at[e].set(jnp.sum(target).astype(jnp.int32)), h_pruned.at[e].set(jnp.sum(new, dtype=jnp.int32)),
-                    h_pred.at[e].set(pred), h_loss.at[e].set(new_loss), h_before.at[e].set(loss_w),
-                    h_tries.at[e].set(tries), h_revert.at[e].set(revert), h_won.at[e].set(won))
+            hist = History(*(h.at[e].set(v) for h, v in zip(hist, (
+                jnp.sum(target).astype(jnp.int32), jnp.sum(new, dtype=jnp.int32), pred, new_loss, loss_w, tries,
+                revert, won))))
             if progress:
                 jax.debug.callback(_report, e, jnp.sum(new), d, new_loss, loss_w + pred, tries, revert, won)
-            return e + 1, jnp.where(done, t + 1, t), w_new, p_new, new, new_loss, hist, finite, fb
+            return StageState(e + 1, jnp.where(done, t + 1, t), w_new, p_new, new, new_loss, hist, finite, fb)
 
         nan = jnp.full(max_stages, jnp.nan, dtype)
-        hist0 = (jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, jnp.int32), nan, nan, nan,
-                 jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, bool), jnp.zeros(max_stages, bool))
+        hist0 = History(jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, jnp.int32), nan, nan, nan,
+                        jnp.zeros(max_stages, jnp.int32), jnp.zeros(max_stages, bool), jnp.zeros(max_stages, bool))
         extra_total = max_stages - num_planned
-        fb0 = (jnp.zeros(d, bool), w0, jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype), p0,
-               jnp.bool_(False))  # none yet
-        init = (jnp.int32(0), jnp.int32(0), w0, p0, jnp.zeros(d, bool), loss0, hist0, jnp.bool_(True), fb0)
-        e, t, w, p, pruned, _, hist, finite, _ = jax.lax.while_loop(
-            lambda st: (st[1] < num_planned) & st[7], stage, init
-        )
-        return layout.unravel(w, full(p)), pruned, e, hist, finite, loss0
+        fb0 = Deployed(jnp.zeros(d, bool), w0, jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype), p0,
+                       jnp.bool_(False))  # none yet
+        init = StageState(jnp.int32(0), jnp.int32(0), w0, p0, jnp.zeros(d, bool), loss0, hist0, jnp.bool_(True), fb0)
+        end = jax.lax.while_loop(lambda st: (st.planned < num_planned) & st.finite, stage, init)
+        return layout.unravel(end.w, full(end.params)), end.pruned, end.run, end.hist, end.finite, loss0
 
     return on_mesh(body, mesh)(params, batch, loss_batch, damping, scale, counts, groups, key, check, slack,
                                 max_halvings)

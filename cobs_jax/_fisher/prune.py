@@ -37,6 +37,7 @@ from .fisher import Fisher, check_finite_grads, per_example_grads
 from .iht import IHT
 from .._core.deprecation import reject_unknown, take_renamed
 from .._core.keys import as_key
+from .._core.exclude import Exclude
 from .._core.layout import BlockSpec, Prunable, PyTree, make_layout
 from .magnitude import Magnitude
 from .problem import Problem
@@ -235,7 +236,7 @@ def check_damping_update_mesh(damping, update, mesh) -> None:
         raise ValueError(f"`mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
 
 
-def _setup(params, loss_fn, batch, *, method, update, damping, blocks, prunable, mini_batch, chunk_size,
+def _setup(params, loss_fn, batch, *, method, update, damping, blocks, prunable, exclude, mini_batch, chunk_size,
            loss_batch, update_scale, grads, mesh, progress=False) -> _Setup:
     """Check the arguments shared by prune and prune_sweep; compute (or place) G."""
     check_damping_update_mesh(damping, update, mesh)
@@ -247,7 +248,7 @@ def _setup(params, loss_fn, batch, *, method, update, damping, blocks, prunable,
     selector = make_selector(method)
     if progress and isinstance(selector, CBS):
         selector = dataclasses.replace(selector, progress=True)
-    layout = make_layout(params, prunable)
+    layout = make_layout(params, prunable, exclude)
     layout.check_finite(params)
     blocks_t = layout.blocks(blocks)
     needs_fisher = update is not None or not isinstance(selector, NO_FISHER)
@@ -324,6 +325,7 @@ def prune(
     fisher_blocks: BlockSpec = "model",
     key: Union[None, int, jax.Array] = None,
     prunable: Prunable = None,
+    exclude: Exclude = None,
     mini_batch: int = 1,
     chunk_size: int = 256,
     loss_batch: Optional[PyTree] = None,
@@ -357,7 +359,11 @@ def prune(
         (one per prunable leaf) or a size (int: consecutive chunks of that many weights).
       key: PRNG key for randomised selectors: a ``jax.random.key``, a legacy ``PRNGKey`` or an
         int seed (default ``jax.random.key(0)``).
-      prunable: which leaves may be pruned (see :func:`cobs_jax.make_layout`).
+      prunable: which leaves may be pruned (see :func:`cobs_jax.make_layout`; default every
+        floating leaf with ``ndim >= 2``).
+      exclude: leaves left dense, by name (``"params/Dense_1/kernel"``; nnx ``"fc/kernel"``): a
+        regex or list of them searched in the name, or ``callable(name) -> bool``, as in
+        :func:`cobs_jax.prune_layerwise`. A pattern that matches no leaf raises.
       mini_batch: examples averaged per gradient row.
       chunk_size: gradient rows computed at once (per device; bounds memory).
       loss_batch: examples on which CBS scores masks by true loss (default: ``batch``).
@@ -402,7 +408,7 @@ def prune(
     abs_damping, fisher_blocks = renamed_fisher_options(deprecated, abs_damping, fisher_blocks, "prune")
     st = _setup(
         params, loss_fn, batch, method=method, update=update, damping=abs_damping, blocks=fisher_blocks,
-        prunable=prunable, mini_batch=mini_batch, chunk_size=chunk_size, loss_batch=loss_batch,
+        prunable=prunable, exclude=exclude, mini_batch=mini_batch, chunk_size=chunk_size, loss_batch=loss_batch,
         update_scale=update_scale, grads=grads, mesh=mesh, progress=progress,
     )
     layout = st.layout
@@ -429,6 +435,7 @@ def prune_sweep(
     abs_damping: float = 1e-3,
     fisher_blocks: BlockSpec = "model",
     prunable: Prunable = None,
+    exclude: Exclude = None,
     mini_batch: int = 1,
     chunk_size: int = 256,
     loss_batch: Optional[PyTree] = None,
@@ -470,7 +477,7 @@ def prune_sweep(
     abs_damping, fisher_blocks = renamed_fisher_options(deprecated, abs_damping, fisher_blocks, "prune_sweep")
     st = _setup(
         params, loss_fn, batch, method=method, update=update, damping=abs_damping, blocks=fisher_blocks,
-        prunable=prunable, mini_batch=mini_batch, chunk_size=chunk_size, loss_batch=loss_batch,
+        prunable=prunable, exclude=exclude, mini_batch=mini_batch, chunk_size=chunk_size, loss_batch=loss_batch,
         update_scale=update_scale, grads=grads, mesh=mesh, progress=progress,
     )
     layout = st.layout
@@ -505,6 +512,7 @@ def apply_update(
     abs_damping: float = 1e-3,
     fisher_blocks: BlockSpec = "model",
     prunable: Prunable = None,
+    exclude: Exclude = None,
     update_scale: float = 1.0,
     mesh: Optional[Mesh] = None,
     **deprecated: Any,
@@ -514,7 +522,8 @@ def apply_update(
     Args:
       params: the dense params.
       masks: bool keep-mask pytree (True = kept) with the params' structure.
-      grads: (N, D) rows from :func:`cobs_jax.per_example_grads` for the same ``prunable`` choice.
+      grads: (N, D) rows from :func:`cobs_jax.per_example_grads` for the same leaves (``prunable``,
+        ``exclude``: as in :func:`prune`).
       update: ``"cbs"`` or ``"obs"``; abs_damping, fisher_blocks, update_scale, mesh: as in
         :func:`prune` (with its deprecated ``damping`` and ``blocks``).
 
@@ -525,7 +534,7 @@ def apply_update(
     if update not in ("cbs", "obs"):
         raise ValueError(f"`update` must be 'cbs' or 'obs', got {update!r}")
     check_abs_damping(damping)
-    layout = make_layout(params, prunable)
+    layout = make_layout(params, prunable, exclude)
     pruned = ~layout.from_masks(masks)
     if np.ndim(grads) != 2 or np.shape(grads)[1] != layout.size:
         raise ValueError(f"`grads` must have shape (N, {layout.size}), got {np.shape(grads)}")

@@ -17,7 +17,6 @@ model's embeddings and head are outside the blocks and stay dense, as in the pap
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
@@ -35,6 +34,7 @@ from .base import LayerPruner, LayerUpdate
 from .hessian import Factors, factor_hessian
 from .kernels import as_rows, from_rows
 from .._core.deprecation import reject_unknown, take_renamed
+from .._core.exclude import Exclude, Excluder
 from .layer import LayerResult, check_finite, check_rel_damping, solve_layer, uses_factors
 from .registry import as_pruner, as_update, from_flat_options
 from .._core.progress import progress as show
@@ -97,42 +97,6 @@ class LayerwiseResult(NamedTuple):
         layers = [dict(block=r.block, layer=r.layer, shape=r.shape, error=r.error, damping=r.rel_damping,
                        sparsity=r.sparsity, seconds=r.seconds, swaps=r.stats.get("swaps")) for r in self.layers]
         return dict(layers=layers, sparsity=self.sparsity, excluded=list(self.excluded), timings=dict(self.timings))
-
-
-class Excluder:
-    """``exclude`` as a predicate on layer names, remembering which patterns matched."""
-
-    def __init__(self, exclude):
-        self.fn: Optional[Callable[[str], bool]] = None
-        self.patterns: list = []
-        self.used: list[bool] = []
-        if exclude is None:
-            return
-        if callable(exclude):
-            self.fn = exclude
-            return
-        pats = [exclude] if isinstance(exclude, str) else exclude
-        if not isinstance(pats, (list, tuple)) or not all(isinstance(p, str) for p in pats):
-            raise ValueError(f"`exclude` must be a regex, a list of them or callable(name) -> bool, got {exclude!r}")
-        try:
-            self.patterns = [re.compile(p) for p in pats]
-        except re.error as e:
-            raise ValueError(f"`exclude`: bad regex ({e})") from e
-        self.used = [False] * len(self.patterns)
-
-    def __call__(self, name: str) -> bool:
-        if self.fn is not None:
-            return bool(self.fn(name))
-        hits = [bool(p.search(name)) for p in self.patterns]
-        self.used = [u or h for u, h in zip(self.used, hits)]
-        return any(hits)
-
-    def check_used(self, names: list) -> None:
-        """ValueError for a pattern that matched none of ``names`` (every layer and weight seen)."""
-        for p, used in zip(self.patterns, self.used):
-            if not used:
-                raise ValueError(f"`exclude` pattern {p.pattern!r} matches no layer; the layers are named like "
-                                 f"{sorted(set(names))[:8]}")
 
 
 def _per_block_sparsity(sparsity, n_blocks: int) -> list:
@@ -283,7 +247,7 @@ def prune_layerwise(
     rel_damping: float = 0.01,
     asymmetric: bool = False,
     true_sequential: bool = False,
-    exclude: Union[None, str, Sequence[str], Callable[[str], bool]] = None,
+    exclude: Exclude = None,
     args: tuple = (),
     kwargs: Optional[dict] = None,
     chunk_size: int = 8,

@@ -95,7 +95,7 @@ def test_per_layer_budgets_are_met_exactly(method):
         budget={"Dense_1/kernel": 0.7}, blocks="layer",
     )
     assert _counts(layout, res.masks) == [round(0.2 * 32), round(0.7 * 24)]
-    ls = res.info["layer_sparsity"]
+    ls = res.layer_sparsity
     assert ls["['params']['Dense_1']['kernel']"] == pytest.approx(round(0.7 * 24) / 24)
     w = np.asarray(layout.ravel(res.params))
     assert np.all(w[~np.asarray(layout.from_masks(res.masks))] == 0)
@@ -124,8 +124,8 @@ def test_nm_pattern_every_method(method, pattern):
     n, m = map(int, pattern.split(":"))
     res = _prune(params, loss_fn, batch, pattern=pattern, method=method, update="cbs")
     _assert_nm(params, res.masks, n, m)
-    assert res.info["sparsity"] == pytest.approx(1 - n / m)
-    assert res.info["pattern"] == pattern
+    assert res.sparsity == pytest.approx(1 - n / m)
+    assert res.stats["pattern"] == pattern
 
 
 def test_nm_woodfisher_chooses_by_obs_saliency_and_update_is_exact():
@@ -151,7 +151,7 @@ def test_nm_cbs_not_worse_than_its_magnitude_start():
     params, loss_fn, batch, layout = _setup(hidden=16)
     mp = _prune(params, loss_fn, batch, pattern="2:4", method="magnitude")
     cbs = _prune(params, loss_fn, batch, pattern="2:4", method=cobs_jax.CBS(num_trials=4))
-    assert cbs.info["loss"] <= mp.info["loss"] + 1e-12
+    assert cbs.loss <= mp.loss + 1e-12
     _assert_nm(params, cbs.masks, 2, 4)
 
 

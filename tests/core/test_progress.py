@@ -30,7 +30,7 @@ def test_long_calls_report_progress(call, monkeypatch, capsys):
         out = capsys.readouterr().out
         assert "per-example gradients (chunks): 4/4" in out and "CBS local search pass 1:" in out
     else:
-        cobs_jax.prune_gradual(params, loss_fn, batch, sparsity=0.5, stages=3, update="cbs", progress=True)
+        cobs_jax.prune_multistage(params, loss_fn, batch, sparsity=0.5, stages=3, update="cbs", progress=True)
         assert "prune_gradual stage 3: pruned 21/42" in capsys.readouterr().out  # from the compiled loop
         cobs_jax.prune_gradual(params, loss_fn, batch, sparsity=0.5, stages=3, update="cbs", progress=True,
                                compiled=False)

@@ -48,7 +48,7 @@ def test_every_method_on_a_conv_bn_variables_dict(method, update):
     model, variables, loss_fn, batch = conv_setup()
     before = copy.deepcopy(jax.tree.map(np.asarray, variables))
     res = cobs_jax.prune(variables, loss_fn, batch, sparsity=0.5, method=method, update=update,
-                         blocks="layer", damping=1e-2, key=jax.random.key(0))
+                         fisher_blocks="layer", abs_damping=1e-2, key=jax.random.key(0))
     layout = cobs_jax.make_layout(variables)
     assert layout.names == ("['params']['conv0']['kernel']", "['params']['conv1']['kernel']",
                             "['params']['fc']['kernel']")
@@ -68,7 +68,7 @@ def test_every_method_on_a_conv_bn_variables_dict(method, update):
         k = by_hand["params"][name]["kernel"]
         k[~np.asarray(res.masks["params"][name]["kernel"])] = 0.0
     np.testing.assert_array_equal(model.apply(res.params, batch["x"]), model.apply(by_hand, batch["x"]))
-    np.testing.assert_allclose(res.info["loss"], loss_fn(by_hand, batch), rtol=1e-12)
+    np.testing.assert_allclose(res.loss, loss_fn(by_hand, batch), rtol=1e-12)
 
 
 def test_layer_blocks_equal_dense_per_layer_computation():
@@ -86,7 +86,7 @@ def test_layer_blocks_equal_dense_per_layer_computation():
     finv = np.linalg.inv(f)
     saliency = w**2 / np.diag(finv)
     res = cobs_jax.prune(variables, loss_fn, batch, sparsity=0.6, method="woodfisher", update="cbs",
-                         blocks="layer", damping=lam, grads=grads)
+                         fisher_blocks="layer", abs_damping=lam, grads=grads)
     pruned = ~np.asarray(layout.from_masks(res.masks))
     expected = np.zeros_like(pruned)
     expected[np.argsort(saliency, kind="stable")[: pruned.sum()]] = True
@@ -94,7 +94,7 @@ def test_layer_blocks_equal_dense_per_layer_computation():
     np.testing.assert_allclose(np.asarray(layout.ravel(res.params)),
                                np.where(pruned, 0.0, w + dense_cbs_update(f, w, pruned)), rtol=1e-8, atol=1e-10)
     obs = cobs_jax.prune(variables, loss_fn, batch, sparsity=0.6, method="woodfisher", update="obs",
-                         blocks="layer", damping=lam, grads=grads)
+                         fisher_blocks="layer", abs_damping=lam, grads=grads)
     dw = -finv @ np.where(pruned, w / np.diag(finv), 0.0)
     np.testing.assert_allclose(np.asarray(layout.ravel(obs.params)), np.where(pruned, 0.0, w + dw),
                                rtol=1e-8, atol=1e-10)
@@ -104,10 +104,10 @@ def test_paper_style_layer_choice_leaves_others_alone():
     _, variables, loss_fn, batch = conv_setup()
     only_convs = lambda path, leaf: "conv" in path and path.endswith("['kernel']")  # noqa: E731
     res = cobs_jax.prune(variables, loss_fn, batch, sparsity=0.7, method="cbs", update="cbs",
-                         blocks="layer", prunable=only_convs, damping=1e-2)
+                         fisher_blocks="layer", prunable=only_convs, abs_damping=1e-2)
     np.testing.assert_array_equal(res.params["params"]["fc"]["kernel"], variables["params"]["fc"]["kernel"])
     assert np.all(res.masks["params"]["fc"]["kernel"])
-    assert set(res.info["layer_sparsity"]) == {"['params']['conv0']['kernel']", "['params']['conv1']['kernel']"}
+    assert set(res.layer_sparsity) == {"['params']['conv0']['kernel']", "['params']['conv1']['kernel']"}
 
 
 class NNXConvBN(nnx.Module):
@@ -133,15 +133,15 @@ def test_nnx_conv_bn_state():
 
     stats = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
     res = cobs_jax.prune(state, loss_fn, {"x": x, "y": y}, sparsity=0.5, method="woodfisher",
-                         update="cbs", blocks="layer", damping=1e-2)
-    assert set(res.info["layer_sparsity"]) == {"['conv']['kernel'].value", "['fc']['kernel'].value"}
+                         update="cbs", fisher_blocks="layer", abs_damping=1e-2)
+    assert set(res.layer_sparsity) == {"['conv']['kernel'].value", "['fc']['kernel'].value"}
     nnx.update(model, res.params)
     for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.BatchStat)), jax.tree.leaves(stats)):
         np.testing.assert_array_equal(a, b)
     kernel = np.asarray(model.conv.kernel[...])
     mask = np.asarray(jax.tree.leaves(res.masks["conv"]["kernel"])[0])
     assert np.all(kernel[~mask] == 0.0) and (~mask).sum() > 0
-    np.testing.assert_allclose(loss_fn(res.params, {"x": x, "y": y}), res.info["loss"], rtol=1e-6)
+    np.testing.assert_allclose(loss_fn(res.params, {"x": x, "y": y}), res.loss, rtol=1e-6)
 
 
 def test_gradual_refresh_recomputes_batchnorm_statistics_after_every_stage():
@@ -152,20 +152,20 @@ def test_gradual_refresh_recomputes_batchnorm_statistics_after_every_stage():
     def refresh(v):
         return {**v, **model.apply(v, batch["x"], train=True, mutable=["batch_stats"])[1]}
 
-    kw = dict(method="magnitude", update="cbs", blocks="layer", damping=1e-2)
+    kw = dict(method="magnitude", update="cbs", fisher_blocks="layer", abs_damping=1e-2)
     p, masks = variables, None
     for t, s in enumerate(cobs_jax.sparsity_schedule(0.7, 3)):
         r = cobs_jax.prune(p, loss_fn, batch, sparsity=s, masks=masks, key=t, **kw)
         p, masks = refresh(r.params), r.masks
     loop = cobs_jax.prune_gradual(variables, loss_fn, batch, sparsity=0.7, stages=3, refresh=refresh,
                                   compiled=False, **kw)
-    comp = cobs_jax.prune_gradual(variables, loss_fn, batch, sparsity=0.7, stages=3, refresh=refresh,
-                                  warm_start=False, loss_check=None, **kw)
+    comp = cobs_jax.prune_multistage(variables, loss_fn, batch, sparsity=0.7, stages=3, refresh=refresh,
+                                  warm_start=False, **kw, check=None)
     for res in (loop, comp):
         for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(p)):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(comp.info["loss"], loss_fn(p, batch), rtol=1e-10)  # the refreshed model's loss
-    plain = cobs_jax.prune_gradual(variables, loss_fn, batch, sparsity=0.7, stages=3, loss_check=None, **kw)
+    np.testing.assert_allclose(comp.loss, loss_fn(p, batch), rtol=1e-10)  # the refreshed model's loss
+    plain = cobs_jax.prune_multistage(variables, loss_fn, batch, sparsity=0.7, stages=3, **kw, check=None)
     assert not np.allclose(plain.params["batch_stats"]["bn1"]["mean"], comp.params["batch_stats"]["bn1"]["mean"])
     np.testing.assert_array_equal(plain.params["batch_stats"]["bn1"]["mean"], variables["batch_stats"]["bn1"]["mean"])
 
@@ -175,12 +175,12 @@ def test_gradual_refresh_cannot_revive_pruned_weights_and_must_keep_the_tree():
     layout = cobs_jax.make_layout(variables)
     shift = lambda v: jax.tree.map(lambda a: a + 1.0, v)  # noqa: E731  (moves every weight, pruned ones too)
     for compiled in (True, False):
-        res = cobs_jax.prune_gradual(variables, loss_fn, batch, sparsity=0.6, stages=2, refresh=shift,
-                                     compiled=compiled, blocks="layer", damping=1e-2, update="cbs")
+        res = cobs_jax.prune_multistage(variables, loss_fn, batch, sparsity=0.6, stages=2, refresh=shift,
+                                     fisher_blocks="layer", abs_damping=1e-2, update="cbs")
         w, keep = np.asarray(layout.ravel(res.params)), np.asarray(layout.from_masks(res.masks))
         assert keep.sum() == layout.size - round(0.6 * layout.size) and np.all(w[~keep] == 0.0)
     for bad in (lambda v: v["params"], lambda v: jax.tree.map(lambda a: a.astype(jnp.float32), v)):
         with pytest.raises(ValueError, match="refresh"):
-            cobs_jax.prune_gradual(variables, loss_fn, batch, sparsity=0.6, stages=2, refresh=bad, damping=1e-2)
+            cobs_jax.prune_multistage(variables, loss_fn, batch, sparsity=0.6, stages=2, refresh=bad, abs_damping=1e-2)
     with pytest.raises(ValueError, match="refresh"):
-        cobs_jax.prune_gradual(variables, loss_fn, batch, sparsity=0.6, stages=2, refresh="bn")
+        cobs_jax.prune_multistage(variables, loss_fn, batch, sparsity=0.6, stages=2, refresh="bn")

@@ -79,19 +79,19 @@ def test_bad_iht_options():
 
 def test_prune_iht_and_auto_scale():
     params, loss_fn, batch = linen_setup(n=48)
-    res = cobs_jax.prune(params, loss_fn, batch, sparsity=0.6, method="iht", update="cbs", damping=1e-2)
+    res = cobs_jax.prune(params, loss_fn, batch, sparsity=0.6, method="iht", update="cbs", abs_damping=1e-2)
     layout = cobs_jax.make_layout(params)
     assert (~np.asarray(layout.from_masks(res.masks))).sum() == round(0.6 * layout.size)
-    assert res.info["iht_iterations"] >= 1
+    assert res.stats["iht_iterations"] >= 1
     auto = cobs_jax.prune(params, loss_fn, batch, sparsity=0.6, method="woodfisher", update="obs",
-                          damping=1e-2, update_scale="auto")
-    assert auto.info["update_scale"] in [i / 10 for i in range(11)]
-    losses = np.asarray(auto.info["scale_losses"])
-    np.testing.assert_allclose(auto.info["loss"], losses.min(), rtol=1e-5)
+                          abs_damping=1e-2, update_scale="auto")
+    assert auto.stats["update_scale"] in [i / 10 for i in range(11)]
+    losses = np.asarray(auto.stats["scale_losses"])
+    np.testing.assert_allclose(auto.loss, losses.min(), rtol=1e-5)
     for s in (0.0, 1.0):
         fixed = cobs_jax.prune(params, loss_fn, batch, sparsity=0.6, method="woodfisher", update="obs",
-                               damping=1e-2, update_scale=s)
-        assert auto.info["loss"] <= fixed.info["loss"] + 1e-6
+                               abs_damping=1e-2, update_scale=s)
+        assert auto.loss <= fixed.loss + 1e-6
     with pytest.raises(ValueError, match="update_scale"):
         cobs_jax.prune(params, loss_fn, batch, sparsity=0.6, method="woodfisher", update_scale="best")
     with pytest.raises(ValueError, match="update_scale"):

@@ -35,7 +35,7 @@ def _check_result(res, params, sparsity):
         if not ok:
             np.testing.assert_array_equal(a, b)
             assert np.all(m)
-    assert res.info["sparsity"] == pytest.approx((~keep).mean())
+    assert res.sparsity == pytest.approx((~keep).mean())
 
 
 @pytest.mark.parametrize("method,update", COMBOS)
@@ -43,17 +43,17 @@ def test_end_to_end_linen(method, update):
     params, loss_fn, batch = linen_setup(n=48)
     before = copy.deepcopy(jax.tree.map(np.asarray, params))
     res = cobs_jax.prune(
-        params, loss_fn, batch, sparsity=0.5, method=method, update=update, damping=1e-2,
-        blocks="layer", key=jax.random.key(1),
+        params, loss_fn, batch, sparsity=0.5, method=method, update=update, abs_damping=1e-2,
+        fisher_blocks="layer", key=jax.random.key(1),
     )
     _check_result(res, params, 0.5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
         np.testing.assert_array_equal(a, b)  # input not mutated
-    assert np.isfinite(res.info["loss"])
-    assert set(res.info["layer_sparsity"]) == set(cobs_jax.make_layout(params).names)
+    assert np.isfinite(res.loss)
+    assert set(res.layer_sparsity) == set(cobs_jax.make_layout(params).names)
     again = cobs_jax.prune(
-        params, loss_fn, batch, sparsity=0.5, method=method, update=update, damping=1e-2,
-        blocks="layer", key=jax.random.key(1),
+        params, loss_fn, batch, sparsity=0.5, method=method, update=update, abs_damping=1e-2,
+        fisher_blocks="layer", key=jax.random.key(1),
     )
     for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(again.params)):
         np.testing.assert_array_equal(a, b)  # deterministic for a key
@@ -62,30 +62,30 @@ def test_end_to_end_linen(method, update):
 @pytest.mark.parametrize("method,update", [("woodfisher", "obs"), ("cbs", "cbs")])
 def test_end_to_end_nnx(method, update):
     state, loss_fn, batch = nnx_setup(n=48)
-    res = cobs_jax.prune(state, loss_fn, batch, sparsity=0.6, method=method, update=update, damping=1e-2)
+    res = cobs_jax.prune(state, loss_fn, batch, sparsity=0.6, method=method, update=update, abs_damping=1e-2)
     _check_result(res, state, 0.6)
     model = TinyNNX(nnx.Rngs(0))
     nnx.update(model, res.params)
     mask = np.asarray(jax.tree.leaves(res.masks["l1"]["kernel"])[0])
     assert np.all(np.asarray(model.l1.kernel[...])[~mask] == 0)
     out = model(batch["x"])
-    np.testing.assert_allclose(loss_fn(res.params, batch), res.info["loss"], rtol=1e-5)
+    np.testing.assert_allclose(loss_fn(res.params, batch), res.loss, rtol=1e-5)
     assert np.all(np.isfinite(out))
 
 
 def test_cbs_update_is_best_quadratic_for_the_mask():
     params, loss_fn, batch = linen_setup(n=48)
-    kw = dict(sparsity=0.5, method="woodfisher", damping=1e-2)
+    kw = dict(sparsity=0.5, method="woodfisher", abs_damping=1e-2)
     none = cobs_jax.prune(params, loss_fn, batch, **kw)
     obs = cobs_jax.prune(params, loss_fn, batch, update="obs", **kw)
     cbs = cobs_jax.prune(params, loss_fn, batch, update="cbs", **kw)
-    assert cbs.info["quadratic_loss"] <= obs.info["quadratic_loss"] + 1e-9
-    assert cbs.info["quadratic_loss"] <= none.info["quadratic_loss"] + 1e-9
+    assert cbs.stats["quadratic_loss"] <= obs.stats["quadratic_loss"] + 1e-9
+    assert cbs.stats["quadratic_loss"] <= none.stats["quadratic_loss"] + 1e-9
     # without update: 1/2 w_P^T F_lambda w_P = 1/2 (objective + lambda ||w_P||^2)
     layout = cobs_jax.make_layout(params)
     w_p = np.where(np.asarray(layout.from_masks(none.masks)), 0.0, np.asarray(layout.ravel(params)))
-    expected = 0.5 * (none.info["objective"] + 1e-2 * np.sum(w_p**2))
-    assert none.info["quadratic_loss"] == pytest.approx(expected, rel=1e-5)
+    expected = 0.5 * (none.stats["objective"] + 1e-2 * np.sum(w_p**2))
+    assert none.stats["quadratic_loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_precomputed_grads_and_zero_sparsity():
@@ -113,7 +113,7 @@ def test_bad_sparsity(sparsity):
 def test_bad_damping(damping):
     params, loss_fn, batch = linen_setup()
     with pytest.raises(ValueError, match="damping"):
-        cobs_jax.prune(params, loss_fn, batch, sparsity=0.5, method="woodfisher", damping=damping)
+        cobs_jax.prune(params, loss_fn, batch, sparsity=0.5, method="woodfisher", abs_damping=damping)
 
 
 def test_bad_inputs_named():
@@ -132,7 +132,7 @@ def test_bad_inputs_named():
     with pytest.raises(ValueError, match="batch"):
         cobs_jax.prune(params, loss_fn, sparsity=0.5, method="cbs")
     with pytest.raises(ValueError, match="blocks"):
-        cobs_jax.prune(params, loss_fn, batch, sparsity=0.5, method="woodfisher", blocks="rows")
+        cobs_jax.prune(params, loss_fn, batch, sparsity=0.5, method="woodfisher", fisher_blocks="rows")
 
     def nan_loss(p, b):
         return loss_fn(p, b) + 0.0 * jnp.sum(jnp.sqrt(p["params"]["Dense_1"]["kernel"]))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import cobs_jax
+from cobs_jax._core.layout import leaf_name
 from helpers import linen_setup
 
 
@@ -65,3 +66,20 @@ def test_prune_multistage_is_the_compiled_path_and_prune_gradual_the_loop():
         cobs_jax.LossCheck(ratio=0.0)
     unchecked = cobs_jax.prune_multistage(params, loss_fn, batch, check=None, **kw)
     assert len(unchecked.stages) == 2 and all(e["halvings"] == 0 for e in unchecked.stages)
+
+
+def test_exclude_is_the_same_idea_in_both_halves():
+    params, loss_fn, batch = linen_setup()
+    names = [leaf_name(p) for p in cobs_jax.make_layout(params).names]
+    assert names == ["params/Dense_0/kernel", "params/Dense_1/kernel"]
+    a = cobs_jax.prune(params, loss_fn, batch, sparsity=0.5, method="woodfisher", exclude="Dense_1")
+    b = cobs_jax.prune(params, loss_fn, batch, sparsity=0.5, method="woodfisher",
+                       prunable=lambda path, leaf: leaf.ndim >= 2 and "Dense_1" not in path)
+    jax.tree.map(np.testing.assert_array_equal, a.masks, b.masks)
+    assert list(a.layer_sparsity) == ["['params']['Dense_0']['kernel']"]
+    c = cobs_jax.prune(params, loss_fn, batch, sparsity=0.5, method="woodfisher", exclude=lambda n: n.endswith("1/kernel"))
+    jax.tree.map(np.testing.assert_array_equal, a.masks, c.masks)
+    with pytest.raises(ValueError, match="`exclude` pattern 'Dense_7' matches no layer"):
+        cobs_jax.prune(params, sparsity=0.5, exclude=["Dense_0", "Dense_7"])
+    with pytest.raises(ValueError, match="no prunable leaves"):
+        cobs_jax.prune(params, sparsity=0.5, exclude="Dense")

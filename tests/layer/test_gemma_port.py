@@ -1,4 +1,4 @@
-"""The benchmark's Gemma 3 port (benchmarks/gemma.py): the gemma library's parameter tree, its
+"""The benchmark's Gemma 3 port (benchmarks/lib/gemma.py): the gemma library's parameter tree, its
 Einsum kernels pruned through ``register_kernel``, the chunked perplexity head, the local window.
 
 The real 270M GGUF is exercised by ``benchmarks/llm_prune.py --model gemma3-270m``; here a tiny
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import gemma  # noqa: E402
+from lib import gemma  # noqa: E402
 
 import cobs_jax  # noqa: E402
 

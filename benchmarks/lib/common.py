@@ -13,7 +13,7 @@ import numpy as np
 
 import cobs_jax
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 _COMPILE_S = [0.0]
@@ -44,15 +44,15 @@ def run_one(spec, results, params, loss_fn, batch, grads, sparsity, key, *, damp
     t0 = time.perf_counter()
     if base is None:
         res = cobs_jax.prune(
-            params, loss_fn, batch, sparsity=sparsity, method=method, update=update, damping=damping,
-            blocks=blocks, key=key, grads=grads, loss_batch=batch["loss"], update_scale=scale,
+            params, loss_fn, batch, sparsity=sparsity, method=method, update=update, abs_damping=damping,
+            fisher_blocks=blocks, key=key, grads=grads, loss_batch=batch["loss"], update_scale=scale,
             prunable=prunable,
         )
         return {"params": res.params, "masks": res.masks, "info": res.info,
                 "time": time.perf_counter() - t0 + res.timings.get("grads", 0.0)}
     prev = results[base]
     out = jax.block_until_ready(cobs_jax.apply_update(
-        params, prev["masks"], grads, update=update, damping=damping, blocks=blocks, update_scale=scale,
+        params, prev["masks"], grads, update=update, abs_damping=damping, fisher_blocks=blocks, update_scale=scale,
         prunable=prunable,
     ))
     dt = time.perf_counter() - t0
@@ -75,7 +75,7 @@ def run_sweep(spec, results, params, loss_fn, batch, grads, sparsities, key, *, 
     t0 = time.perf_counter()
     out = cobs_jax.prune_sweep(
         params, loss_fn, batch, sparsities=sparsities, keys=[key], method=method, update=update,
-        damping=damping, blocks=blocks, grads=grads, loss_batch=batch["loss"], update_scale=scale,
+        abs_damping=damping, fisher_blocks=blocks, grads=grads, loss_batch=batch["loss"], update_scale=scale,
         prunable=prunable,
     )
     dt = (time.perf_counter() - t0) / len(sparsities)
@@ -85,7 +85,7 @@ def run_sweep(spec, results, params, loss_fn, batch, grads, sparsities, key, *, 
 def time_loop_vs_sweep(spec, params, loss_fn, batch, grads, sparsities, key, *, damping, blocks):
     """Seconds for a loop of single ``prune`` calls and for one ``prune_sweep`` (both compiled)."""
     method, update, scale, _ = spec
-    kw = dict(method=method, update=update, damping=damping, blocks=blocks, grads=grads,
+    kw = dict(method=method, update=update, abs_damping=damping, fisher_blocks=blocks, grads=grads,
               loss_batch=batch["loss"], update_scale=scale)
     t0 = time.perf_counter()
     for s in sparsities:

@@ -23,7 +23,7 @@ import tempfile
 
 import numpy as np
 
-from data import CACHE, npm_fetch
+from .data import CACHE, npm_fetch
 
 # npm is run in a subprocess; a tokenizers thread pool started before a fork can deadlock.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -386,7 +386,7 @@ def greedy(model: Gemma3, tokenizer, prompt: str, new_tokens: int = 30, width: i
     return tokenizer.decode(buf[0, len(ids) : n].tolist())
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m lib.gemma, from benchmarks/
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     model, tok, cfg = load_gguf()
     print(greedy(model, tok, "The capital of France is"))
