@@ -27,9 +27,9 @@ import numpy as np
 from jax.scipy.linalg import cho_solve
 from jax.typing import ArrayLike
 
+from .._core.topk import rank_in_group, smallest_k
 from .fisher import Fisher
 from .iht import update_aware_objective
-from .._core.topk import rank_in_group, smallest_k
 from .problem import Problem
 from .update import cbs_update
 

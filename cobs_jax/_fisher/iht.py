@@ -23,8 +23,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .fisher import Fisher
 from .._core.topk import smallest_k
+from .fisher import Fisher
 from .problem import Problem
 from .update import cbs_update
 

@@ -40,16 +40,17 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from .._core.budget import BudgetSpec, make_budget
-from .cbs import CBS
-from .._core.mesh import on_mesh, place, row_axis
-from .fisher import batch_size_of, check_grad_batch, grad_rows
 from .._core.layout import Layout, PyTree
-from .prune import NO_FISHER, UPDATES, make_fisher
+from .._core.mesh import on_mesh, place, row_axis
+from .cbs import CBS
+from .fisher import batch_size_of, check_grad_batch, grad_rows
 from .magnitude import Magnitude
 from .problem import Problem
+from .prune import NO_FISHER, UPDATES, make_fisher
 
 __all__ = ["StagePlan", "stage_plan", "run_stages"]
 

@@ -28,21 +28,22 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from .._core.budget import BudgetSpec, make_budget
-from .cbs import CBS
+from .._core.deprecation import reject_unknown, take_renamed
+from .._core.exclude import Exclude
+from .._core.keys import as_key
+from .._core.layout import BlockSpec, Prunable, PyTree, make_layout
 from .._core.mesh import check_rows_divisible, on_mesh, place, row_axis
+from .cbs import CBS
 from .fisher import Fisher, check_finite_grads, per_example_grads
 from .iht import IHT
-from .._core.deprecation import reject_unknown, take_renamed
-from .._core.keys import as_key
-from .._core.exclude import Exclude
-from .._core.layout import BlockSpec, Prunable, PyTree, make_layout
 from .magnitude import Magnitude
 from .problem import Problem
-from .woodfisher import WoodFisher
 from .update import cbs_update, obs_update
+from .woodfisher import WoodFisher
 
 __all__ = ["prune", "prune_sweep", "apply_update", "PruneResult", "make_selector", "METHODS", "UPDATES"]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
 from jax.typing import ArrayLike
 
 from .fisher import Fisher

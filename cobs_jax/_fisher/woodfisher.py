@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
-
 from .._core.topk import smallest_k
 from .problem import Problem
 

@@ -47,7 +47,7 @@ from typing import Any, ClassVar, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from .._core.mesh import rows_sharded
 from .base import LayerProblem, LayerPruner, LayerSelection, positive_int

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from .base import LayerProblem, LayerUpdate
 from .._core.mesh import rows_sharded
+from .base import LayerProblem, LayerUpdate
 
 __all__ = ["Exact", "exact_update"]
 

@@ -19,25 +19,24 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .._core.budget import check_sparsity, parse_pattern
-from .capture import BlockAdapter, LayerSpec, block_layers, run_block
-from .stacked import Stacked
-from .._core.keys import as_key
-from .hessian import accumulate_dtype
-from .base import LayerPruner, LayerUpdate
-from .hessian import Factors, factor_hessian
-from .kernels import as_rows, from_rows
 from .._core.deprecation import reject_unknown, take_renamed
 from .._core.exclude import Exclude, Excluder
+from .._core.keys import as_key
+from .._core.progress import progress as show
+from .base import LayerPruner, LayerUpdate
+from .capture import BlockAdapter, LayerSpec, block_layers, run_block
+from .hessian import Factors, accumulate_dtype, factor_hessian
+from .kernels import as_rows, from_rows
 from .layer import LayerResult, check_finite, check_rel_damping, solve_layer, uses_factors
 from .registry import as_pruner, as_update, from_flat_options
-from .._core.progress import progress as show
+from .stacked import Stacked
 
 __all__ = ["prune_layerwise", "LayerwiseResult"]
 
@@ -118,6 +117,23 @@ def _per_block_sparsity(sparsity, n_blocks: int) -> list:
 
 def _layer_sparsity(entry, name: str):
     return entry[name] if isinstance(entry, dict) else entry
+
+
+def check_calibration(inputs, args, kwargs, chunk_size) -> tuple[jax.Array, dict]:
+    """The checks every calibration pass shares (``prune_layerwise``, ``owl_sparsities``):
+    ``(inputs as an array, kwargs as a dict)``, or a ValueError naming the bad argument."""
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ValueError(f"`kwargs` must be a dict of keyword arguments for every block call, got {kwargs!r}")
+    if not isinstance(args, (tuple, list)):
+        raise ValueError(f"`args` must be a tuple of positional arguments for every block call, got {args!r}")
+    x = jnp.asarray(inputs)
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"`inputs` must have a leading example axis with at least one example, got {x.shape}")
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError("`inputs` contain NaN or Inf")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
+    return x, dict(kwargs or {})
 
 
 def plan_blocks(adapters: list, x: jax.Array, args, kwargs, skip: Excluder, per_block=None) -> list:
@@ -344,18 +360,7 @@ def prune_layerwise(
     for flag, value in (("asymmetric", asymmetric), ("true_sequential", true_sequential)):
         if not isinstance(value, bool):
             raise ValueError(f"`{flag}` must be a bool, got {value!r}")
-    if kwargs is not None and not isinstance(kwargs, Mapping):
-        raise ValueError(f"`kwargs` must be a dict of keyword arguments for every block call, got {kwargs!r}")
-    if not isinstance(args, (tuple, list)):
-        raise ValueError(f"`args` must be a tuple of positional arguments for every block call, got {args!r}")
-    kwargs = dict(kwargs or {})
-    x = jnp.asarray(inputs)
-    if x.ndim < 1 or x.shape[0] == 0:
-        raise ValueError(f"`inputs` must have a leading example axis with at least one example, got {x.shape}")
-    if not bool(jnp.all(jnp.isfinite(x))):
-        raise ValueError("`inputs` contain NaN or Inf")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
+    x, kwargs = check_calibration(inputs, args, kwargs, chunk_size)
     sharding = None
     if mesh is not None:
         if not isinstance(mesh, Mesh):

@@ -13,16 +13,17 @@ by largest remainders.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax.numpy as jnp
 import numpy as np
 
 from .._core.budget import check_sparsity
+from .._core.deprecation import reject_unknown, take_renamed
+from .._core.exclude import Exclude, Excluder
 from .capture import BlockAdapter
 from .kernels import as_rows
-from .._core.deprecation import reject_unknown, take_renamed
-from .layerwise import Excluder, forward_chunks, plan_blocks  # the driver's own passes and layer plan
+from .layerwise import check_calibration, forward_chunks, plan_blocks  # the driver's own passes and layer plan
 from .stacked import Stacked
 
 __all__ = ["owl_sparsities", "allocate_counts"]
@@ -65,7 +66,7 @@ def owl_sparsities(
     outlier_threshold: float = 5.0,
     spread: float = 0.08,
     granularity: str = "layer",
-    exclude: Union[None, str, Sequence[str], Callable[[str], bool]] = None,
+    exclude: Exclude = None,
     args: tuple = (),
     kwargs: Optional[dict] = None,
     chunk_size: int = 8,
@@ -107,16 +108,7 @@ def owl_sparsities(
         raise ValueError(f"`spread` must be in [0, 1), got {spread!r}")
     if granularity not in ("layer", "unit"):
         raise ValueError(f"`granularity` must be 'layer' or 'unit', got {granularity!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
-    if kwargs is not None and not isinstance(kwargs, Mapping):
-        raise ValueError(f"`kwargs` must be a dict of keyword arguments for every block call, got {kwargs!r}")
-    kwargs = dict(kwargs or {})
-    x = jnp.asarray(inputs)
-    if x.ndim < 1 or x.shape[0] == 0:
-        raise ValueError(f"`inputs` must have a leading example axis with at least one example, got {x.shape}")
-    if not bool(jnp.all(jnp.isfinite(x))):
-        raise ValueError("`inputs` contain NaN or Inf")
+    x, kwargs = check_calibration(inputs, args, kwargs, chunk_size)
     blocks = blocks.unstack() if isinstance(blocks, Stacked) else list(blocks)
     if not blocks:
         raise ValueError("`blocks` is empty: give the model's blocks in order")

@@ -2,10 +2,7 @@
 and version 0.1's names still working with a DeprecationWarning."""
 
 import dataclasses
-import tempfile
-import warnings
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
