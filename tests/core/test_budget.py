@@ -18,7 +18,7 @@ def _setup(hidden=8):
 
 
 def _prune(params, loss_fn, batch, **kw):
-    kw.setdefault("damping", 1e-2)
+    kw.setdefault("abs_damping", 1e-2)
     return cobs_jax.prune(params, loss_fn, batch, key=jax.random.key(3), **kw)
 
 
@@ -92,7 +92,7 @@ def test_per_layer_budgets_are_met_exactly(method):
     assert _counts(layout, res.masks) == [round(0.4 * n) for n in layout.sizes]
     res = _prune(
         params, loss_fn, batch, sparsity=0.2, method=method, update=update,
-        budget={"Dense_1/kernel": 0.7}, blocks="layer",
+        budget={"Dense_1/kernel": 0.7}, fisher_blocks="layer",
     )
     assert _counts(layout, res.masks) == [round(0.2 * 32), round(0.7 * 24)]
     ls = res.layer_sparsity

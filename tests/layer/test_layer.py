@@ -152,7 +152,7 @@ def test_sparsegpt_blocks_lazy_update_equals_one_block_when_mask_is_fixed():
 def test_exact_update_equals_lstsq_per_output_unit(method):
     x, w, h = _problem(1, n=30, d=10, out=4)
     damping = 0.01
-    new, mask, *_ = cobs_jax.prune_layer(w, h, sparsity=0.6, method=method, update="exact", damping=damping)
+    new, mask, *_ = cobs_jax.prune_layer(w, h, sparsity=0.6, method=method, update="exact", rel_damping=damping)
     new, mask = np.asarray(new), np.asarray(mask)
     lam = damping * np.mean(np.diag(h))
     for r in range(w.shape[1]):
@@ -290,17 +290,17 @@ def test_dead_inputs_are_zeroed_and_pruned_first():
     x, w, h = _problem(0)
     h = h.copy()
     h[3, :] = h[:, 3] = 0.0
-    new, mask, info = cobs_jax.prune_layer(w, h, sparsity=0.5, return_info=True)
-    assert np.all(np.asarray(new)[3] == 0) and not np.asarray(mask)[3].any()
-    assert np.isfinite(info.error)
+    res = cobs_jax.prune_layer(w, h, sparsity=0.5)
+    assert np.all(np.asarray(res.kernel)[3] == 0) and not np.asarray(res.mask)[3].any()
+    assert np.isfinite(res.error)
 
 
 def test_cholesky_failure_redamps_then_raises():
     h = np.array([[1.0, 1.5], [1.5, 1.0]])  # indefinite; damping 0.01, 0.1 fail, 1.0 succeeds
     w = np.array([[1.0, -2.0], [0.5, 0.3]])
-    new, mask, info = cobs_jax.prune_layer(w, h, sparsity=0.5, return_info=True)
-    assert info.damping == pytest.approx(1.0)
-    assert np.all(np.isfinite(np.asarray(new)))
+    res = cobs_jax.prune_layer(w, h, sparsity=0.5)
+    assert res.rel_damping == pytest.approx(1.0)
+    assert np.all(np.isfinite(np.asarray(res.kernel)))
     with pytest.raises(ValueError, match="Cholesky"):
         cobs_jax.prune_layer(w, np.array([[1.0, 100.0], [100.0, 1.0]]), sparsity=0.5, name="blk/q")
 

@@ -74,9 +74,11 @@ def test_deprecated_flat_options_warn_and_mean_the_object():
     w, h = _layer(2)
     new = cobs_jax.prune_layer(w, h, sparsity=0.5, method=CBS(start=Wanda(granularity="layer"), window=4),
                                rel_damping=0.05)
-    with pytest.warns(DeprecationWarning, match="options live on the method object"):
+    with pytest.warns(DeprecationWarning) as record:
         old = cobs_jax.prune_layer(w, h, sparsity=0.5, method="cbs", start="wanda", granularity="layer",
                                    window=4, damping=0.05)
+    messages = " ".join(str(r.message) for r in record)
+    assert "options live on the method object" in messages and "say `rel_damping=`" in messages
     np.testing.assert_array_equal(old.kernel, new.kernel)
     with pytest.warns(DeprecationWarning, match="return_info"):
         k, m, info = cobs_jax.prune_layer(w, h, sparsity=0.5, method="cbs", return_info=True)
