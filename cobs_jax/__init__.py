@@ -63,6 +63,9 @@ from ._layer.layerwise import prune_layerwise as prune_layerwise
 from ._layer.owl import owl_sparsities as owl_sparsities
 from ._layer.stacked import Stacked as Stacked
 
+# structured pruning
+from . import structured as structured
+
 # export and training with masks
 from ._export import NMPacked as NMPacked
 from ._export import load as load
@@ -123,6 +126,7 @@ __all__ = [
     "smallest_k",
     "sparsity_of",
     "sparsity_schedule",
+    "structured",
     "to_sparse",
     "unpack_nm",
     "update_aware_objective",

@@ -42,9 +42,11 @@ def assert_same(a, b):
         np.testing.assert_array_equal(x, y)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
-    for name in ("loss", "objective", "quadratic_loss"):
-        if name in a.info:
-            np.testing.assert_allclose(a.info[name], b.info[name], rtol=1e-9)
+    if a.loss is not None:
+        np.testing.assert_allclose(a.loss, b.loss, rtol=1e-9)
+    for name in ("objective", "quadratic_loss"):
+        if name in a.stats:
+            np.testing.assert_allclose(a.stats[name], b.stats[name], rtol=1e-9)
 
 
 @pytest.mark.parametrize("method,update,blocks", CASES)
@@ -53,7 +55,7 @@ def test_same_masks_and_updates_on_1_and_8_devices(setup, method, update, blocks
     kw = dict(sparsity=0.6, method=method, update=update, fisher_blocks=blocks, abs_damping=1e-2)
     ref = cobs_jax.prune(params, loss_fn, batch, **kw)
     if isinstance(method, cobs_jax.CBS) or method == "cbs":
-        assert ref.stats["ls_swaps"].sum() > 0  # the swap search did something to compare
+        assert np.sum(ref.stats["ls_swaps"]) > 0  # the swap search did something to compare
     for p in (1, 8):  # the mesh path on one device, and rows split over eight
         assert_same(ref, cobs_jax.prune(params, loss_fn, batch, mesh=mesh(p), **kw))
 

@@ -227,7 +227,7 @@ class BlockAdapter:
         linen: ``variables["params"]``): ``masks[layer]`` at each layer's kernel, True elsewhere."""
         ones = lambda tree: jax.tree.map(lambda a: jnp.ones(jnp.shape(a), bool), tree)  # noqa: E731
         if self.kind == "nnx":
-            tree = ones(self.params.filter(nnx.Param))
+            tree = ones(nnx.filter_state(self.params, nnx.Param))
             pure = nnx.to_pure_dict(tree)
         else:
             pure = {"params": ones(flax.core.unfreeze(self.params["params"]))}

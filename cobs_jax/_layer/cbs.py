@@ -49,36 +49,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from .._core.linalg import spd_inverse
 from .._core.mesh import rows_sharded
 from .base import LayerProblem, LayerPruner, LayerSelection, positive_int
 from .sparsegpt import SparseGPT
 
-__all__ = ["CBS", "cbs_layer", "window_indices", "spd_inverse"]
+__all__ = ["CBS", "cbs_layer", "window_indices"]
 
 _PAD = 64  # |K0| is padded to a multiple of this (one compiled program per padded size)
 _CHUNK = 256  # rows per chunk at most
 _ROWS = 64  # chunks are padded to a multiple of this many rows
-
-
-def spd_inverse(a: jax.Array) -> jax.Array:
-    """Inverse of a batch of symmetric positive definite matrices ``(..., m, m)`` (sweep operator).
-
-    Pure JAX (no LAPACK call, so no batched CPU LAPACK kernel): ``m`` sweeps, each a rank-1
-    update of the whole batch. Without pivoting, as Cholesky: stable for SPD input.
-    """
-    m = a.shape[-1]
-    eye = jnp.eye(m, dtype=a.dtype)
-
-    def sweep(k, a):
-        col = a[..., :, k]
-        piv = col[..., k]
-        row = a[..., k, :] / piv[..., None]
-        a = a - col[..., :, None] * row[..., None, :]
-        a = jnp.where(eye[k][:, None] > 0, -row[..., None, :], a)  # row k: -a_kj / a_kk
-        a = jnp.where(eye[k][None, :] > 0, -(col / piv[..., None])[..., :, None], a)  # column k
-        return a.at[..., k, k].set(-1.0 / piv)
-
-    return -jax.lax.fori_loop(0, m, sweep, a)
 
 
 @partial(jax.jit, static_argnames=("window", "nm"))

@@ -87,5 +87,5 @@ class Stacked:
         stacked ``variables["params"]``)."""
         if len(masks) != self.length:
             raise ValueError(f"`restack_masks` needs {self.length} mask trees, got {len(masks)}")
-        ref = self._state.filter(nnx.Param) if isinstance(self.layers, nnx.Module) else self._state["params"]
+        ref = nnx.filter_state(self._state, nnx.Param) if isinstance(self.layers, nnx.Module) else self._state["params"]
         return jax.tree.map(lambda r, *ms: jnp.stack(ms, axis=self.axis) if self._stacked(r) else ms[0], ref, *masks)
