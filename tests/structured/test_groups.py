@@ -6,7 +6,6 @@ import itertools
 import numpy as np
 import pytest
 
-import cobs_jax
 from cobs_jax.structured import Calibration, GroupCBS, GroupOBS, MagnitudeSP, WandaSP, prune_groups
 
 TINY = 1e-10  # relative damping small enough that the damped solution is the plain least squares
