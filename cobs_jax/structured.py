@@ -10,6 +10,7 @@ LLM benchmark are the next steps (see the docs' Design page).
 """
 
 from ._structured.compensate import Calibration as Calibration
+from ._structured.compensate import head_groups as head_groups
 from ._structured.groups import GroupCBS as GroupCBS
 from ._structured.groups import GroupOBS as GroupOBS
 from ._structured.groups import GroupPruner as GroupPruner
@@ -19,4 +20,4 @@ from ._structured.groups import WandaSP as WandaSP
 from ._structured.groups import prune_groups as prune_groups
 
 __all__ = ["Calibration", "GroupCBS", "GroupOBS", "GroupPruner", "GroupResult", "MagnitudeSP", "WandaSP",
-           "prune_groups"]
+           "head_groups", "prune_groups"]

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Calibration", "check_groups", "damped", "compensate", "group_error"]
+__all__ = ["Calibration", "check_groups", "damped", "compensate", "group_error", "head_groups"]
 
 
 class Calibration(NamedTuple):
@@ -84,3 +84,31 @@ def group_error(w: jax.Array, new: jax.Array, h: jax.Array) -> jax.Array:
     """``tr((W' − W) H (W' − W)ᵀ)``."""
     dw = new - w
     return jnp.sum((dw @ h) * dw)
+
+
+def head_groups(num_heads: int, head_dim: int, *, num_kv_heads: Optional[int] = None, unit: str = "head") -> np.ndarray:
+    """Groups of an attention output projection's input columns, laid out head-major
+    (column ``h * head_dim + i``, as Flax's ``(num_heads, head_dim, d)`` / Llama's
+    ``o_proj`` kernels flatten).
+
+    Args:
+      num_heads: query heads.
+      head_dim: columns per head.
+      num_kv_heads: key/value heads (grouped-query attention); default ``num_heads``.
+      unit: ``"head"``: one group per query head (``head_dim`` columns); ``"kv"``: one group
+        per KV head with its ``num_heads // num_kv_heads`` query heads, removed together with
+        its k/v rows (structured.md §2.2).
+
+    Returns:
+      An ``(n_groups, size)`` int array for :func:`prune_groups`.
+    """
+    for what, v in (("num_heads", num_heads), ("head_dim", head_dim)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"`{what}` must be a positive int, got {v!r}")
+    kv = num_heads if num_kv_heads is None else num_kv_heads
+    if isinstance(kv, bool) or not isinstance(kv, (int, np.integer)) or kv < 1 or num_heads % kv:
+        raise ValueError(f"`num_kv_heads` must divide `num_heads` ({num_heads}), got {num_kv_heads!r}")
+    if unit not in ("head", "kv"):
+        raise ValueError(f"`unit` must be 'head' or 'kv', got {unit!r}")
+    size = head_dim if unit == "head" else head_dim * (num_heads // kv)
+    return np.arange(num_heads * head_dim, dtype=np.int32).reshape(-1, size)

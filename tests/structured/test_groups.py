@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from cobs_jax.structured import Calibration, GroupCBS, GroupOBS, MagnitudeSP, WandaSP, prune_groups
+from cobs_jax.structured import Calibration, GroupCBS, GroupOBS, MagnitudeSP, WandaSP, head_groups, prune_groups
 
 TINY = 1e-10  # relative damping small enough that the damped solution is the plain least squares
 
@@ -132,3 +132,20 @@ def test_bad_groups_and_arguments_are_named():
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         prune_groups(w, bad, groups, num_remove=2)
+
+
+def test_head_groups_follow_the_head_major_layout():
+    g = head_groups(4, 3)
+    np.testing.assert_array_equal(g, np.arange(12).reshape(4, 3))
+    kv = head_groups(6, 2, num_kv_heads=2, unit="kv")  # 3 query heads share each KV head
+    np.testing.assert_array_equal(kv, np.arange(12).reshape(2, 6))
+    np.testing.assert_array_equal(head_groups(6, 2, num_kv_heads=2), np.arange(12).reshape(6, 2))
+    # an o_proj kernel (heads x head_dim, d) flattened head-major: removing a KV group zeroes its query heads' rows
+    x, w, _ = _layer(5, d=12)
+    r = prune_groups(w, x.T @ x, kv, num_remove=1, method=GroupOBS())
+    gone = kv[np.asarray(r.removed)].ravel()
+    assert np.all(np.asarray(r.kernel)[gone] == 0) and len(gone) == 6
+    for kw, match in [(dict(num_heads=6, head_dim=2, num_kv_heads=4), "divide"), (dict(num_heads=0, head_dim=2), "num_heads"),
+                      (dict(num_heads=4, head_dim=2, unit="query"), "unit")]:
+        with pytest.raises(ValueError, match=match):
+            head_groups(**kw)
