@@ -207,15 +207,20 @@ class BlockAdapter:
                     if p[0] == "params"]
         return {layer_name(p): v for p, v in flat if jnp.ndim(v) >= 2}
 
-    def with_kernels(self, kernels: dict) -> Any:
-        """New params with ``{layer name: kernel}`` replaced."""
-        pure = self._pure()
-        for name, value in kernels.items():
+    def _put(self, pure: dict, values: Mapping[str, Any]) -> dict:
+        """``pure`` (a nested dict, changed in place and returned) with ``{layer name: value}`` at
+        each layer's kernel."""
+        for name, value in values.items():
             *head, last = self._path(name, pure)
             d = pure
             for k in head:
                 d = d[k]
             d[last] = value
+        return pure
+
+    def with_kernels(self, kernels: dict) -> Any:
+        """New params with ``{layer name: kernel}`` replaced."""
+        pure = self._put(self._pure(), kernels)
         if self.kind == "nnx":
             state = jax.tree.map(lambda a: a, self.params)
             nnx.replace_by_pure_dict(state, pure)
@@ -231,12 +236,7 @@ class BlockAdapter:
             pure = nnx.to_pure_dict(tree)
         else:
             pure = {"params": ones(flax.core.unfreeze(self.params["params"]))}
-        for name, value in masks.items():
-            *head, last = self._path(name, pure)
-            d = pure
-            for k in head:
-                d = d[k]
-            d[last] = value
+        pure = self._put(pure, masks)
         if self.kind == "nnx":
             nnx.replace_by_pure_dict(tree, pure)
             return tree
