@@ -50,10 +50,20 @@ class LlamaConfig:
     tie_embeddings: bool = True
     bos_id: int = 1
     eos_id: int = 2
+    # structured pruning: per-layer (query heads, KV heads, MLP width), None = all as above; and
+    # biases on o_proj / down_proj (the compensation's intercept moves the removed inputs' mean there)
+    layer_widths: Optional[tuple[tuple[int, int, int], ...]] = None
+    proj_bias: bool = False
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    def widths(self, i: int) -> tuple[int, int, int]:
+        """Layer ``i``'s (query heads, KV heads, MLP width)."""
+        if self.layer_widths is None:
+            return self.num_heads, self.num_kv_heads, self.hidden_dim
+        return self.layer_widths[i]
 
 
 class RMSNorm(nnx.Module):
@@ -81,18 +91,18 @@ def _rotate(x, cos, sin):  # x: (B, T, H, hd)
     return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
 
 
-def _linear(i, o, rngs):
-    return nnx.Linear(i, o, use_bias=False, rngs=rngs)
+def _linear(i, o, rngs, bias=False):
+    return nnx.Linear(i, o, use_bias=bias, rngs=rngs)
 
 
 class Attention(nnx.Module):
-    def __init__(self, c: LlamaConfig, rngs):
+    def __init__(self, c: LlamaConfig, rngs, heads: int, kv_heads: int):
         hd = c.head_dim
-        self.q_proj = _linear(c.dim, c.num_heads * hd, rngs)
-        self.k_proj = _linear(c.dim, c.num_kv_heads * hd, rngs)
-        self.v_proj = _linear(c.dim, c.num_kv_heads * hd, rngs)
-        self.o_proj = _linear(c.num_heads * hd, c.dim, rngs)
-        self.h, self.kv, self.hd = c.num_heads, c.num_kv_heads, hd
+        self.q_proj = _linear(c.dim, heads * hd, rngs)
+        self.k_proj = _linear(c.dim, kv_heads * hd, rngs)
+        self.v_proj = _linear(c.dim, kv_heads * hd, rngs)
+        self.o_proj = _linear(heads * hd, c.dim, rngs, c.proj_bias)
+        self.h, self.kv, self.hd = heads, kv_heads, hd
 
     def __call__(self, x, cos, sin):
         b, t, _ = x.shape
@@ -132,21 +142,22 @@ def causal_attention(q, k, v, kv_heads: int):
 
 
 class MLP(nnx.Module):
-    def __init__(self, c: LlamaConfig, rngs):
-        self.gate_proj = _linear(c.dim, c.hidden_dim, rngs)
-        self.up_proj = _linear(c.dim, c.hidden_dim, rngs)
-        self.down_proj = _linear(c.hidden_dim, c.dim, rngs)
+    def __init__(self, c: LlamaConfig, rngs, hidden: int):
+        self.gate_proj = _linear(c.dim, hidden, rngs)
+        self.up_proj = _linear(c.dim, hidden, rngs)
+        self.down_proj = _linear(hidden, c.dim, rngs, c.proj_bias)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, c: LlamaConfig, rngs):
+    def __init__(self, c: LlamaConfig, rngs, i: int = 0):
+        heads, kv_heads, hidden = c.widths(i)
         self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
-        self.self_attn = Attention(c, rngs)
+        self.self_attn = Attention(c, rngs, heads, kv_heads)
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
-        self.mlp = MLP(c, rngs)
+        self.mlp = MLP(c, rngs, hidden)
 
     def __call__(self, x, cos, sin):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
@@ -157,7 +168,7 @@ class Llama(nnx.Module):
     def __init__(self, c: LlamaConfig, rngs: nnx.Rngs, max_len: int = 2048):
         self.config = c
         self.embed_tokens = nnx.Embed(c.vocab_size, c.dim, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(c, rngs) for _ in range(c.num_layers)])
+        self.layers = nnx.List([DecoderLayer(c, rngs, i) for i in range(c.num_layers)])
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.lm_head = None if c.tie_embeddings else _linear(c.dim, c.vocab_size, rngs)
         self.max_len = max_len
@@ -354,6 +365,69 @@ def load_safetensors(directory: str, max_len: int = 2048):
     )
     model = _fill(_empty(c, max_len), lambda n: weights[n].astype(np.float32))
     return model, Tokenizer.from_file(os.path.join(directory, "tokenizer.json")), c
+
+
+# ----------------------------------------------------------------------------------------------
+# Structured pruning: the units of a Llama block, biases for the compensation, the shrunk model
+
+
+def structured_units(c: LlamaConfig, attention: bool = True):
+    """The removable units of a block: GQA KV groups (a KV head with its query heads: o_proj's
+    columns, q/k/v rows) and MLP channels (down_proj's columns, gate/up rows)."""
+    from cobs_jax.structured import Units
+
+    hd, rep = c.head_dim, c.num_heads // c.num_kv_heads
+    mlp = Units("mlp/down_proj", 1, {"mlp/gate_proj": 1, "mlp/up_proj": 1})
+    kv = Units("self_attn/o_proj", rep * hd, {"self_attn/q_proj": rep * hd, "self_attn/k_proj": hd,
+                                              "self_attn/v_proj": hd})
+    return (kv, mlp) if attention else (mlp,)
+
+
+def _rebuilt(model: Llama, c: LlamaConfig, layer_state) -> Llama:
+    """A model of config ``c`` with ``model``'s embedding / norm / head and ``layer_state(i)``'s
+    pure dict for layer ``i``."""
+    new = _empty(c, model.max_len)
+    for name in ("embed_tokens", "norm") + (("lm_head",) if model.lm_head is not None else ()):
+        nnx.update(getattr(new, name), nnx.state(getattr(model, name)))
+    for i, layer in enumerate(new.layers):
+        state = nnx.state(layer)
+        nnx.replace_by_pure_dict(state, layer_state(i))
+        nnx.update(layer, state)
+    return new
+
+
+def with_proj_bias(model: Llama) -> Llama:
+    """The same model with zero biases on o_proj and down_proj (for the intercept)."""
+    c = dataclasses.replace(model.config, proj_bias=True)
+
+    def state(i):
+        pure = nnx.to_pure_dict(nnx.state(model.layers[i]))
+        pure["self_attn"]["o_proj"]["bias"] = jnp.zeros(c.dim, jnp.float32)
+        pure["mlp"]["down_proj"]["bias"] = jnp.zeros(c.dim, jnp.float32)
+        return pure
+
+    return _rebuilt(model, c, state) if not model.config.proj_bias else model
+
+
+def shrink(model: Llama, blocks, removed, units) -> Llama:
+    """The physically smaller model: ``blocks`` (structured-pruned, masked) with the ``removed``
+    units (``StructuredResult.removed``) sliced away, per-layer widths in its config."""
+    import cobs_jax
+
+    c = model.config
+    x = jnp.zeros((1, 8, c.dim), jnp.float32)
+    pures = [cobs_jax.structured.shrunk_params(b, units, r, x, args=model.rope(8)) for b, r in zip(blocks, removed)]
+    hd = c.head_dim
+    widths = tuple((p["self_attn"]["q_proj"]["kernel"].shape[1] // hd, p["self_attn"]["k_proj"]["kernel"].shape[1] // hd,
+                    p["mlp"]["gate_proj"]["kernel"].shape[1]) for p in pures)
+    bias = "bias" in pures[0]["mlp"]["down_proj"]
+    return _rebuilt(model, dataclasses.replace(c, layer_widths=widths, proj_bias=bias), lambda i: pures[i])
+
+
+def decoder_params(model: Llama) -> int:
+    """Weights of the decoder blocks' linear layers (what structured pruning removes)."""
+    return sum(int(np.prod(v.shape)) for p, v in nnx.to_flat_state(nnx.state(model.layers))
+               if p[-1] == "kernel")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.linear import canonicalize_padding
 
-from .hessian import cross_gram, gram
+from .hessian import accumulate_dtype, cross_gram, gram
 from .kernels import einsum_rows, is_registered, kernel_call
 
 __all__ = ["BlockAdapter", "LayerSpec", "block_layers", "run_block"]
@@ -177,7 +177,8 @@ class BlockAdapter:
                 f"{type(block).__name__}"
             )
 
-    def _pure(self):
+    def pure(self) -> dict:
+        """The params as a fresh nested dict (nnx: ``nnx.to_pure_dict``; linen: the variables)."""
         if self.kind == "nnx":
             return nnx.to_pure_dict(self.params)
         return jax.tree.map(lambda a: a, flax.core.unfreeze(self.params))  # a fresh nested dict
@@ -192,7 +193,7 @@ class BlockAdapter:
         return path + ("kernel",) if isinstance(d, Mapping) else path
 
     def kernel(self, name: str) -> jax.Array:
-        d = pure = self._pure()
+        d = pure = self.pure()
         for k in self._path(name, pure):
             d = d[k]
         return d
@@ -211,16 +212,25 @@ class BlockAdapter:
         """``pure`` (a nested dict, changed in place and returned) with ``{layer name: value}`` at
         each layer's kernel."""
         for name, value in values.items():
-            *head, last = self._path(name, pure)
-            d = pure
-            for k in head:
-                d = d[k]
-            d[last] = value
+            d, key = self.layer_dict(pure, name)
+            d[key] = value
         return pure
+
+    def layer_dict(self, pure: dict, name: str) -> tuple[dict, str]:
+        """The dict of ``pure`` that holds layer ``name``'s kernel (and its ``bias``, if any),
+        and the kernel's key in it."""
+        *head, key = self._path(name, pure)
+        d = pure
+        for k in head:
+            d = d[k]
+        return d, key
 
     def with_kernels(self, kernels: dict) -> Any:
         """New params with ``{layer name: kernel}`` replaced."""
-        pure = self._put(self._pure(), kernels)
+        return self.from_pure(self._put(self.pure(), kernels))
+
+    def from_pure(self, pure: dict) -> Any:
+        """New params from a nested dict shaped like :meth:`pure`'s."""
         if self.kind == "nnx":
             state = jax.tree.map(lambda a: a, self.params)
             nnx.replace_by_pure_dict(state, pure)
@@ -411,6 +421,34 @@ def _run_block(params, x, reference, ref_params, traced, *, static, capture: boo
                 g = (g, rows["cross", c.key, r.key])
             grams[name] = jax.tree.map(jnp.add, grams[name], g) if name in grams else g
     return grams if reference is None else (grams, y_ref if ref_outputs else None)
+
+
+def input_stats(adapter: BlockAdapter, x, args, kwargs, layers: frozenset, chunk_size: int) -> dict:
+    """``{layer name: (XᵀX, Σ x, n)}`` of the inputs of ``layers`` over all examples of ``x``
+    (chunked; what structured pruning's intercept needs besides the Hessian). Raises for a
+    layer the block does not call or one without a layer Hessian."""
+    traced, tree, flags = _split_flags(args, kwargs)
+    total: dict = {}
+    for s in range(0, x.shape[0], chunk_size):
+        out = _input_stats(adapter.params, x[s : s + chunk_size], traced, static=adapter.static, tree=tree,
+                           flags=flags, layers=layers)
+        total = out if not total else jax.tree.map(jnp.add, total, out)
+    return {k: (h, t, int(n)) for k, (h, t, n) in jax.block_until_ready(total).items()}
+
+
+@partial(jax.jit, static_argnames=("static", "tree", "flags", "layers"))
+def _input_stats(params, x, traced, *, static, tree, flags, layers):
+    _, calls = _calls(params, x, traced, static=static, capture=True, tree=tree, flags=flags)
+    out = {}
+    for name in sorted(layers):
+        if name not in calls:
+            raise ValueError(f"layer {name!r} is not called by the block (it calls {sorted(calls)})")
+        c = calls[name][0]
+        if c.error:
+            raise ValueError(f"layer {name!r}: {c.error}")
+        rows = c.rows.reshape(-1, c.rows.shape[-1]).astype(accumulate_dtype())
+        out[name] = (gram(rows), jnp.sum(rows, axis=0), jnp.int32(rows.shape[0]))
+    return out
 
 
 def _record_calls(mod, path: tuple, record):

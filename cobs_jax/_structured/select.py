@@ -47,6 +47,8 @@ def greedy_obs(w: jax.Array, hd: jax.Array, groups: jax.Array, k: int) -> tuple[
     Returns the removed set and the ``k`` step errors: their running sum is the exact error
     ``E`` after 1, 2, ... removals (ZipLM's level database), used for budgets across layers."""
     n, s = groups.shape
+    if k == 0:
+        return jnp.zeros(n, bool), jnp.zeros(0, w.dtype)
     g0 = spd_inverse(hd)
     eye = jnp.eye(s, dtype=hd.dtype)
 

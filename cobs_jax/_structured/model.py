@@ -1,0 +1,349 @@
+"""Structured pruning of a whole model, block by block, and its budgets across blocks.
+
+:func:`prune_structured` walks the blocks in order (like :func:`cobs_jax.prune_layerwise`): for
+each kind of :class:`~.units.Units` it captures the consumer's inputs on the already-pruned
+model (``XᵀX``, ``Σ x``, ``n``), removes the plan's units with :func:`.groups.prune_groups`,
+writes the compensated kernel and the bias, and the next kind (the MLP after the heads) sees
+the pruned attention (SlimGPT's order, structured.md §4.1). The result holds the *masked*
+blocks (removed columns exactly zero) and the removed sets; :func:`shrunk_params` slices a
+block's parameters to the smaller widths for a model built with them.
+
+Budgets (the ``plan``): :func:`uniform_plan` (the same count in every block), :func:`allocate`
+(a global allocation by measured error per removed weight, from :func:`error_curves`), and
+FLAP's adaptive structure (:func:`flap_plan`); all from :func:`calibrate` on the dense model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import time
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._core.progress import progress as _progress
+from .._layer.capture import BlockAdapter, block_layers, input_stats
+from .._layer.kernels import as_rows
+from .._layer.layerwise import check_calibration, forward_chunks
+from .compensate import Calibration, damped
+from .groups import GroupCBS, GroupPruner, prune_groups
+from .select import greedy_obs
+from .units import Units, slice_units, unit_cost
+
+__all__ = ["Given", "BlockInfo", "StructuredResult", "calibrate", "prune_structured", "uniform_plan", "error_curves",
+           "allocate", "flap_scores", "flap_plan", "shrunk_params"]
+
+Plan = Sequence[Mapping[str, Union[int, np.ndarray]]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Given(GroupPruner):
+    """A fixed removed set (bool ``(n_units,)``), compensated or not: how a plan that chose the
+    units itself (FLAP's global structure) is applied."""
+
+    removed: Any
+    compensates: bool = True  # type: ignore[misc]
+
+    def choose(self, w, h, hd, count, groups, k):
+        r = jnp.asarray(self.removed, bool)
+        if r.shape != (groups.shape[0],) or int(r.sum()) != k:
+            raise ValueError(f"Given: the removed set must be bool ({groups.shape[0]},) with {k} True")
+        return r, {}
+
+
+class BlockInfo(NamedTuple):
+    """One block's layers as the structured driver sees them: ``kernels`` and ``in_axes`` by
+    layer name, and each :class:`Units` kind's unit count and weights per unit."""
+
+    kernels: dict
+    in_axes: dict
+    counts: dict
+    costs: dict
+
+
+def _info(adapter: BlockAdapter, x, args, kwargs, units: Sequence[Units], where: str) -> BlockInfo:
+    specs = {s.name: s for s in block_layers(adapter, x[:1], args, kwargs)[0]}
+    kernels, in_axes = {}, {}
+    for u in units:
+        for name in (u.consumer,) + tuple(n for n, _ in u.producers):
+            if name not in specs:
+                raise ValueError(f"{where}: Units({u.consumer!r}) names layer {name!r}, which the block does not "
+                                 f"call (its layers: {sorted(specs)})")
+            if specs[name].error:
+                raise ValueError(f"{where}: layer {name!r}: {specs[name].error}")
+            kernels[name] = adapter.kernel(name)
+            in_axes[name] = specs[name].in_axes
+    counts, costs = {}, {}
+    for u in units:
+        k = kernels[u.consumer]
+        d_in = int(np.prod([k.shape[a] for a in in_axes[u.consumer]]))
+        counts[u.consumer] = u.count(d_in)
+        costs[u.consumer] = unit_cost(u, kernels, in_axes)
+        for name, per in u.producers:
+            pk = kernels[name]
+            d_out = int(np.prod(pk.shape)) // int(np.prod([pk.shape[a] for a in in_axes[name]]))
+            if d_out != per * counts[u.consumer]:
+                raise ValueError(f"{where}: producer {name!r} has {d_out} outputs, not {per} per unit x "
+                                 f"{counts[u.consumer]} units of {u.consumer!r}")
+    return BlockInfo(kernels, in_axes, counts, costs)
+
+
+def _check_units(units) -> tuple[Units, ...]:
+    units = tuple(units)
+    if not units or not all(isinstance(u, Units) for u in units):
+        raise ValueError("`units` must be a non-empty sequence of cobs_jax.structured.Units")
+    if len({u.consumer for u in units}) != len(units):
+        raise ValueError("`units`: two kinds share a consumer")
+    return units
+
+
+def calibrate(blocks: Sequence[Any], inputs, units: Sequence[Units], *, args=(), kwargs=None, chunk_size: int = 8,
+              progress: bool = False) -> tuple[list[dict[str, Calibration]], list[BlockInfo], list[float]]:
+    """Every consumer's input statistics on the **dense** model (one forward pass), each
+    block's :class:`BlockInfo`, and the energy ``Σ ‖x‖²`` of each block's input hidden states
+    (the residual stream the block's error lands in)."""
+    units = _check_units(units)
+    kwargs = kwargs or {}
+    x, _ = check_calibration(inputs, args, kwargs, chunk_size)
+    stats, infos, energy = [], [], []
+    for i, block in enumerate(_progress(blocks, progress, len(blocks), "calibrate")):
+        a = BlockAdapter(block, f"block {i}")
+        infos.append(_info(a, x, args, kwargs, units, f"block {i}"))
+        raw = input_stats(a, x, args, kwargs, frozenset(u.consumer for u in units), chunk_size)
+        stats.append({k: Calibration(*v) for k, v in raw.items()})
+        energy.append(float(jnp.sum(jnp.square(x.astype(jnp.float32)))))
+        x = forward_chunks(a, a.params, x, args, kwargs, chunk_size, None, capture=False)
+    return stats, infos, energy
+
+
+def uniform_plan(infos: Sequence[BlockInfo], fraction: Mapping[str, float]) -> list[dict[str, int]]:
+    """The same share of every block's units: ``{consumer: fraction}`` (rounded down)."""
+    return [{c: int(np.floor(f * info.counts[c] + 1e-9)) for c, f in fraction.items()} for info in infos]
+
+
+def error_curves(stats, infos, units: Sequence[Units], *, max_fraction: float = 0.9, rel_damping: float = 0.01,
+                 intercept: bool = True, energy: Optional[Sequence[float]] = None) -> list[dict[str, np.ndarray]]:
+    """Per block and consumer, the error after greedily removing 1, 2, ... units
+    (``⌊max_fraction · n⌋`` at most, fewer than all): the running sum of greedy group OBS's
+    exact step errors (ZipLM's level database), divided by ``energy[i]`` when given."""
+    curves = []
+    for i, (st, info) in enumerate(zip(stats, infos)):
+        row = {}
+        for u in units:
+            c = u.consumer
+            cal = st[c]
+            kern = info.kernels[c]
+            ax = info.in_axes[c]
+            w, _ = as_rows(jnp.asarray(kern), ax)
+            dt = cal.h.dtype
+            hd, _ = damped(Calibration(cal.h, cal.total, cal.num_inputs), rel_damping, intercept)
+            n = info.counts[c]
+            k = min(int(max_fraction * n), n - 1)
+            steps = greedy_obs(w.astype(dt), hd, jnp.asarray(u.groups(w.shape[1])), k)[1] if k else jnp.zeros(0)
+            curve = np.cumsum(np.maximum(np.asarray(steps, np.float64), 0.0))
+            row[c] = curve / (energy[i] if energy is not None else 1.0)
+        curves.append(row)
+    return curves
+
+
+def allocate(curves: Sequence[Mapping[str, np.ndarray]], infos: Sequence[BlockInfo], num_params: int) -> list[dict[str, int]]:
+    """Units to remove per block and consumer so that at least ``num_params`` weights go (and
+    less than one more unit beyond), each next unit the one of least added error per weight
+    over all blocks (``curves`` from :func:`error_curves`; greedy on the increments)."""
+    counts = [{c: 0 for c in row} for row in curves]
+    heap = []
+
+    def push(i, c):
+        j = counts[i][c]
+        curve = curves[i][c]
+        if j < len(curve):
+            inc = curve[j] - (curve[j - 1] if j else 0.0)
+            heapq.heappush(heap, (inc / infos[i].costs[c], i, c))
+
+    for i, row in enumerate(curves):
+        for c in row:
+            push(i, c)
+    removed = 0
+    while removed < num_params:
+        if not heap:
+            raise ValueError(f"`num_params` = {num_params} is more than the curves allow ({removed})")
+        _, i, c = heapq.heappop(heap)
+        counts[i][c] += 1
+        removed += infos[i].costs[c]
+        push(i, c)
+    return counts
+
+
+def flap_scores(w_rows: jax.Array, cal: Calibration) -> jax.Array:
+    """FLAP's WIFV per input column: the inputs' sample variance times ``‖W[:, j]‖²``
+    (structured.md §3.4; the sample variance as the paper states, the code's running
+    variant differs by a near-constant factor that standardisation removes)."""
+    n = cal.num_inputs
+    mu = cal.total / n
+    var = (jnp.diagonal(cal.h) - n * mu * mu) / (n - 1)
+    return jnp.maximum(var, 0.0) * jnp.sum(w_rows * w_rows, axis=0)
+
+
+def flap_plan(stats, infos, units: Sequence[Units], num_params: int, *, squared: Sequence[str] = ()) -> list[dict[str, np.ndarray]]:
+    """FLAP's adaptive structure (AL-AM, structured.md §3.4): WIFV per column (squared for the
+    consumers in ``squared``: FLAP squares the attention's), standardised per layer (unbiased
+    std), a unit scores the mean of its columns; all units of all blocks pooled and the lowest
+    removed until ``num_params`` weights are gone (each unit weighted by its true weight count,
+    where FLAP's code has 512/3 per 128-wide MHA head, the same ratio). Returns removed sets."""
+    pool = []
+    for i, (st, info) in enumerate(zip(stats, infos)):
+        for u in units:
+            c = u.consumer
+            w, _ = as_rows(jnp.asarray(info.kernels[c]), info.in_axes[c])
+            m = np.asarray(flap_scores(w.astype(st[c].h.dtype), st[c]), np.float64)
+            if c in squared:
+                m = m * m
+            z = (m - m.mean()) / m.std(ddof=1)
+            score = z[u.groups(w.shape[1])].mean(axis=1)
+            pool += [(s, i, c, j) for j, s in enumerate(score)]
+    pool.sort(key=lambda t: t[0])
+    plan = [{u.consumer: np.zeros(info.counts[u.consumer], bool) for u in units} for info in infos]
+    removed = 0
+    for _, i, c, j in pool:
+        if removed >= num_params:
+            break
+        if plan[i][c].sum() + 1 >= infos[i].counts[c]:
+            continue  # never a whole layer
+        plan[i][c][j] = True
+        removed += infos[i].costs[c]
+    return plan
+
+
+class StructuredResult(NamedTuple):
+    """What :func:`prune_structured` returns.
+
+    Attributes:
+      blocks: the pruned blocks, masked: the removed units' consumer columns exactly zero, the
+        kept ones compensated, the bias moved (shrink them with :func:`shrunk_params`).
+      removed: per block, ``{consumer: bool (n_units,)}``, True = removed.
+      errors: per block, ``{consumer: relative output error}`` (see ``GroupResult.error``).
+      removed_params: weights of the removed units (consumer columns and producer outputs).
+      total_params: weights of every unit's layers before pruning.
+      seconds: wall time; timings: ``capture``, ``prune``, ``forward`` seconds.
+    """
+
+    blocks: list
+    removed: list
+    errors: list
+    removed_params: int
+    total_params: int
+    seconds: float
+    timings: dict
+
+
+def prune_structured(
+    blocks: Sequence[Any],
+    inputs,
+    units: Sequence[Units],
+    plan: Plan,
+    *,
+    method: GroupPruner = GroupCBS(),
+    intercept: bool = True,
+    rel_damping: float = 0.01,
+    args: tuple = (),
+    kwargs: Optional[dict] = None,
+    chunk_size: int = 8,
+    progress: bool = False,
+) -> StructuredResult:
+    """Remove whole units (heads, KV groups, MLP channels, filters) from every block.
+
+    Args:
+      blocks: nnx modules or linen ``(module, variables)`` pairs, applied in order.
+      inputs: the first block's calibration inputs ``(n, ...)``.
+      units: the :class:`Units` kinds of each block (pruned in this order within a block).
+      plan: per block, ``{consumer: how many units to remove}`` (chosen by ``method``) or
+        ``{consumer: bool (n_units,)}`` (a set chosen before, e.g. :func:`flap_plan`).
+      method: :class:`GroupCBS` (default), :class:`GroupOBS`, :class:`WandaSP`, :class:`MagnitudeSP`.
+      intercept: re-solve the consumer's bias too (it must have one; FLAP's bias compensation
+        for the methods that do not compensate).
+      rel_damping: relative damping of the scatter.
+      args, kwargs: the blocks' other call arguments.
+      chunk_size: examples per forward chunk.
+      progress: a progress bar over the blocks.
+
+    Returns:
+      A :class:`StructuredResult`.
+    """
+    t0 = time.perf_counter()
+    units = _check_units(units)
+    kwargs = kwargs or {}
+    if len(plan) != len(blocks):
+        raise ValueError(f"`plan` has {len(plan)} entries for {len(blocks)} blocks")
+    x, _ = check_calibration(inputs, args, kwargs, chunk_size)
+    out_blocks, removed_all, errors = [], [], []
+    removed_params = total_params = 0
+    timings = {"capture": 0.0, "prune": 0.0, "forward": 0.0}
+    for i, block in enumerate(_progress(blocks, progress, len(blocks), "structured")):
+        where = f"block {i}"
+        a = BlockAdapter(block, where)
+        info = _info(a, x, args, kwargs, units, where)
+        total_params += sum(int(np.prod(np.shape(k))) for k in info.kernels.values())
+        if set(plan[i]) - {u.consumer for u in units}:
+            raise ValueError(f"`plan[{i}]` names {sorted(set(plan[i]) - {u.consumer for u in units})}, not a "
+                             "consumer of `units`")
+        rem, err = {}, {}
+        for u in units:
+            c = u.consumer
+            entry = plan[i].get(c, 0)
+            t = time.perf_counter()
+            cal = Calibration(*input_stats(a, x, args, kwargs, frozenset({c}), chunk_size)[c])
+            timings["capture"] += time.perf_counter() - t
+            t = time.perf_counter()
+            how = method
+            if not isinstance(entry, (int, np.integer)):
+                how = Given(np.asarray(entry, bool), method.compensates)
+                entry = int(np.sum(entry))
+            r = prune_groups(info.kernels[c], cal, u.groups(info.counts[c] * u.size), num_remove=int(entry), method=how,
+                             intercept=intercept, rel_damping=rel_damping, in_axes=info.in_axes[c],
+                             name=f"{where} {c}")
+            pure = a.pure()
+            layer, key = a.layer_dict(pure, c)
+            layer[key] = r.kernel
+            if intercept:
+                if layer.get("bias") is None:
+                    raise ValueError(f"{where}: layer {c!r} has no bias; the intercept moves the removed inputs' "
+                                     "mean into the bias: give the layer a (zero) bias, or pass intercept=False")
+                layer["bias"] = (layer["bias"] + r.bias_delta).astype(layer["bias"].dtype)
+            a = BlockAdapter(a.rebuild(a.from_pure(pure)), where)
+            timings["prune"] += time.perf_counter() - t
+            rem[c] = np.asarray(r.removed)
+            err[c] = r.error
+            removed_params += int(rem[c].sum()) * info.costs[c]
+        t = time.perf_counter()
+        x = forward_chunks(a, a.params, x, args, kwargs, chunk_size, None, capture=False)
+        timings["forward"] += time.perf_counter() - t
+        out_blocks.append(a.rebuild(a.params))
+        removed_all.append(rem)
+        errors.append(err)
+    return StructuredResult(out_blocks, removed_all, errors, removed_params, total_params,
+                            time.perf_counter() - t0, timings)
+
+
+def shrunk_params(block: Any, units: Sequence[Units], removed: Mapping[str, np.ndarray], x, *, args=(),
+                  kwargs=None) -> dict:
+    """The block's parameters as a nested dict (``nnx.to_pure_dict`` / linen variables) with
+    the ``removed`` units sliced away: consumer input columns, producer output columns and
+    their biases. Build the smaller module with the new widths and load these into it
+    (``nnx.replace_by_pure_dict``); its outputs equal the masked block's. ``x``: one example
+    input (for tracing the layers)."""
+    units = _check_units(units)
+    a = BlockAdapter(block)
+    info = _info(a, jnp.asarray(x), args, kwargs or {}, units, "block")
+    pure = a.pure()
+    for u in units:
+        where = {n: a.layer_dict(pure, n) for n in (u.consumer,) + tuple(n for n, _ in u.producers)}
+        layers = {n: {"kernel": d[k], "bias": d.get("bias")} for n, (d, k) in where.items()}
+        for n, entry in slice_units(layers, u, np.asarray(removed[u.consumer], bool), info.in_axes).items():
+            d, k = where[n]
+            d[k] = entry["kernel"]
+            if entry.get("bias") is not None:
+                d["bias"] = entry["bias"]
+    return pure

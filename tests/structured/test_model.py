@@ -1,0 +1,124 @@
+"""Structured pruning of whole models: the shrunk model computes what the masked one does, the
+counts are exact, the budgets add up, FLAP's metric is its formula, bad specs are named."""
+
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cobs_jax.structured import (Calibration, GroupCBS, GroupOBS, MagnitudeSP, Units, WandaSP, allocate, calibrate,
+                                 error_curves, flap_plan, flap_scores, prune_structured, uniform_plan)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from lib import llama  # noqa: E402
+
+
+
+@pytest.fixture(autouse=True)
+def _port_broadcasts():
+    """The Llama port broadcasts implicitly (the library does not: the suite raises elsewhere)."""
+    import jax
+
+    with jax.numpy_rank_promotion("allow"):
+        yield
+
+
+CFG = llama.LlamaConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, hidden_dim=48)
+
+
+def _model():
+    m = llama.with_proj_bias(llama.Llama(CFG, nnx.Rngs(0)))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(6, 16)), jnp.int32)
+    return m, tokens
+
+
+def _with_blocks(model, blocks):
+    graphdef, state = nnx.split(model)
+    new = nnx.merge(graphdef, state)
+    new.layers = nnx.List(blocks)
+    return new
+
+
+@pytest.mark.parametrize("method", [GroupCBS(), GroupOBS(), WandaSP(), MagnitudeSP()])
+def test_shrunk_llama_equals_the_masked_one_with_exact_counts(method):
+    m, tokens = _model()
+    units = llama.structured_units(CFG)
+    plan = [{"self_attn/o_proj": 1, "mlp/down_proj": 20}, {"self_attn/o_proj": 0, "mlp/down_proj": 10}]
+    r = prune_structured(list(m.layers), m.embed(tokens), units, plan, method=method, args=m.rope(16), chunk_size=3)
+    assert [{k: int(v.sum()) for k, v in rem.items()} for rem in r.removed] == plan
+    masked = _with_blocks(m, r.blocks)
+    small = llama.shrink(m, r.blocks, r.removed, units)
+    assert small.config.layer_widths == ((2, 1, 28), (4, 2, 38))
+    assert llama.decoder_params(small) == llama.decoder_params(m) - r.removed_params == 15360 - 4416
+    assert r.total_params == llama.decoder_params(m)
+    a, b = np.asarray(masked(tokens)), np.asarray(small(tokens))
+    np.testing.assert_allclose(b, a, atol=2e-5 * np.abs(a).max())
+    # the masked consumer columns are exactly zero
+    down = np.asarray(r.blocks[0].mlp.down_proj.kernel[...])
+    assert np.all(down[r.removed[0]["mlp/down_proj"]] == 0)
+
+
+def test_compensation_beats_the_uncompensated_baseline_on_the_block_outputs():
+    m, tokens = _model()
+    units = llama.structured_units(CFG, attention=False)
+    x = m.embed(tokens)
+    plan = [{"mlp/down_proj": 24}] * 2
+    ours = prune_structured(list(m.layers), x, units, plan, method=GroupOBS(), args=m.rope(16))
+    base = prune_structured(list(m.layers), x, units, plan, method=WandaSP(), intercept=False, args=m.rope(16))
+    assert ours.errors[0]["mlp/down_proj"] < base.errors[0]["mlp/down_proj"]
+
+
+def test_budgets_add_up_exactly():
+    m, tokens = _model()
+    units = llama.structured_units(CFG)
+    stats, infos, energy = calibrate(list(m.layers), m.embed(tokens), units, args=m.rope(16))
+    assert infos[0].counts == {"self_attn/o_proj": 2, "mlp/down_proj": 48}
+    assert infos[0].costs == {"self_attn/o_proj": 16 * 32 + 16 * 32 + 2 * 8 * 32,  # o cols, q, k, v rows
+                              "mlp/down_proj": 3 * 32}
+    assert uniform_plan(infos, {"mlp/down_proj": 0.25}) == [{"mlp/down_proj": 12}] * 2
+    curves = error_curves(stats, infos, units, energy=energy)
+    assert len(curves[0]["mlp/down_proj"]) == int(0.9 * 48) and len(curves[0]["self_attn/o_proj"]) == 1
+    assert np.all(np.diff(curves[0]["mlp/down_proj"]) >= 0)
+    budget = 3000
+    plan = allocate(curves, infos, budget)
+    got = sum(n * infos[i].costs[c] for i, row in enumerate(plan) for c, n in row.items())
+    assert budget <= got < budget + max(infos[0].costs.values())
+    fplan = flap_plan(stats, infos, units, budget, squared=("self_attn/o_proj",))
+    got = sum(int(v.sum()) * infos[i].costs[c] for i, row in enumerate(fplan) for c, v in row.items())
+    assert budget <= got < budget + max(infos[0].costs.values())
+    r = prune_structured(list(m.layers), m.embed(tokens), units, fplan, method=WandaSP(), args=m.rope(16))
+    assert all(np.array_equal(r.removed[i][c], fplan[i][c]) for i in range(2) for c in fplan[i])
+
+
+def test_flap_wifv_on_a_hand_example():
+    x = np.array([[1.0, 2.0], [3.0, 2.0], [2.0, 5.0]])
+    w = np.array([[1.0, 2.0], [3.0, 0.5]])  # rows layout: (outputs, inputs)
+    cal = Calibration(jnp.asarray(x.T @ x), jnp.asarray(x.sum(0)), 3)
+    want = x.var(0, ddof=1) * (w**2).sum(0)
+    np.testing.assert_allclose(np.asarray(flap_scores(jnp.asarray(w), cal)), want, rtol=1e-6)
+
+
+def test_bad_unit_specs_are_named():
+    m, tokens = _model()
+    x = m.embed(tokens)
+    with pytest.raises(ValueError, match="size"):
+        Units("mlp/down_proj", 0)
+    with pytest.raises(ValueError, match="positive int of output columns"):
+        Units("mlp/down_proj", 1, {"mlp/up_proj": 0})
+    cases = [
+        ((Units("mlp/nope", 1),), "does not call"),
+        ((Units("mlp/down_proj", 5),), "not a whole number of units"),
+        ((Units("mlp/down_proj", 1, {"mlp/up_proj": 2}),), "not 2 per unit"),
+    ]
+    for units, match in cases:
+        with pytest.raises(ValueError, match=match):
+            prune_structured(list(m.layers), x, units, [{}, {}], args=m.rope(16))
+    with pytest.raises(ValueError, match="has no bias"):
+        plain = llama.Llama(CFG, nnx.Rngs(0))
+        prune_structured(list(plain.layers), x, llama.structured_units(CFG, attention=False),
+                         [{"mlp/down_proj": 2}] * 2, args=m.rope(16))
+    with pytest.raises(ValueError, match="plan"):
+        prune_structured(list(m.layers), x, llama.structured_units(CFG), [{}], args=m.rope(16))
