@@ -210,17 +210,17 @@ def floor_seconds(blocks, x, args, batch_size) -> tuple[float, float]:
     return t_forward, time.perf_counter() - t
 
 
-def _user_tokens(path: str) -> np.ndarray:
+def user_tokens(path: str) -> np.ndarray:
     t = np.load(path, mmap_mode="r")
     if t.ndim != 2 or not np.issubdtype(t.dtype, np.integer) or t.shape[1] < 2:
         raise SystemExit(f"{path}: expected int tokens of shape (n, seq), got {t.dtype}{t.shape}")
     return t
 
 
-def _data(a, lm):
+def load_tokens(a, lm):
     """(calib, eval, split): the Brown windows, or the user's ``--calib-tokens`` / ``--eval-tokens``."""
     if a.calib_tokens:
-        calib, ev = (np.asarray(_user_tokens(f)) for f in (a.calib_tokens, a.eval_tokens))
+        calib, ev = (np.asarray(user_tokens(f)) for f in (a.calib_tokens, a.eval_tokens))
         split = dict(calib_file=os.path.abspath(a.calib_tokens), eval_file=os.path.abspath(a.eval_tokens))
     else:
         calib, ev, split = calibration_and_eval(lm.tokenizer, a.seq, a.calib, a.eval)
@@ -232,7 +232,7 @@ def run_cell(a, key: str) -> dict:
     t0 = time.perf_counter()
     lm = MODELS[a.model][0]()
     t_load = time.perf_counter() - t0
-    calib, ev, split = _data(a, lm)
+    calib, ev, split = load_tokens(a, lm)
     args = lm.args(calib.shape[1])
     x0 = lm.embed(calib)
     model_gib = lm.nbytes() / 2**30
@@ -311,7 +311,7 @@ def main():
     if a.model != "smollm2-135m":
         setup["model"] = a.model
     if a.calib_tokens:  # the setup says what the files hold
-        (a.calib, a.seq), a.eval = _user_tokens(a.calib_tokens).shape, len(_user_tokens(a.eval_tokens))
+        (a.calib, a.seq), a.eval = user_tokens(a.calib_tokens).shape, len(user_tokens(a.eval_tokens))
         setup.update(calib=a.calib, seq=a.seq, eval=a.eval, calib_tokens=os.path.abspath(a.calib_tokens),
                      eval_tokens=os.path.abspath(a.eval_tokens))
     saved = json.loads(path.read_text()) if path.exists() and not a.fresh else {}

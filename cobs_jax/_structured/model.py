@@ -8,7 +8,8 @@ the pruned attention (SlimGPT's order, structured.md §4.1). The result holds th
 blocks (removed columns exactly zero) and the removed sets; :func:`shrunk_params` slices a
 block's parameters to the smaller widths for a model built with them.
 
-Budgets (the ``plan``): :func:`uniform_plan` (the same count in every block), :func:`allocate`
+Budgets (the ``plan``): :func:`share_plan` (uniform, or SlimGPT's depth-increasing
+:func:`slimgpt_shares`), :func:`allocate`
 (a global allocation by measured error per removed weight, from :func:`error_curves`), and
 FLAP's adaptive structure (:func:`flap_plan`); all from :func:`calibrate` on the dense model.
 """
@@ -33,7 +34,7 @@ from .groups import GroupCBS, GroupPruner, prune_groups
 from .select import greedy_obs
 from .units import Units, slice_units, unit_cost
 
-__all__ = ["Given", "BlockInfo", "StructuredResult", "calibrate", "prune_structured", "uniform_plan", "error_curves",
+__all__ = ["Given", "BlockInfo", "StructuredResult", "calibrate", "prune_structured", "share_plan", "slimgpt_shares", "error_curves",
            "allocate", "flap_scores", "flap_plan", "shrunk_params"]
 
 Plan = Sequence[Mapping[str, Union[int, np.ndarray]]]
@@ -119,9 +120,37 @@ def calibrate(blocks: Sequence[Any], inputs, units: Sequence[Units], *, args=(),
     return stats, infos, energy
 
 
-def uniform_plan(infos: Sequence[BlockInfo], fraction: Mapping[str, float]) -> list[dict[str, int]]:
-    """The same share of every block's units: ``{consumer: fraction}`` (rounded down)."""
-    return [{c: int(np.floor(f * info.counts[c] + 1e-9)) for c, f in fraction.items()} for info in infos]
+def share_plan(infos: Sequence[BlockInfo], num_params: int, shares: Optional[Sequence[float]] = None) -> list[dict[str, int]]:
+    """A per-block budget (FLAP's uniform rule with the weight count made exact, its UL-MM):
+    block ``i`` loses ``num_params · shares[i] / Σ shares`` weights (uniform shares by default;
+    :func:`slimgpt_shares` for SlimGPT's depth-increasing ratio). In each block every unit kind
+    but the last removes ``⌊p_i · n⌋`` units (``p_i`` the block's removed fraction: heads by
+    ratio), and the last kind (the MLP channels) fills the rest of the block's share, rounded up."""
+    shares = np.ones(len(infos)) if shares is None else np.asarray(shares, np.float64)
+    if shares.shape != (len(infos),) or np.any(shares < 0) or shares.sum() <= 0:
+        raise ValueError(f"`shares` must be {len(infos)} non-negative numbers, not all zero")
+    plan = []
+    for info, share in zip(infos, shares / shares.sum()):
+        left = num_params * share
+        size = sum(info.counts[c] * info.costs[c] for c in info.counts)
+        *first, last = list(info.counts)
+        row = {}
+        for c in first:
+            row[c] = int(np.floor(left / size * info.counts[c] + 1e-9))
+            left -= row[c] * info.costs[c]
+        row[last] = int(np.ceil(max(left, 0.0) / info.costs[last] - 1e-9))
+        if row[last] >= info.counts[last]:
+            raise ValueError(f"`num_params` = {num_params}: block {len(plan)} would lose every unit of {last!r}")
+        plan.append(row)
+    return plan
+
+
+def slimgpt_shares(num_blocks: int, ratio: float = 4.0) -> np.ndarray:
+    """SlimGPT's incremental pruning ratio (log increase, structured.md §4.5): block ``l`` gets
+    ``1 + (ratio − 1) · ln(1 + l) / ln(num_blocks)`` (its README: 0.0625 → 0.25, ratio 4; the
+    code's ``ln 32`` is ``ln(num_blocks)`` here, so the last block gets ``ratio`` times the first)."""
+    layers = np.arange(num_blocks)
+    return 1.0 + (ratio - 1.0) * np.log1p(layers) / np.log(max(num_blocks, 2))
 
 
 def error_curves(stats, infos, units: Sequence[Units], *, max_fraction: float = 0.9, rel_damping: float = 0.01,

@@ -13,10 +13,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from .._core.linalg import spd_inverse
+from .._core.linalg import chol_inverse, spd_inverse
 from .._core.topk import smallest_k
 
-__all__ = ["magnitude_sp", "wanda_sp", "greedy_obs", "swap_search", "swap_search_columns", "column_swap_deltas", "objective"]
+__all__ = ["magnitude_sp", "wanda_sp", "greedy_obs", "greedy_columns", "swap_search", "swap_search_columns", "column_swap_deltas", "objective"]
 
 
 def magnitude_sp(w: jax.Array, groups: jax.Array, k: int) -> jax.Array:
@@ -49,7 +49,9 @@ def greedy_obs(w: jax.Array, hd: jax.Array, groups: jax.Array, k: int) -> tuple[
     n, s = groups.shape
     if k == 0:
         return jnp.zeros(n, bool), jnp.zeros(0, w.dtype)
-    g0 = spd_inverse(hd)
+    if s == 1:
+        return greedy_columns(w, hd, groups[:, 0], k)
+    g0 = chol_inverse(hd)
     eye = jnp.eye(s, dtype=hd.dtype)
 
     def step(i, carry):
@@ -71,6 +73,40 @@ def greedy_obs(w: jax.Array, hd: jax.Array, groups: jax.Array, k: int) -> tuple[
     return removed, steps
 
 
+@partial(jax.jit, static_argnames=("k", "batch"))
+def greedy_columns(w: jax.Array, hd: jax.Array, columns: jax.Array, k: int, batch: int = 1):
+    """:func:`greedy_obs` for groups of one column (MLP channels), on the candidate columns only
+    (the downdates never leave them), with rank-``batch`` updates: each step removes the
+    ``batch`` columns of least current error together (SlimGPT's batched greedy; ``batch=1``
+    is exact greedy OBS), then updates ``W`` and downdates ``G`` by their block. The step
+    errors of a block are its exact joint error split evenly. A removed column's row and
+    column of ``G`` become zero by the downdate itself."""
+    g = chol_inverse(hd)[columns[:, None], columns[None, :]]
+    w = w[:, columns]
+    n = columns.shape[0]
+
+    def step(size):
+        def run(i, carry):
+            w, g, removed, steps, done = carry
+            score = jnp.where(removed, jnp.inf, jnp.sum(w * w, axis=0) / jnp.diagonal(g))
+            p = jax.lax.top_k(-score, size)[1]
+            v = spd_inverse(g[p[:, None], p[None, :]])
+            gp = g[p]  # (size, n)
+            lam = w[:, p] @ v
+            err = jnp.sum(lam * w[:, p])  # tr(W_P V W_Pᵀ): the block's exact joint error
+            w = w - lam @ gp
+            g = g - gp.T @ (v @ gp)
+            steps = jax.lax.dynamic_update_slice(steps, jnp.full(size, err / size, w.dtype), (done,))
+            return w, g, removed.at[p].set(True), steps, done + size
+        return run
+
+    carry = (w, g, jnp.zeros(n, bool), jnp.zeros(k, w.dtype), jnp.int32(0))
+    carry = jax.lax.fori_loop(0, k // batch, step(batch), carry)
+    if k % batch:
+        carry = jax.lax.fori_loop(0, k % batch, step(1), carry)
+    return carry[2], carry[3]
+
+
 def objective(w: jax.Array, g: jax.Array, cols: jax.Array) -> jax.Array:
     """``E`` for the removed columns ``cols`` (static size m): ``Σ_r w_r,P (G_PP)⁻¹ w_r,Pᵀ``."""
     wp = w[:, cols]  # (rows, m)
@@ -86,7 +122,7 @@ def swap_search(w: jax.Array, hd: jax.Array, groups: jax.Array, start: jax.Array
     and the number of swaps. Each candidate costs one ``(k s)``-sized inverse: meant for head
     groups and layers of up to a few hundred columns removed."""
     n, s = groups.shape
-    g = spd_inverse(hd)
+    g = chol_inverse(hd)
 
     def cols_of(removed):
         order = jnp.argsort(~removed, stable=True)[:k]  # the k removed groups, in index order
@@ -132,7 +168,7 @@ def column_swap_deltas(wc: jax.Array, g: jax.Array, removed: jax.Array, k: int):
     """
     order = jnp.argsort(~removed, stable=True)
     p, q = order[:k], order[k:]
-    v = spd_inverse(g[p[:, None], p[None, :]])
+    v = chol_inverse(g[p[:, None], p[None, :]])
     lam = wc[:, p] @ v
     gpq = g[p[:, None], q[None, :]]
     c = v @ gpq
@@ -153,7 +189,7 @@ def swap_search_columns(w: jax.Array, hd: jax.Array, columns: jax.Array, start: 
     scored at once by :func:`column_swap_deltas`, a few ``k × n`` matrix products per step
     instead of ``k (n − k)`` inverses, so thousands of channels are searched exactly."""
     n = columns.shape[0]
-    g = spd_inverse(hd)[columns[:, None], columns[None, :]]
+    g = chol_inverse(hd)[columns[:, None], columns[None, :]]
     wc = w[:, columns]
 
     def body(carry):

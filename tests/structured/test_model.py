@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from cobs_jax.structured import (Calibration, GroupCBS, GroupOBS, MagnitudeSP, Units, WandaSP, allocate, calibrate,
-                                 error_curves, flap_plan, flap_scores, prune_structured, uniform_plan)
+                                 error_curves, flap_plan, flap_scores, prune_structured, share_plan,
+                                 slimgpt_shares)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from lib import llama  # noqa: E402
@@ -78,7 +79,13 @@ def test_budgets_add_up_exactly():
     assert infos[0].counts == {"self_attn/o_proj": 2, "mlp/down_proj": 48}
     assert infos[0].costs == {"self_attn/o_proj": 16 * 32 + 16 * 32 + 2 * 8 * 32,  # o cols, q, k, v rows
                               "mlp/down_proj": 3 * 32}
-    assert uniform_plan(infos, {"mlp/down_proj": 0.25}) == [{"mlp/down_proj": 12}] * 2
+    # uniform shares: 1536 weights per block -> no KV group (0.2 of 2), ceil(1536 / 96) = 16 channels
+    assert share_plan(infos, 3072) == [{"self_attn/o_proj": 0, "mlp/down_proj": 16}] * 2
+    # half the layer: one KV group (1536) and the rest, 3840 - 1536 = 2304, in 24 channels
+    assert share_plan(infos, 7680) == [{"self_attn/o_proj": 1, "mlp/down_proj": 24}] * 2
+    np.testing.assert_allclose(slimgpt_shares(32, 4.0)[[0, 31]], [1.0, 4.0])
+    deep = share_plan(infos, 3072, slimgpt_shares(2, 3.0))  # shares 1 : 3
+    assert deep[0]["mlp/down_proj"] == 8 and deep[1]["mlp/down_proj"] == 24
     curves = error_curves(stats, infos, units, energy=energy)
     assert len(curves[0]["mlp/down_proj"]) == int(0.9 * 48) and len(curves[0]["self_attn/o_proj"]) == 1
     assert np.all(np.diff(curves[0]["mlp/down_proj"]) >= 0)
@@ -122,3 +129,30 @@ def test_bad_unit_specs_are_named():
                          [{"mlp/down_proj": 2}] * 2, args=m.rope(16))
     with pytest.raises(ValueError, match="plan"):
         prune_structured(list(m.layers), x, llama.structured_units(CFG), [{}], args=m.rope(16))
+
+
+def test_shrunk_llama_round_trips_through_a_safetensors_checkpoint(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    m, tokens = _model()
+    units = llama.structured_units(CFG)
+    plan = [{"self_attn/o_proj": 1, "mlp/down_proj": 8}, {"self_attn/o_proj": 0, "mlp/down_proj": 4}]
+    r = prune_structured(list(m.layers), m.embed(tokens), units, plan, args=m.rope(16))
+    small = llama.shrink(m, r.blocks, r.removed, units)
+    tok = Tokenizer(models.BPE(vocab={"a": 0}, merges=[]))
+    llama.save_safetensors(small, tok, str(tmp_path))
+    import json
+
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["layer_head_num"] == [2, 4] and cfg["layer_inter_size"] == [40, 44] and cfg["head_dim"] == 8
+    assert cfg["attention_bias"] and cfg["mlp_bias"]
+    back, _, c = llama.load_safetensors(str(tmp_path))
+    assert c.layer_widths == small.config.layer_widths
+    np.testing.assert_allclose(np.asarray(back(tokens)), np.asarray(small(tokens)), rtol=1e-6, atol=1e-6)
+    # equal widths everywhere: a standard Llama config, no per-layer lists
+    uni = prune_structured(list(m.layers), m.embed(tokens), units, [{"self_attn/o_proj": 1, "mlp/down_proj": 8}] * 2,
+                           args=m.rope(16))
+    llama.save_safetensors(llama.shrink(m, uni.blocks, uni.removed, units), tok, str(tmp_path / "uniform"))
+    cfg = json.loads((tmp_path / "uniform" / "config.json").read_text())
+    assert "layer_inter_size" not in cfg and (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (2, 1)
+    assert cfg["intermediate_size"] == 40
