@@ -156,3 +156,10 @@ def test_shrunk_llama_round_trips_through_a_safetensors_checkpoint(tmp_path):
     cfg = json.loads((tmp_path / "uniform" / "config.json").read_text())
     assert "layer_inter_size" not in cfg and (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (2, 1)
     assert cfg["intermediate_size"] == 40
+    # and through cobs_jax.save / load into a model built from the shrunk config
+    import cobs_jax
+
+    cobs_jax.save(str(tmp_path / "small.safetensors"), nnx.state(small))
+    fresh = llama.Llama(small.config, nnx.Rngs(1))
+    nnx.update(fresh, cobs_jax.load(str(tmp_path / "small.safetensors"), nnx.state(fresh)))
+    np.testing.assert_array_equal(np.asarray(fresh(tokens)), np.asarray(small(tokens)))
