@@ -1,27 +1,36 @@
 """What a removable unit is in a model: the group specification a user writes for a block.
 
 A :class:`Units` names, in layer names as :func:`cobs_jax.prune_layerwise` uses them, the
-*consumer* whose input columns the units are (``size`` consecutive columns each, in the
-kernel's flattened input order) and the *producers* whose outputs feed exactly those columns
-(``{layer: output columns per unit}``). The consumer is where the second-order selection and
-compensation happen; the producers' matching outputs are deleted with the unit and cost no
-error (structured.md §2.1). Examples for a Llama block::
+*consumer* whose inputs the units are (``size`` consecutive entries each along one input axis
+of its kernel), the *producers* whose outputs feed exactly those inputs (``{layer: outputs per
+unit}``) and the *followers* between them (a BatchNorm after a producer conv: ``{module path:
+entries per unit}``, every array of the module sliced on its last axis). The consumer is where
+the second-order selection and compensation happen; the producers' and followers' entries are
+deleted with the unit and cost no error (structured.md §2.1). Examples::
 
-    Units("mlp/down_proj", 1, {"mlp/gate_proj": 1, "mlp/up_proj": 1})              # MLP channels
-    Units("self_attn/o_proj", 3 * 64,                                              # GQA KV groups
-          {"self_attn/q_proj": 3 * 64, "self_attn/k_proj": 64, "self_attn/v_proj": 64})
+    # Llama block: MLP channels, and GQA KV groups (3 query heads of 64 per KV head)
+    Units("mlp/down_proj", 1, {"mlp/gate_proj": 1, "mlp/up_proj": 1})
+    Units("self_attn/o_proj", 3 * 64, {"self_attn/q_proj": 3 * 64, "self_attn/k_proj": 64, "self_attn/v_proj": 64})
+    # ResNet basic block: conv1's filters, with their BatchNorm, feed conv2's input channels
+    Units("conv2", 1, {"conv1": 1}, followers={"bn1": 1})
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Units", "slice_units", "unit_cost"]
+__all__ = ["Units", "producer_axis", "slice_units", "unit_cost"]
+
+
+def _per_unit(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{what} must be a positive int, got {v!r}")
+    return int(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,96 +38,126 @@ class Units:
     """One kind of removable unit of a block.
 
     Args:
-      consumer: the layer whose input columns the units are (``o_proj`` for heads,
-        ``down_proj`` for MLP channels, the next conv for filters).
-      size: consumer input columns per unit (``head_dim``; 1 for a channel; ``n_rep * head_dim``
-        for a GQA KV group; ``kh * kw`` for a conv input channel in an unfolded kernel).
-      producers: ``{layer: output columns per unit}``: the layers whose outputs are the units'
-        inputs to the consumer, in the same unit order (q/k/v rows of a head; gate/up rows of a
-        channel). Their outputs are sliced away with the unit; biases with them.
+      consumer: the layer whose inputs the units are (``o_proj`` for heads, ``down_proj`` for MLP
+        channels, the next conv for filters).
+      size: entries per unit along ``axis`` (``head_dim`` for a head of a ``(heads * head_dim,
+        d)`` kernel; 1 for a channel; ``n_rep * head_dim`` for a GQA KV group).
+      producers: ``{layer: outputs per unit}`` or ``{layer: (axis, outputs per unit)}``: the
+        layers whose outputs are the units' inputs to the consumer, in the same unit order (q/k/v
+        of a head; gate/up of a channel; the conv whose filters they are), sliced away with the
+        unit along ``axis`` of their kernel (default: its first output axis), biases with them.
+      axis: the consumer kernel's input axis the units run along (default its last input axis:
+        ``d_in`` of a Dense kernel, ``c_in`` of a conv's ``(kh, kw, c_in, c_out)``; 0 for the
+        heads of a ``(heads, head_dim, d)`` DenseGeneral kernel, with ``size=1``).
+      followers: ``{module path: entries per unit}``: modules between producer and consumer
+        whose every array's last axis runs over the units (a BatchNorm's scale, bias, mean,
+        var), sliced with them.
     """
 
     consumer: str
-    size: int
+    size: int = 1
     producers: Any = ()
+    axis: Optional[int] = None
+    followers: Any = ()
 
     def __post_init__(self):
         if not isinstance(self.consumer, str) or not self.consumer:
             raise ValueError(f"Units: `consumer` must be a layer name, got {self.consumer!r}")
-        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
-            raise ValueError(f"Units({self.consumer!r}): `size` must be a positive int, got {self.size!r}")
-        prods = dict(self.producers)
-        for name, per in prods.items():
-            if isinstance(per, bool) or not isinstance(per, (int, np.integer)) or per < 1:
-                raise ValueError(f"Units({self.consumer!r}): producer {name!r} must give a positive int of "
-                                 f"output columns per unit, got {per!r}")
-        object.__setattr__(self, "producers", tuple(sorted(prods.items())))
+        _per_unit(self.size, f"Units({self.consumer!r}): `size`")
+        for field in ("producers", "followers"):
+            entries = dict(getattr(self, field))
+            for name, per in entries.items():
+                axis, n = per if field == "producers" and isinstance(per, tuple) else (None, per)
+                if axis is not None and (isinstance(axis, bool) or not isinstance(axis, (int, np.integer))):
+                    raise ValueError(f"Units({self.consumer!r}): producer {name!r}: the axis must be an int, "
+                                     f"got {axis!r}")
+                _per_unit(n, f"Units({self.consumer!r}): entries per unit of {field[:-1]} {name!r}")
+                if field == "producers":
+                    entries[name] = (axis, int(n))
+            object.__setattr__(self, field, tuple(sorted(entries.items())))
 
-    def count(self, d_in: int) -> int:
-        """Units in a consumer of ``d_in`` input columns (raises unless ``size`` divides it)."""
-        if d_in % self.size:
-            raise ValueError(f"Units({self.consumer!r}): its {d_in} input columns are not a whole number of "
-                             f"units of {self.size}")
-        return d_in // self.size
+    def _axis(self, shape: tuple, in_axes: tuple) -> int:
+        """The unit axis of a consumer kernel of ``shape`` (an entry of ``in_axes``)."""
+        axes = tuple(a % len(shape) for a in in_axes)
+        axis = axes[-1] if self.axis is None else self.axis % len(shape)
+        if axis not in axes:
+            raise ValueError(f"Units({self.consumer!r}): `axis` {self.axis} is not an input axis of its kernel "
+                             f"{shape} (input axes {axes})")
+        if shape[axis] % self.size:
+            raise ValueError(f"Units({self.consumer!r}): its {shape[axis]} inputs along axis {axis} are not a whole "
+                             f"number of units of {self.size}")
+        return axis
 
-    def groups(self, d_in: int) -> np.ndarray:
-        """The ``(n_units, size)`` input columns of each unit."""
-        return np.arange(d_in, dtype=np.int32).reshape(self.count(d_in), self.size)
+    def count(self, shape: tuple, in_axes: tuple) -> int:
+        """Units in a consumer kernel of ``shape`` with input axes ``in_axes``."""
+        return shape[self._axis(shape, in_axes)] // self.size
 
+    def groups(self, shape: tuple, in_axes: tuple) -> np.ndarray:
+        """The ``(n_units, columns)`` columns of each unit in the kernel's rows layout (input
+        axes flattened in ``in_axes`` order, as :func:`cobs_jax.prune_layer` sees it)."""
+        axes = tuple(a % len(shape) for a in in_axes)
+        axis = self._axis(shape, in_axes)
+        idx = np.arange(math.prod(shape[a] for a in axes), dtype=np.int32).reshape([shape[a] for a in axes])
+        idx = np.moveaxis(idx, axes.index(axis), 0)
+        return idx.reshape(self.count(shape, in_axes), -1)
 
-def _flat(kernel_shape, in_axes) -> tuple[int, int]:
-    d_in = math.prod(kernel_shape[a] for a in in_axes)
-    return d_in, math.prod(kernel_shape) // d_in
 
 
 def unit_cost(units: Units, kernels: Mapping[str, Any], in_axes: Mapping[str, tuple]) -> int:
-    """Weights one unit holds: its consumer columns times the consumer's outputs, plus its
-    producer outputs times each producer's inputs."""
-    d_in, d_out = _flat(jnp.shape(kernels[units.consumer]), in_axes[units.consumer])
-    cost = units.size * d_out
-    for name, per in units.producers:
-        p_in, _ = _flat(jnp.shape(kernels[name]), in_axes[name])
-        cost += per * p_in
+    """Kernel weights one unit holds: its consumer inputs times the consumer's outputs, plus
+    its producer outputs times each producer's inputs (biases and followers not counted)."""
+    shape = jnp.shape(kernels[units.consumer])
+    cost = math.prod(shape) // units.count(shape, in_axes[units.consumer])
+    for name, (_, per) in units.producers:
+        pshape = jnp.shape(kernels[name])
+        cost += per * math.prod(pshape) // pshape[producer_axis(units, name, pshape, in_axes[name])]
     return cost
 
 
-def _keep_along(a, axes: tuple, keep_cols: np.ndarray, what: str):
-    """``a`` with only ``keep_cols`` of its flattened ``axes`` (consecutive, leading the rest
-    in the order given) kept; the first of ``axes`` shrinks."""
-    axes = tuple(sorted(a_ % a.ndim for a_ in axes))
-    if axes != tuple(range(axes[0], axes[0] + len(axes))):
-        raise ValueError(f"{what}: its unit axes {axes} are not consecutive")
-    inner = math.prod(a.shape[x] for x in axes[1:])
-    if len(keep_cols) % inner:
-        raise ValueError(f"{what}: the kept columns are not whole slices of axis {axes[0]}")
-    shape = a.shape
-    flat = a.reshape(shape[: axes[0]] + (-1,) + shape[axes[-1] + 1 :])
-    kept = jnp.take(flat, jnp.asarray(keep_cols, np.int32), axis=axes[0])
-    return kept.reshape(shape[: axes[0]] + (len(keep_cols) // inner,) + shape[axes[0] + 1 :])
+def producer_axis(units: Units, name: str, shape: tuple, in_axes: tuple) -> int:
+    """The axis of producer ``name``'s kernel that the units run along (an output axis)."""
+    axis = dict(units.producers)[name][0]
+    ins = {a % len(shape) for a in in_axes}
+    outs = [a for a in range(len(shape)) if a not in ins]
+    axis = outs[0] if axis is None else axis % len(shape)
+    if axis in ins:
+        raise ValueError(f"Units({units.consumer!r}): producer {name!r}: axis {axis} is an input axis of its kernel")
+    return axis
 
 
-def slice_units(params: Mapping[str, Any], units: Units, removed: np.ndarray, in_axes: Mapping[str, tuple]) -> dict:
-    """The block's ``{layer: {"kernel": ..., "bias": ...}}`` entries of ``units``' layers with the
-    ``removed`` units (bool ``(n_units,)``) sliced away: the consumer's input columns, the
-    producers' output columns and biases. ``params[layer]`` holds the layer's ``kernel`` (and
-    ``bias``, optional); the result holds new arrays only for those layers."""
+def slice_units(params: Mapping[str, Any], units: Units, removed: np.ndarray, in_axes: Mapping[str, tuple],
+                followers: Optional[Mapping[str, list]] = None) -> dict:
+    """New ``{layer: {"kernel": ..., "bias": ...}}`` for the consumer and producers of ``units``
+    with the ``removed`` units (bool ``(n_units,)``) sliced away: the consumer's inputs along its
+    unit axis, the producers' outputs and biases. ``params[layer]`` holds the layer's
+    ``kernel`` (and ``bias`` or None). ``followers`` (``{module path: [dicts of arrays]}``) are
+    sliced in place on their arrays' last axis."""
     removed = np.asarray(removed, bool)
-    out = {}
     k = params[units.consumer]["kernel"]
-    ax = in_axes[units.consumer]
-    d_in, _ = _flat(k.shape, ax)
-    if removed.shape != (units.count(d_in),):
-        raise ValueError(f"Units({units.consumer!r}): `removed` must be bool ({units.count(d_in)},), got "
-                         f"{removed.shape}")
-    keep = np.repeat(~removed, units.size)
-    out[units.consumer] = dict(params[units.consumer], kernel=_keep_along(k, ax, np.flatnonzero(keep), units.consumer))
-    for name, per in units.producers:
+    ax = tuple(a % k.ndim for a in in_axes[units.consumer])
+    n = units.count(k.shape, ax)
+    if removed.shape != (n,):
+        raise ValueError(f"Units({units.consumer!r}): `removed` must be bool ({n},), got {removed.shape}")
+    axis = units._axis(k.shape, ax)
+    keep = np.flatnonzero(np.repeat(~removed, units.size)).astype(np.int32)
+    out = {units.consumer: dict(params[units.consumer], kernel=jnp.take(k, keep, axis=axis))}
+    for name, (_, per) in units.producers:
         p = params[name]
         pk = p["kernel"]
-        out_axes = tuple(a for a in range(pk.ndim) if a not in {x % pk.ndim for x in in_axes[name]})
-        cols = np.flatnonzero(np.repeat(~removed, per))
-        entry = dict(p, kernel=_keep_along(pk, out_axes, cols, name))
-        if p.get("bias") is not None:
-            entry["bias"] = _keep_along(p["bias"], tuple(range(p["bias"].ndim)), cols, name + " bias")
+        pax = producer_axis(units, name, pk.shape, in_axes[name])
+        cols = np.flatnonzero(np.repeat(~removed, per)).astype(np.int32)
+        entry = dict(p, kernel=jnp.take(pk, cols, axis=pax))
+        if p.get("bias") is not None:  # the bias has the kernel's output axes, in order
+            ins = {x % pk.ndim for x in in_axes[name]}
+            entry["bias"] = jnp.take(p["bias"], cols, axis=sum(1 for a in range(pax) if a not in ins))
         out[name] = entry
+    for path, per in units.followers:
+        cols = np.flatnonzero(np.repeat(~removed, per)).astype(np.int32)
+        for d in (followers or {}).get(path, []):
+            for key, v in d.items():
+                if hasattr(v, "shape") and v.ndim >= 1:
+                    if v.shape[-1] != per * n:
+                        raise ValueError(f"Units({units.consumer!r}): follower {path!r} entry {key!r} has "
+                                         f"{v.shape[-1]} entries on its last axis, not {per} x {n} units")
+                    d[key] = jnp.take(v, cols, axis=-1)
     return out

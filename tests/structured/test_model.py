@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from cobs_jax.structured import (Calibration, GroupCBS, GroupOBS, MagnitudeSP, Units, WandaSP, allocate, calibrate,
-                                 error_curves, flap_plan, flap_scores, prune_structured, share_plan,
+                                 error_curves, flap_plan, flap_scores, prune_structured, share_plan, shrunk_params,
                                  slimgpt_shares)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -113,7 +113,7 @@ def test_bad_unit_specs_are_named():
     x = m.embed(tokens)
     with pytest.raises(ValueError, match="size"):
         Units("mlp/down_proj", 0)
-    with pytest.raises(ValueError, match="positive int of output columns"):
+    with pytest.raises(ValueError, match="entries per unit of producer"):
         Units("mlp/down_proj", 1, {"mlp/up_proj": 0})
     cases = [
         ((Units("mlp/nope", 1),), "does not call"),
@@ -163,3 +163,70 @@ def test_shrunk_llama_round_trips_through_a_safetensors_checkpoint(tmp_path):
     fresh = llama.Llama(small.config, nnx.Rngs(1))
     nnx.update(fresh, cobs_jax.load(str(tmp_path / "small.safetensors"), nnx.state(fresh)))
     np.testing.assert_array_equal(np.asarray(fresh(tokens)), np.asarray(small(tokens)))
+
+
+def test_shrunk_resnet_block_equals_the_masked_one():
+    """A conv block: conv1's filters (with bn1's entries) feed conv2's input channels."""
+    import flax.linen as nn
+    import jax
+
+    class Block(nn.Module):
+        features: int
+        mid: int
+
+        @nn.compact
+        def __call__(self, x, train: bool):
+            y = nn.Conv(self.mid, (3, 3), padding=1, use_bias=False, name="conv1")(x)
+            y = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn1")(y))
+            y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, name="conv2")(y)
+            return nn.relu(x + nn.BatchNorm(use_running_average=not train, name="bn2")(y))
+
+    x = jax.random.normal(jax.random.key(0), (16, 6, 6, 8), jnp.float32)
+    v = Block(8, 8).init(jax.random.key(1), x, False)
+    rng = np.random.default_rng(0)
+    v = jax.tree.map(lambda a: jnp.asarray(a + 0.3 * rng.normal(size=a.shape), a.dtype), v)  # non-trivial BN
+    v["batch_stats"]["bn1"]["var"] = jnp.abs(v["batch_stats"]["bn1"]["var"]) + 0.5
+    v["batch_stats"]["bn2"]["var"] = jnp.abs(v["batch_stats"]["bn2"]["var"]) + 0.5
+    units = [Units("conv2", 1, {"conv1": 1}, followers={"bn1": 1})]
+    r = prune_structured([(Block(8, 8), v)], x, units, [{"conv2": 3}], method=GroupOBS(), intercept=False,
+                         args=(False,))
+    removed = r.removed[0]["conv2"]
+    assert removed.sum() == 3 and r.removed_params == 3 * (9 * 8) * 2  # conv2 inputs + conv1 filters
+    masked = r.blocks[0]
+    small = shrunk_params(masked, units, r.removed[0], x[:1], args=(False,))
+    assert small["params"]["conv1"]["kernel"].shape == (3, 3, 8, 5)
+    assert small["params"]["conv2"]["kernel"].shape == (3, 3, 5, 8)
+    assert small["batch_stats"]["bn1"]["mean"].shape == (5,) and small["params"]["bn1"]["scale"].shape == (5,)
+    want = np.asarray(Block(8, 8).apply(masked[1], x, False))
+    got = np.asarray(Block(8, 5).apply(small, x, False))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the compensated consumer: conv2's kept input channels re-solved, removed ones exactly 0
+    k2 = np.asarray(masked[1]["params"]["conv2"]["kernel"])
+    assert np.all(k2[:, :, removed] == 0) and not np.allclose(k2[:, :, ~removed], np.asarray(v["params"]["conv2"]["kernel"])[:, :, ~removed])
+
+
+def test_shrunk_gemma_block_equals_the_masked_one():
+    """Gemma's einsum layout: query heads are axis 0 of q_einsum (N, D, H) and attn_vec_einsum
+    (N, H, D); MLP channels axis 1 of gating_einsum (2, F, D) and axis 0 of linear (F, D)."""
+    import dataclasses
+
+    import jax
+
+    from lib import gemma
+
+    c = gemma.GemmaConfig(vocab_size=64, dim=16, num_layers=1, num_heads=4, num_kv_heads=1, head_dim=8, hidden_dim=24,
+                          window=4, global_every=1)
+    v = {"params": gemma.init_params(c, jax.random.key(0))["layer_0"]}
+    x = jax.random.normal(jax.random.key(1), (4, 6, 16), jnp.float32)
+    units = [Units("attn/attn_vec_einsum/w", 1, {"attn/q_einsum/w": 1}, axis=0),
+             Units("mlp/linear", 1, {"mlp/gating_einsum": (1, 1)})]
+    plan = [{"attn/attn_vec_einsum/w": 1, "mlp/linear": 10}]
+    r = prune_structured([(gemma.Block(c, True), v)], x, units, plan, method=GroupCBS(), intercept=False)
+    assert r.removed_params == (8 * 16) * 2 + 10 * 16 * 3
+    small = shrunk_params(r.blocks[0], units, r.removed[0], x[:1])
+    assert small["params"]["attn"]["q_einsum"]["w"].shape == (3, 16, 8)
+    assert small["params"]["mlp"]["gating_einsum"].shape == (2, 14, 16)
+    c2 = dataclasses.replace(c, num_heads=3, hidden_dim=14)
+    want = np.asarray(gemma.Block(c, True).apply(r.blocks[0][1], x))
+    got = np.asarray(gemma.Block(c2, True).apply(small, x))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
