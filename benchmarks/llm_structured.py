@@ -98,17 +98,19 @@ class Runner:
         self.total = llama.decoder_params(self.model)
         self.dense_stats: dict = {}
 
-    def ppl(self, model) -> float:
-        nll = np.concatenate([np.asarray(_nll(model, jnp.asarray(self.ev[s : s + 4])))
-                              for s in range(0, len(self.ev), 4)])
-        return perplexity(nll, self.ev)
+    def ppl(self, model, windows=None) -> float:
+        """Perplexity on the held-out windows (or on ``windows``: the calibration ones, for
+        choices made without the evaluation text)."""
+        w = self.ev if windows is None else windows
+        nll = np.concatenate([np.asarray(_nll(model, jnp.asarray(w[s : s + 4]))) for s in range(0, len(w), 4)])
+        return perplexity(nll, w)
 
     def speed(self, model) -> dict:
         tokens = jnp.asarray(self.ev[: self.batch])
         return speed(model, self.lm.tokenizer, self.model.embed(tokens), tokens)
 
     def dense(self) -> dict:
-        return dict(ppl=self.ppl(self.model), decoder_params=self.total, **self.speed(self.model),
+        return dict(ppl=self.ppl(self.model), calib_ppl=self.ppl(self.model, self.calib), decoder_params=self.total, **self.speed(self.model),
                     sample=llama.greedy(self.model, self.lm.tokenizer, PROMPT, 30))
 
     def stats(self, mode):
@@ -143,14 +145,14 @@ class Runner:
             if method == "cbs-uniform":
                 extra, plan = 0.0, share_plan(infos, budget)
             else:
-                plan = allocate(error_curves(stats, infos, units, energy=energy), infos, budget)
+                plan = allocate(error_curves(stats, infos, units), infos, budget)
             res = prune_structured(blocks, self.x, units, plan, method=GroupCBS(), intercept=True, **kw)
         seconds = time.perf_counter() - t + extra
         small = llama.shrink(self.model, res.blocks, res.removed, units)
         kept = llama.decoder_params(small)
         assert kept == self.total - res.removed_params, (kept, self.total, res.removed_params)
         return dict(method=method, mode=mode, budget=frac, removed_params=res.removed_params, kept_params=kept,
-                    kept_fraction=kept / self.total, ppl=self.ppl(small), prune_seconds=seconds,
+                    kept_fraction=kept / self.total, ppl=self.ppl(small), calib_ppl=self.ppl(small, self.calib), prune_seconds=seconds,
                     dense_stats_seconds=extra, timings=res.timings, widths=list(small.config.layer_widths),
                     errors=[{k: float(v) for k, v in e.items()} for e in res.errors],
                     **self.speed(small), sample=llama.greedy(small, self.lm.tokenizer, PROMPT, 30))
@@ -178,6 +180,7 @@ def main():
     ap.add_argument("--budgets", default="20,30,50", help="percent of decoder linear weights removed")
     ap.add_argument("--quick", action="store_true", help="8 calibration and 8 eval windows, 20 and 50 %%, attn+mlp")
     ap.add_argument("--fresh", action="store_true", help="ignore saved results")
+    ap.add_argument("--rerun", action="store_true", help="recompute the requested cells even when saved")
     ap.add_argument("--name", default=None, help="results file stem")
     a = ap.parse_args()
     if bool(a.calib_tokens) != bool(a.eval_tokens):
@@ -202,7 +205,7 @@ def main():
         raise SystemExit(f"unknown {bad}; methods: {METHODS}, modes: {list(MODES)}")
     keys = ["dense"] + [f"{m} @ {mode} @ {round(b * 100)}%" for mode in modes for b in budgets for m in methods
                         if m != "sparsegpt"] + ["sparsegpt @ 50%"]
-    todo = [k for k in keys if k not in cells]
+    todo = [k for k in keys if k not in cells or (a.rerun and k != "dense")]
     if not todo:
         print("every cell is saved; --fresh recomputes")
     runner = Runner(a) if todo else None

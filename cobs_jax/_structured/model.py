@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import time
+from functools import partial
 from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -160,12 +161,17 @@ def error_curves(stats, infos, units: Sequence[Units], *, max_fraction: float = 
                  batch: int = 8) -> list[dict[str, np.ndarray]]:
     """Per block and consumer, the error after greedily removing 1, 2, ... units
     (``⌊max_fraction · n⌋`` at most, fewer than all): the running sum of greedy group OBS's
-    exact step errors (ZipLM's level database), divided by ``energy[i]`` when given. Units of
-    one column go ``batch`` at a time (SlimGPT's batched greedy: a few times faster, the
-    curve exact at every multiple of ``batch``)."""
+    exact step errors (ZipLM's level database). Units of one column go ``batch`` at a time
+    (SlimGPT's batched greedy: a few times faster, the curve exact at every multiple of
+    ``batch``).
+
+    The errors of a block are divided by the energy of its consumers' outputs
+    (``Σ tr(W C Wᵀ)``, what the block adds to the residual stream): within a block they stay
+    comparable, across blocks they are relative. ``energy[i]`` (e.g. ``calibrate``'s residual
+    stream energy) replaces that divisor."""
     curves = []
     for i, (st, info) in enumerate(zip(stats, infos)):
-        row = {}
+        row, scale = {}, 0.0
         for u in units:
             c = u.consumer
             cal = st[c]
@@ -183,10 +189,17 @@ def error_curves(stats, infos, units: Sequence[Units], *, max_fraction: float = 
                 steps = greedy_columns(w.astype(dt), hd, groups[:, 0], k, batch)[1]
             else:
                 steps = greedy_obs(w.astype(dt), hd, groups, k)[1]
-            curve = np.cumsum(np.maximum(np.asarray(steps, np.float64), 0.0))
-            row[c] = curve / (energy[i] if energy is not None else 1.0)
-        curves.append(row)
+            row[c] = np.cumsum(np.maximum(np.asarray(steps, np.float64), 0.0))
+            scale += float(_output_energy(w.astype(dt), cal, intercept))
+        div = energy[i] if energy is not None else scale
+        curves.append({c: v / div for c, v in row.items()})
     return curves
+
+
+@partial(jax.jit, static_argnames=("intercept",))
+def _output_energy(w, cal: Calibration, intercept: bool):
+    c = cal.h - cal.total[:, None] * cal.total[None, :] / cal.num_inputs if intercept else cal.h
+    return jnp.sum((w @ c) * w)
 
 
 def allocate(curves: Sequence[Mapping[str, np.ndarray]], infos: Sequence[BlockInfo], num_params: int) -> list[dict[str, int]]:

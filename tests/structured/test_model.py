@@ -230,3 +230,13 @@ def test_shrunk_gemma_block_equals_the_masked_one():
     want = np.asarray(gemma.Block(c, True).apply(r.blocks[0][1], x))
     got = np.asarray(gemma.Block(c2, True).apply(small, x))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_docs_example(capsys):
+    """docs/structured.md's whole-model example runs and prints what the page says."""
+    import re
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "structured.md").read_text()
+    code, printed = re.search(r"## A whole model\n\n```python\n(.*?)```\n\nprints\n\n```\n(.*?)```", page, re.S).groups()
+    exec(compile(code, "docs/structured.md", "exec"), {"__name__": "docs_example"})
+    assert capsys.readouterr().out == printed
