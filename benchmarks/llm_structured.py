@@ -44,7 +44,7 @@ from lib.common import RESULTS, metadata
 from lib.text import SOURCE
 from llm_prune import SmolLM2, load_tokens, perplexity, user_tokens, with_blocks
 
-METHODS = ["magnitude-sp", "wanda-sp", "flap", "slimgpt", "cbs", "cbs-uniform"]
+METHODS = ["magnitude-sp", "wanda-sp", "flap", "slimgpt", "cbs", "cbs-uniform", "cbs-global"]
 MODES = {"attn+mlp": True, "mlp": False}
 PROMPT = "The history of the city began"
 
@@ -144,8 +144,10 @@ class Runner:
         else:
             if method == "cbs-uniform":
                 extra, plan = 0.0, share_plan(infos, budget)
-            else:
+            elif method == "cbs-global":
                 plan = allocate(error_curves(stats, infos, units), infos, budget)
+            else:  # each block its uniform share; the error curves choose between KV groups and channels
+                plan = allocate(error_curves(stats, infos, units), infos, budget, shares=np.ones(len(blocks)))
             res = prune_structured(blocks, self.x, units, plan, method=GroupCBS(), intercept=True, **kw)
         seconds = time.perf_counter() - t + extra
         small = llama.shrink(self.model, res.blocks, res.removed, units)

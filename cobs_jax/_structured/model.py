@@ -202,12 +202,26 @@ def _output_energy(w, cal: Calibration, intercept: bool):
     return jnp.sum((w @ c) * w)
 
 
-def allocate(curves: Sequence[Mapping[str, np.ndarray]], infos: Sequence[BlockInfo], num_params: int) -> list[dict[str, int]]:
+def allocate(curves: Sequence[Mapping[str, np.ndarray]], infos: Sequence[BlockInfo], num_params: int,
+             shares: Optional[Sequence[float]] = None) -> list[dict[str, int]]:
     """Units to remove per block and consumer so that at least ``num_params`` weights go (and
     less than one more unit beyond), each next unit the one of least added error per weight
-    over all blocks (``curves`` from :func:`error_curves`; greedy on the increments)."""
+    (``curves`` from :func:`error_curves`; greedy on the increments): over all blocks, or with
+    ``shares`` (as :func:`share_plan`'s) within each block for its share of ``num_params``,
+    the curves then choosing only between the block's kinds of unit (heads vs channels)."""
+    if shares is not None:
+        shares = np.asarray(shares, np.float64)
+        if shares.shape != (len(infos),) or np.any(shares < 0) or shares.sum() <= 0:
+            raise ValueError(f"`shares` must be {len(infos)} non-negative numbers, not all zero")
+        quota = num_params * shares / shares.sum()
+        # each block rounds up to whole units: the total stays within one unit per block
+        return [_allocate([row], [info], int(np.ceil(q)))[0] for row, info, q in zip(curves, infos, quota)]
+    return _allocate(curves, infos, num_params)
+
+
+def _allocate(curves, infos, num_params: int) -> list[dict[str, int]]:
     counts = [{c: 0 for c in row} for row in curves]
-    heap = []
+    heap: list = []
 
     def push(i, c):
         j = counts[i][c]

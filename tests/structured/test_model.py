@@ -43,7 +43,7 @@ def _with_blocks(model, blocks):
     return new
 
 
-@pytest.mark.parametrize("method", [GroupCBS(), GroupOBS(), WandaSP(), MagnitudeSP()])
+@pytest.mark.parametrize("method", [GroupCBS(), MagnitudeSP()])  # compensated or not
 def test_shrunk_llama_equals_the_masked_one_with_exact_counts(method):
     m, tokens = _model()
     units = llama.structured_units(CFG)
