@@ -38,13 +38,13 @@ from flax import nnx
 
 import cobs_jax
 from cobs_jax.structured import (GroupCBS, GroupOBS, MagnitudeSP, WandaSP, allocate, calibrate, error_curves,
-                                 flap_plan, prune_structured, share_plan, slimgpt_shares)
+                                 flap_plan, probe_scales, prune_structured, share_plan, slimgpt_shares)
 from lib import llama
 from lib.common import RESULTS, metadata
 from lib.text import SOURCE
 from llm_prune import SmolLM2, load_tokens, perplexity, user_tokens, with_blocks
 
-METHODS = ["magnitude-sp", "wanda-sp", "flap", "slimgpt", "cbs", "cbs-uniform", "cbs-global"]
+METHODS = ["magnitude-sp", "wanda-sp", "flap", "slimgpt", "cbs", "cbs-uniform", "cbs-global", "cbs-probe"]
 MODES = {"attn+mlp": True, "mlp": False}
 PROMPT = "The history of the city began"
 
@@ -54,6 +54,13 @@ def _blocks(model, x, cos, sin):
     for layer in model.layers:
         x = layer(x, cos, sin)
     return x
+
+
+@nnx.jit
+def _tail_nll(model, h, tokens):
+    """Mean next-token NLL of ``tokens`` from the last block's outputs ``h``."""
+    logp = jax.nn.log_softmax(model.head(h)[:, :-1].astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
 
 @nnx.jit
@@ -146,6 +153,15 @@ class Runner:
                 extra, plan = 0.0, share_plan(infos, budget)
             elif method == "cbs-global":
                 plan = allocate(error_curves(stats, infos, units), infos, budget)
+            elif method == "cbs-probe":  # the curves scaled by each block's measured loss, then global
+                curves = error_curves(stats, infos, units)
+                n = min(4, len(self.calib))
+                toks = jnp.asarray(self.calib[:n])
+                scales = probe_scales(blocks, self.x[:n], units, stats, infos, curves, share_plan(infos, budget),
+                                      lambda h: _tail_nll(self.model, h, toks), args=self.args,
+                                      chunk_size=self.batch, progress=True)
+                plan = allocate([{c: v * sc for c, v in row.items()} for row, sc in zip(curves, scales)], infos,
+                                budget)
             else:  # each block its uniform share; the error curves choose between KV groups and channels
                 plan = allocate(error_curves(stats, infos, units), infos, budget, shares=np.ones(len(blocks)))
             res = prune_structured(blocks, self.x, units, plan, method=GroupCBS(), intercept=True, **kw)

@@ -28,6 +28,7 @@ from ._structured.model import calibrate as calibrate
 from ._structured.model import error_curves as error_curves
 from ._structured.model import flap_plan as flap_plan
 from ._structured.model import flap_scores as flap_scores
+from ._structured.model import probe_scales as probe_scales
 from ._structured.model import prune_structured as prune_structured
 from ._structured.model import shrunk_params as shrunk_params
 from ._structured.model import share_plan as share_plan
@@ -36,4 +37,4 @@ from ._structured.units import Units as Units
 
 __all__ = ["BlockInfo", "Calibration", "Given", "GroupCBS", "GroupOBS", "GroupPruner", "GroupResult", "MagnitudeSP",
            "StructuredResult", "Units", "WandaSP", "allocate", "calibrate", "error_curves", "flap_plan", "flap_scores",
-           "head_groups", "prune_groups", "prune_structured", "share_plan", "shrunk_params", "slimgpt_shares"]
+           "head_groups", "probe_scales", "prune_groups", "prune_structured", "share_plan", "shrunk_params", "slimgpt_shares"]

@@ -31,12 +31,12 @@ from .._layer.capture import BlockAdapter, block_layers, input_stats
 from .._layer.kernels import as_rows
 from .._layer.layerwise import check_calibration, forward_chunks
 from .compensate import Calibration, damped
-from .groups import GroupCBS, GroupPruner, prune_groups
+from .groups import GroupCBS, GroupOBS, GroupPruner, prune_groups
 from .select import greedy_columns, greedy_obs
 from .units import Units, producer_axis, slice_units, unit_cost
 
 __all__ = ["Given", "BlockInfo", "StructuredResult", "calibrate", "prune_structured", "share_plan", "slimgpt_shares", "error_curves",
-           "allocate", "flap_scores", "flap_plan", "shrunk_params"]
+           "allocate", "probe_scales", "flap_scores", "flap_plan", "shrunk_params"]
 
 Plan = Sequence[Mapping[str, Union[int, np.ndarray]]]
 
@@ -371,15 +371,7 @@ def prune_structured(
             r = prune_groups(info.kernels[c], cal, u.groups(info.kernels[c].shape, info.in_axes[c]), num_remove=int(entry), method=how,
                              intercept=intercept, rel_damping=rel_damping, in_axes=info.in_axes[c],
                              name=f"{where} {c}")
-            pure = a.pure()
-            layer, key = a.layer_dict(pure, c)
-            layer[key] = r.kernel
-            if intercept:
-                if layer.get("bias") is None:
-                    raise ValueError(f"{where}: layer {c!r} has no bias; the intercept moves the removed inputs' "
-                                     "mean into the bias: give the layer a (zero) bias, or pass intercept=False")
-                layer["bias"] = (layer["bias"] + r.bias_delta).astype(layer["bias"].dtype)
-            a = BlockAdapter(a.rebuild(a.from_pure(pure)), where)
+            a = _written(a, c, r, intercept, where)
             timings["prune"] += time.perf_counter() - t
             rem[c] = np.asarray(r.removed)
             err[c] = r.error
@@ -392,6 +384,60 @@ def prune_structured(
         errors.append(err)
     return StructuredResult(out_blocks, removed_all, errors, removed_params, total_params,
                             time.perf_counter() - t0, timings)
+
+
+def _written(a: BlockAdapter, c: str, r, intercept: bool, where: str) -> BlockAdapter:
+    """The block with consumer ``c``'s kernel (and, with ``intercept``, bias) from ``r``."""
+    pure = a.pure()
+    layer, key = a.layer_dict(pure, c)
+    layer[key] = r.kernel
+    if intercept:
+        if layer.get("bias") is None:
+            raise ValueError(f"{where}: layer {c!r} has no bias; the intercept moves the removed inputs' "
+                             "mean into the bias: give the layer a (zero) bias, or pass intercept=False")
+        layer["bias"] = (layer["bias"] + r.bias_delta).astype(layer["bias"].dtype)
+    return BlockAdapter(a.rebuild(a.from_pure(pure)), where)
+
+
+def probe_scales(blocks: Sequence[Any], inputs, units: Sequence[Units], stats, infos, curves, plan, tail, *,
+                 args=(), kwargs=None, chunk_size: int = 8, rel_damping: float = 0.01, intercept: bool = True,
+                 progress: bool = False) -> np.ndarray:
+    """How much loss a unit of each block's curve error costs, measured: block ``i`` alone
+    pruned to ``plan[i]`` (greedy group OBS on the dense statistics, compensated), the blocks
+    after it dense, ``tail(outputs)`` the loss (e.g. final norm, LM head and NLL of the
+    ``inputs``' tokens). Returns ``scale[i] = (loss_i − dense loss) / Σ_c curves[i][c][k_c − 1]``
+    (the median where block ``i`` removes nothing): multiply block ``i``'s curves by it before
+    :func:`allocate`, so that errors of different blocks are compared in loss, as SPDY's
+    search does with whole-model evaluations, at one probe per block."""
+    units = _check_units(units)
+    kwargs = kwargs or {}
+    x, _ = check_calibration(inputs, args, kwargs, chunk_size)
+    adapters = [BlockAdapter(b, f"block {i}") for i, b in enumerate(blocks)]
+    xs = []
+    for a in adapters:
+        xs.append(x)
+        x = forward_chunks(a, a.params, x, args, kwargs, chunk_size, None, capture=False)
+    base = float(tail(x))
+    scales = np.full(len(blocks), np.nan)
+    for i in _progress(range(len(blocks)), progress, len(blocks), "probe"):
+        a, err, where = adapters[i], 0.0, f"block {i}"
+        for u in units:
+            c, k = u.consumer, int(plan[i].get(u.consumer, 0))
+            if not k:
+                continue
+            info = infos[i]
+            r = prune_groups(info.kernels[c], stats[i][c], u.groups(info.kernels[c].shape, info.in_axes[c]),
+                             num_remove=k, method=GroupOBS(), intercept=intercept, rel_damping=rel_damping,
+                             in_axes=info.in_axes[c], name=f"{where} {c}")
+            a = _written(a, c, r, intercept, where)
+            err += float(curves[i][c][k - 1])
+        if err <= 0:
+            continue
+        h = xs[i]
+        for b in [a] + adapters[i + 1 :]:
+            h = forward_chunks(b, b.params, h, args, kwargs, chunk_size, None, capture=False)
+        scales[i] = max(float(tail(h)) - base, 0.0) / err
+    return np.where(np.isnan(scales), np.nanmedian(scales), scales)
 
 
 def shrunk_params(block: Any, units: Sequence[Units], removed: Mapping[str, np.ndarray], x, *, args=(),

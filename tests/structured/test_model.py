@@ -240,3 +240,33 @@ def test_docs_example(capsys):
     code, printed = re.search(r"## A whole model\n\n```python\n(.*?)```\n\nprints\n\n```\n(.*?)```", page, re.S).groups()
     exec(compile(code, "docs/structured.md", "exec"), {"__name__": "docs_example"})
     assert capsys.readouterr().out == printed
+
+
+def test_probe_scales_measure_each_blocks_loss():
+    import jax
+
+    from cobs_jax.structured import probe_scales
+
+    m, tokens = _model()
+    units = llama.structured_units(CFG, attention=False)
+    x = m.embed(tokens)
+    stats, infos, _ = calibrate(list(m.layers), x, units, args=m.rope(16))
+    curves = error_curves(stats, infos, units)
+
+    def tail(h):  # mean NLL of the tokens from the last block's outputs
+        logp = np.asarray(jax.nn.log_softmax(m.head(h)[:, :-1].astype(jnp.float32), axis=-1))
+        return -np.mean(np.take_along_axis(logp, np.asarray(tokens)[:, 1:, None], axis=-1))
+
+    plan = [{"mlp/down_proj": 16}, {"mlp/down_proj": 0}]
+    s = probe_scales(list(m.layers), x, units, stats, infos, curves, plan, tail, args=m.rope(16))
+    assert s.shape == (2,) and np.all(np.isfinite(s)) and s[1] == s[0]  # block 1 removes nothing: the median
+    # block 0's scale is its loss change over its curve error at 16 channels
+    r = prune_structured(list(m.layers), x, units, plan, method=GroupOBS(), args=m.rope(16))
+    h = x
+    for b in r.blocks[:1] + list(m.layers)[1:]:
+        h = b(h, *m.rope(16))
+    dense = x
+    for b in m.layers:
+        dense = b(dense, *m.rope(16))
+    want = max(tail(h) - tail(dense), 0.0) / curves[0]["mlp/down_proj"][15]
+    assert s[0] == pytest.approx(want, rel=1e-4)
