@@ -37,7 +37,6 @@ def _block(g: jax.Array, groups: jax.Array) -> jax.Array:
     return g[groups[:, :, None], groups[:, None, :]]  # (n, s, s)
 
 
-@partial(jax.jit, static_argnames=("k",))
 def greedy_obs(w: jax.Array, hd: jax.Array, groups: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Greedy group OBS (ZipLM's structured step, structured.md §1.3): ``k`` times, remove the
     group of least error ``tr(W_g (G_gg)⁻¹ W_gᵀ)`` given the removals so far, then apply its OBS
@@ -51,6 +50,12 @@ def greedy_obs(w: jax.Array, hd: jax.Array, groups: jax.Array, k: int) -> tuple[
         return jnp.zeros(n, bool), jnp.zeros(0, w.dtype)
     if s == 1:
         return greedy_columns(w, hd, groups[:, 0], k)
+    return _greedy_groups(w, hd, groups, k)
+
+
+@partial(jax.jit, static_argnames=("k",))
+def _greedy_groups(w, hd, groups, k):
+    n, s = groups.shape
     g0 = chol_inverse(hd)
     eye = jnp.eye(s, dtype=hd.dtype)
 
@@ -73,14 +78,20 @@ def greedy_obs(w: jax.Array, hd: jax.Array, groups: jax.Array, k: int) -> tuple[
     return removed, steps
 
 
-@partial(jax.jit, static_argnames=("k", "batch"))
 def greedy_columns(w: jax.Array, hd: jax.Array, columns: jax.Array, k: int, batch: int = 1):
     """:func:`greedy_obs` for groups of one column (MLP channels), on the candidate columns only
     (the downdates never leave them), with rank-``batch`` updates: each step removes the
     ``batch`` columns of least current error together (SlimGPT's batched greedy; ``batch=1``
     is exact greedy OBS), then updates ``W`` and downdates ``G`` by their block. The step
     errors of a block are its exact joint error split evenly. A removed column's row and
-    column of ``G`` become zero by the downdate itself."""
+    column of ``G`` become zero by the downdate itself. ``k`` is traced: one program per
+    layer shape, whatever the count."""
+    removed, steps = _greedy_columns(w, hd, columns, jnp.int32(k), batch)
+    return removed, steps[:k]
+
+
+@partial(jax.jit, static_argnames=("batch",))
+def _greedy_columns(w, hd, columns, k, batch):
     g = chol_inverse(hd)[columns[:, None], columns[None, :]]
     w = w[:, columns]
     n = columns.shape[0]
@@ -100,9 +111,9 @@ def greedy_columns(w: jax.Array, hd: jax.Array, columns: jax.Array, k: int, batc
             return w, g, removed.at[p].set(True), steps, done + size
         return run
 
-    carry = (w, g, jnp.zeros(n, bool), jnp.zeros(k, w.dtype), jnp.int32(0))
+    carry = (w, g, jnp.zeros(n, bool), jnp.zeros(n, w.dtype), jnp.int32(0))
     carry = jax.lax.fori_loop(0, k // batch, step(batch), carry)
-    if k % batch:
+    if batch > 1:
         carry = jax.lax.fori_loop(0, k % batch, step(1), carry)
     return carry[2], carry[3]
 
@@ -182,21 +193,38 @@ def column_swap_deltas(wc: jax.Array, g: jax.Array, removed: jax.Array, k: int):
     return p, q, delta, jnp.sum(lam * wc[:, p])
 
 
-@partial(jax.jit, static_argnames=("k", "max_swaps"))
+_BUCKET = 128  # removed-set sizes are padded to multiples of this: one program per few hundred counts
+
+
 def swap_search_columns(w: jax.Array, hd: jax.Array, columns: jax.Array, start: jax.Array, k: int,
                         max_swaps: int) -> tuple[jax.Array, jax.Array]:
     """:func:`swap_search` for groups of one column (MLP channels): every removed/kept pair
     scored at once by :func:`column_swap_deltas`, a few ``k × n`` matrix products per step
-    instead of ``k (n − k)`` inverses, so thousands of channels are searched exactly."""
+    instead of ``k (n − k)`` inverses, so thousands of channels are searched exactly.
+
+    The removed set is padded to a multiple of 128 with dummy columns (zero weights, unit
+    Hessian, no coupling: they add no error, and swapping one out never helps), so layers with
+    different counts share one compiled program."""
     n = columns.shape[0]
+    kp = -(-k // _BUCKET) * _BUCKET
     g = chol_inverse(hd)[columns[:, None], columns[None, :]]
-    wc = w[:, columns]
+    gp = jnp.eye(n + _BUCKET, dtype=g.dtype).at[:n, :n].set(g)
+    wp = jnp.pad(w[:, columns], ((0, 0), (0, _BUCKET)))
+    dummies = jnp.arange(_BUCKET) < kp - k
+    removed, swaps = _swap_columns(wp, gp, jnp.concatenate([start, dummies]), n, kp, max_swaps)
+    return removed[:n], swaps
+
+
+@partial(jax.jit, static_argnames=("n", "k", "max_swaps"))
+def _swap_columns(wc, g, start, n, k, max_swaps):
+    total = wc.shape[1]
 
     def body(carry):
         removed, swaps, _ = carry
         p, q, delta, value = column_swap_deltas(wc, g, removed, k)
+        delta = jnp.where((q < n)[None, :], delta, jnp.inf)  # a dummy never joins the removed set
         best = jnp.argmin(delta)
-        a, b = p[best // (n - k)], q[best % (n - k)]
+        a, b = p[best // (total - k)], q[best % (total - k)]
         better = delta.reshape(-1)[best] < -1e-9 * value
         new = jnp.where(better, removed.at[a].set(False).at[b].set(True), removed)
         return new, swaps + better.astype(jnp.int32), better
