@@ -102,6 +102,7 @@ class Runner:
         self.x = self.lm.embed(self.calib)
         self.args = self.model.rope(self.calib.shape[1])
         self.batch = a.batch
+        self.rel_damping = a.rel_damping
         self.total = llama.decoder_params(self.model)
         self.dense_stats: dict = {}
 
@@ -137,7 +138,7 @@ class Runner:
         (stats, infos, energy), t_cal = self.stats(mode)
         t = time.perf_counter()
         extra = t_cal
-        kw: dict = dict(args=self.args, chunk_size=self.batch, progress=True)
+        kw: dict = dict(args=self.args, chunk_size=self.batch, progress=True, rel_damping=self.rel_damping)
         blocks = list(self.model.layers)
         if method in ("magnitude-sp", "wanda-sp", "slimgpt"):
             extra = 0.0  # no dense pass: the plan needs only the shapes
@@ -152,18 +153,18 @@ class Runner:
             if method == "cbs-uniform":
                 extra, plan = 0.0, share_plan(infos, budget)
             elif method == "cbs-global":
-                plan = allocate(error_curves(stats, infos, units), infos, budget)
+                plan = allocate(error_curves(stats, infos, units, rel_damping=self.rel_damping), infos, budget)
             elif method == "cbs-probe":  # the curves scaled by each block's measured loss, then global
-                curves = error_curves(stats, infos, units)
+                curves = error_curves(stats, infos, units, rel_damping=self.rel_damping)
                 n = min(4, len(self.calib))
                 toks = jnp.asarray(self.calib[:n])
                 scales = probe_scales(blocks, self.x[:n], units, stats, infos, curves, share_plan(infos, budget),
-                                      lambda h: _tail_nll(self.model, h, toks), args=self.args,
+                                      lambda h: _tail_nll(self.model, h, toks), args=self.args, rel_damping=self.rel_damping,
                                       chunk_size=self.batch, progress=True)
                 plan = allocate([{c: v * sc for c, v in row.items()} for row, sc in zip(curves, scales)], infos,
                                 budget)
             else:  # each block its uniform share; the error curves choose between KV groups and channels
-                plan = allocate(error_curves(stats, infos, units), infos, budget, shares=np.ones(len(blocks)))
+                plan = allocate(error_curves(stats, infos, units, rel_damping=self.rel_damping), infos, budget, shares=np.ones(len(blocks)))
             res = prune_structured(blocks, self.x, units, plan, method=GroupCBS(), intercept=True, **kw)
         seconds = time.perf_counter() - t + extra
         small = llama.shrink(self.model, res.blocks, res.removed, units)
@@ -195,6 +196,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="sequences per forward chunk (and the timed batch)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ",".join(METHODS))
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated, of " + ",".join(MODES))
+    ap.add_argument("--rel-damping", type=float, default=0.01,
+                    help="relative damping of the compensating methods' least squares (ridge)")
     ap.add_argument("--budgets", default="20,30,50", help="percent of decoder linear weights removed")
     ap.add_argument("--quick", action="store_true", help="8 calibration and 8 eval windows, 20 and 50 %%, attn+mlp")
     ap.add_argument("--fresh", action="store_true", help="ignore saved results")
@@ -209,6 +212,8 @@ def main():
     path = RESULTS / f"{name}.json"
     RESULTS.mkdir(exist_ok=True)
     setup = dict(calib=a.calib, seq=a.seq, eval=a.eval, batch=a.batch)
+    if a.rel_damping != 0.01:
+        setup["rel_damping"] = a.rel_damping
     if a.calib_tokens:
         (a.calib, a.seq), a.eval = user_tokens(a.calib_tokens).shape, len(user_tokens(a.eval_tokens))
         setup.update(calib=a.calib, seq=a.seq, eval=a.eval, calib_tokens=os.path.abspath(a.calib_tokens),

@@ -205,7 +205,7 @@ def _output_energy(w, cal: Calibration, intercept: bool):
 def allocate(curves: Sequence[Mapping[str, np.ndarray]], infos: Sequence[BlockInfo], num_params: int,
              shares: Optional[Sequence[float]] = None) -> list[dict[str, int]]:
     """Units to remove per block and consumer so that at least ``num_params`` weights go (and
-    less than one more unit beyond), each next unit the one of least added error per weight
+    less than one of the smallest unit beyond), each next unit the one of least added error per weight
     (``curves`` from :func:`error_curves`; greedy on the increments): over all blocks, or with
     ``shares`` (as :func:`share_plan`'s) within each block for its share of ``num_params``,
     the curves then choosing only between the block's kinds of unit (heads vs channels)."""
@@ -222,6 +222,7 @@ def allocate(curves: Sequence[Mapping[str, np.ndarray]], infos: Sequence[BlockIn
 def _allocate(curves, infos, num_params: int) -> list[dict[str, int]]:
     counts = [{c: 0 for c in row} for row in curves]
     heap: list = []
+    smallest = min(infos[i].costs[c] for i, row in enumerate(curves) for c in row)
 
     def push(i, c):
         j = counts[i][c]
@@ -238,6 +239,8 @@ def _allocate(curves, infos, num_params: int) -> list[dict[str, int]]:
         if not heap:
             raise ValueError(f"`num_params` = {num_params} is more than the curves allow ({removed})")
         _, i, c = heapq.heappop(heap)
+        if removed + infos[i].costs[c] >= num_params + smallest:
+            continue  # would overshoot by more than the smallest unit: that kind is done
         counts[i][c] += 1
         removed += infos[i].costs[c]
         push(i, c)
@@ -259,7 +262,9 @@ def flap_plan(stats, infos, units: Sequence[Units], num_params: int, *, squared:
     consumers in ``squared``: FLAP squares the attention's), standardised per layer (unbiased
     std), a unit scores the mean of its columns; all units of all blocks pooled and the lowest
     removed until ``num_params`` weights are gone (each unit weighted by its true weight count,
-    where FLAP's code has 512/3 per 128-wide MHA head, the same ratio). Returns removed sets."""
+    where FLAP's code has 512/3 per 128-wide MHA head, the same ratio; a unit that would
+    overshoot by more than the smallest unit is passed over, where FLAP stops at the nearest
+    cumulative count, so that every method removes the same count). Returns removed sets."""
     pool = []
     for i, (st, info) in enumerate(zip(stats, infos)):
         for u in units:
@@ -274,11 +279,12 @@ def flap_plan(stats, infos, units: Sequence[Units], num_params: int, *, squared:
     pool.sort(key=lambda t: t[0])
     plan = [{u.consumer: np.zeros(info.counts[u.consumer], bool) for u in units} for info in infos]
     removed = 0
+    smallest = min(info.costs[u.consumer] for info in infos for u in units)
     for _, i, c, j in pool:
         if removed >= num_params:
             break
-        if plan[i][c].sum() + 1 >= infos[i].counts[c]:
-            continue  # never a whole layer
+        if plan[i][c].sum() + 1 >= infos[i].counts[c] or removed + infos[i].costs[c] >= num_params + smallest:
+            continue  # never a whole layer; never overshoot by more than the smallest unit
         plan[i][c][j] = True
         removed += infos[i].costs[c]
     return plan
