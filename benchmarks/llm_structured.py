@@ -45,7 +45,7 @@ from lib.text import SOURCE
 from llm_prune import SmolLM2, load_tokens, perplexity, user_tokens, with_blocks
 
 METHODS = ["magnitude-sp", "wanda-sp", "flap", "slimgpt", "cbs", "cbs-uniform", "cbs-global", "cbs-probe"]
-MODES = {"attn+mlp": True, "mlp": False}
+MODES = {"attn+mlp": "kv", "mlp": None}
 PROMPT = "The history of the city began"
 
 
@@ -106,10 +106,8 @@ class Runner:
         self.total = llama.decoder_params(self.model)
         self.dense_stats: dict = {}
 
-    def ppl(self, model, windows=None) -> float:
-        """Perplexity on the held-out windows (or on ``windows``: the calibration ones, for
-        choices made without the evaluation text)."""
-        w = self.ev if windows is None else windows
+    def ppl(self, model) -> float:
+        w = self.ev
         nll = np.concatenate([np.asarray(_nll(model, jnp.asarray(w[s : s + 4]))) for s in range(0, len(w), 4)])
         return perplexity(nll, w)
 
@@ -118,7 +116,7 @@ class Runner:
         return speed(model, self.lm.tokenizer, self.model.embed(tokens), tokens)
 
     def dense(self) -> dict:
-        return dict(ppl=self.ppl(self.model), calib_ppl=self.ppl(self.model, self.calib), decoder_params=self.total, **self.speed(self.model),
+        return dict(ppl=self.ppl(self.model), decoder_params=self.total, **self.speed(self.model),
                     sample=llama.greedy(self.model, self.lm.tokenizer, PROMPT, 30))
 
     def stats(self, mode):
@@ -171,10 +169,11 @@ class Runner:
         kept = llama.decoder_params(small)
         assert kept == self.total - res.removed_params, (kept, self.total, res.removed_params)
         return dict(method=method, mode=mode, budget=frac, removed_params=res.removed_params, kept_params=kept,
-                    kept_fraction=kept / self.total, ppl=self.ppl(small), calib_ppl=self.ppl(small, self.calib), prune_seconds=seconds,
+                    kept_fraction=kept / self.total, ppl=self.ppl(small), prune_seconds=seconds,
                     dense_stats_seconds=extra, timings=res.timings, widths=list(small.config.layer_widths),
                     errors=[{k: float(v) for k, v in e.items()} for e in res.errors],
-                    **self.speed(small), sample=llama.greedy(small, self.lm.tokenizer, PROMPT, 30))
+                    **self.speed(small), **({"sample": llama.greedy(small, self.lm.tokenizer, PROMPT, 30)}
+                                            if frac >= 0.5 else {}))
 
     def sparsegpt(self) -> dict:
         t = time.perf_counter()

@@ -378,16 +378,25 @@ def load_safetensors(directory: str, max_len: int = 2048):
 # Structured pruning: the units of a Llama block, biases for the compensation, the shrunk model
 
 
-def structured_units(c: LlamaConfig, attention: bool = True):
-    """The removable units of a block: GQA KV groups (a KV head with its query heads: o_proj's
-    columns, q/k/v rows) and MLP channels (down_proj's columns, gate/up rows)."""
+def structured_units(c: LlamaConfig, attention: Optional[str] = "kv"):
+    """The removable units of a block: MLP channels (down_proj's columns, gate/up rows), after
+    the attention's: ``"kv"``: GQA KV groups (a KV head with its query heads: o_proj's columns,
+    q/k/v rows); ``"heads"``: query heads inside the groups (o_proj's columns, q rows; the same
+    count from every KV head, k/v kept); ``None``: the MLP only."""
     from cobs_jax.structured import Units
 
     hd, rep = c.head_dim, c.num_heads // c.num_kv_heads
     mlp = Units("mlp/down_proj", 1, {"mlp/gate_proj": 1, "mlp/up_proj": 1})
-    kv = Units("self_attn/o_proj", rep * hd, {"self_attn/q_proj": rep * hd, "self_attn/k_proj": hd,
-                                              "self_attn/v_proj": hd})
-    return (kv, mlp) if attention else (mlp,)
+    if attention is None:
+        return (mlp,)
+    if attention == "kv":
+        attn = Units("self_attn/o_proj", rep * hd, {"self_attn/q_proj": rep * hd, "self_attn/k_proj": hd,
+                                                    "self_attn/v_proj": hd})
+    elif attention == "heads":
+        attn = Units("self_attn/o_proj", hd, {"self_attn/q_proj": hd}, families=c.num_kv_heads)
+    else:
+        raise ValueError(f"`attention` must be 'kv', 'heads' or None, got {attention!r}")
+    return (attn, mlp)
 
 
 def _rebuilt(model: Llama, c: LlamaConfig, layer_state) -> Llama:

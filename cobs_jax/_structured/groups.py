@@ -37,8 +37,9 @@ class GroupPruner(abc.ABC):
 
     @abc.abstractmethod
     def choose(self, w: jax.Array, h: jax.Array, hd: jax.Array, count: int, groups: jax.Array,
-               k: int) -> tuple[jax.Array, dict[str, Any]]:
-        """The removed groups and stats, from the rows-layout ``w``, raw ``h``, damped ``hd``."""
+               k: int, families: int = 1) -> tuple[jax.Array, dict[str, Any]]:
+        """The removed groups and stats, from the rows-layout ``w``, raw ``h``, damped ``hd``;
+        ``k / families`` from each of ``families`` equal consecutive runs of groups."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,8 @@ class MagnitudeSP(GroupPruner):
 
     compensates: ClassVar[bool] = False
 
-    def choose(self, w, h, hd, count, groups, k):
-        return magnitude_sp(w, groups, k), {}
+    def choose(self, w, h, hd, count, groups, k, families=1):
+        return magnitude_sp(w, groups, k, families), {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +60,8 @@ class WandaSP(GroupPruner):
 
     compensates: ClassVar[bool] = False
 
-    def choose(self, w, h, hd, count, groups, k):
-        return wanda_sp(w, h, count, groups, k), {}
+    def choose(self, w, h, hd, count, groups, k, families=1):
+        return wanda_sp(w, h, count, groups, k, families), {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +69,8 @@ class GroupOBS(GroupPruner):
     """Greedy group OBS (ZipLM / SlimGPT's selection with the exact group error): one group at
     a time, each the least error given the removals so far, with OBS updates and downdates."""
 
-    def choose(self, w, h, hd, count, groups, k):
-        removed, steps = greedy_obs(w, hd, groups, k)
+    def choose(self, w, h, hd, count, groups, k, families=1):
+        removed, steps = greedy_obs(w, hd, groups, k, families)
         return removed, {"step_errors": steps}
 
 
@@ -91,14 +92,14 @@ class GroupCBS(GroupPruner):
     def __post_init__(self):
         positive_int(self.max_swaps, "GroupCBS(max_swaps=...)")
 
-    def choose(self, w, h, hd, count, groups, k):
-        start, steps = greedy_obs(w, hd, groups, k)
+    def choose(self, w, h, hd, count, groups, k, families=1):
+        start, steps = greedy_obs(w, hd, groups, k, families)
         if k == 0:
             return start, {"swaps": 0, "step_errors": steps}
-        if groups.shape[1] == 1:
+        if groups.shape[1] == 1 and families == 1:
             removed, swaps = swap_search_columns(w, hd, groups[:, 0], start, k, self.max_swaps)
         else:
-            removed, swaps = swap_search(w, hd, groups, start, k, self.max_swaps)
+            removed, swaps = swap_search(w, hd, groups, start, k, self.max_swaps, families)
         return removed, {"swaps": int(swaps), "step_errors": steps}
 
 
@@ -135,6 +136,7 @@ def prune_groups(
     intercept: bool = False,
     rel_damping: float = 0.01,
     in_axes: Optional[Sequence[int]] = None,
+    families: int = 1,
     name: str = "layer",
 ) -> GroupResult:
     """Remove ``num_remove`` input groups of a consumer kernel and compensate exactly.
@@ -161,6 +163,8 @@ def prune_groups(
         inputs' mean moves into the bias, FLAP's bias compensation done exactly).
       rel_damping: relative damping of the scatter, as in :func:`cobs_jax.prune_layer`.
       in_axes: the kernel's contraction axes (default all but the last).
+      families: the groups form this many equal consecutive runs and ``num_remove / families``
+        go from each (query heads inside GQA groups: every KV head keeps as many query heads).
       name: the layer's name in errors.
 
     Returns:
@@ -185,6 +189,9 @@ def prune_groups(
     n = g.shape[0]
     if isinstance(num_remove, bool) or not isinstance(num_remove, (int, np.integer)) or not 0 <= num_remove < n:
         raise ValueError(f"{name}: `num_remove` must be an int in [0, {n}), got {num_remove!r}")
+    positive_int(families, "families")
+    if n % families or num_remove % families:
+        raise ValueError(f"{name}: `families` = {families} must divide the {n} groups and `num_remove` = {num_remove}")
     if not math.isfinite(rel_damping) or rel_damping <= 0:
         raise ValueError(f"`rel_damping` must be a positive finite number, got {rel_damping!r}")
     dtype = accumulate_dtype()
@@ -196,7 +203,7 @@ def prune_groups(
     w = w_rows.astype(dtype)
     hd, mu = damped(cal, rel_damping, intercept)
     gj = jnp.asarray(g)
-    removed, stats = method.choose(w, cal.h, hd, max(cal.num_inputs, 1), gj, int(num_remove))
+    removed, stats = method.choose(w, cal.h, hd, max(cal.num_inputs, 1), gj, int(num_remove), int(families))
     cols = jnp.zeros(d, bool).at[gj[removed].reshape(-1)].set(True) if num_remove else jnp.zeros(d, bool)
     if method.compensates:
         new, delta = compensate(w, hd, cols, mu)

@@ -49,7 +49,7 @@ class Given(GroupPruner):
     removed: Any
     compensates: bool = True  # type: ignore[misc]
 
-    def choose(self, w, h, hd, count, groups, k):
+    def choose(self, w, h, hd, count, groups, k, families=1):
         r = jnp.asarray(self.removed, bool)
         if r.shape != (groups.shape[0],) or int(r.sum()) != k:
             raise ValueError(f"Given: the removed set must be bool ({groups.shape[0]},) with {k} True")
@@ -58,12 +58,14 @@ class Given(GroupPruner):
 
 class BlockInfo(NamedTuple):
     """One block's layers as the structured driver sees them: ``kernels`` and ``in_axes`` by
-    layer name, and each :class:`Units` kind's unit count and weights per unit."""
+    layer name, and each :class:`Units` kind's unit count, weights per unit and families (a
+    plan removes a multiple of ``families`` units)."""
 
     kernels: dict
     in_axes: dict
     counts: dict
     costs: dict
+    families: dict
 
 
 def _info(adapter: BlockAdapter, x, args, kwargs, units: Sequence[Units], where: str) -> BlockInfo:
@@ -92,7 +94,7 @@ def _info(adapter: BlockAdapter, x, args, kwargs, units: Sequence[Units], where:
             if d_out != per * counts[u.consumer]:
                 raise ValueError(f"{where}: producer {name!r} has {d_out} outputs on its unit axis, not {per} per "
                                  f"unit x {counts[u.consumer]} units of {u.consumer!r}")
-    return BlockInfo(kernels, in_axes, counts, costs)
+    return BlockInfo(kernels, in_axes, counts, costs, {u.consumer: u.families for u in units})
 
 
 def _check_units(units) -> tuple[Units, ...]:
@@ -139,9 +141,11 @@ def share_plan(infos: Sequence[BlockInfo], num_params: int, shares: Optional[Seq
         *first, last = list(info.counts)
         row = {}
         for c in first:
-            row[c] = int(np.floor(left / size * info.counts[c] + 1e-9))
+            f = info.families[c]
+            row[c] = int(np.floor(left / size * info.counts[c] / f + 1e-9)) * f
             left -= row[c] * info.costs[c]
-        row[last] = int(np.ceil(max(left, 0.0) / info.costs[last] - 1e-9))
+        f = info.families[last]
+        row[last] = int(np.ceil(max(left, 0.0) / info.costs[last] / f - 1e-9)) * f
         if row[last] >= info.counts[last]:
             raise ValueError(f"`num_params` = {num_params}: block {len(plan)} would lose every unit of {last!r}")
         plan.append(row)
@@ -180,15 +184,15 @@ def error_curves(stats, infos, units: Sequence[Units], *, max_fraction: float = 
             w, _ = as_rows(jnp.asarray(kern), ax)
             dt = cal.h.dtype
             hd, _ = damped(Calibration(cal.h, cal.total, cal.num_inputs), rel_damping, intercept)
-            n = info.counts[c]
-            k = min(int(max_fraction * n), n - 1)
+            n, f = info.counts[c], u.families
+            k = min(int(max_fraction * n) // f, n // f - 1) * f
             groups = jnp.asarray(u.groups(kern.shape, ax))
             if not k:
                 steps = jnp.zeros(0)
-            elif u.size == 1:
+            elif u.size == 1 and f == 1:
                 steps = greedy_columns(w.astype(dt), hd, groups[:, 0], k, batch)[1]
             else:
-                steps = greedy_obs(w.astype(dt), hd, groups, k)[1]
+                steps = greedy_obs(w.astype(dt), hd, groups, k, f)[1]
             row[c] = np.cumsum(np.maximum(np.asarray(steps, np.float64), 0.0))
             scale += float(_output_energy(w.astype(dt), cal, intercept))
         div = energy[i] if energy is not None else scale
@@ -222,14 +226,14 @@ def allocate(curves: Sequence[Mapping[str, np.ndarray]], infos: Sequence[BlockIn
 def _allocate(curves, infos, num_params: int) -> list[dict[str, int]]:
     counts = [{c: 0 for c in row} for row in curves]
     heap: list = []
-    smallest = min(infos[i].costs[c] for i, row in enumerate(curves) for c in row)
+    smallest = min(infos[i].costs[c] * infos[i].families[c] for i, row in enumerate(curves) for c in row)
 
-    def push(i, c):
-        j = counts[i][c]
+    def push(i, c):  # the next step of a kind: `families` units at once
+        j, f = counts[i][c], infos[i].families[c]
         curve = curves[i][c]
-        if j < len(curve):
-            inc = curve[j] - (curve[j - 1] if j else 0.0)
-            heapq.heappush(heap, (inc / infos[i].costs[c], i, c))
+        if j + f <= len(curve):
+            inc = curve[j + f - 1] - (curve[j - 1] if j else 0.0)
+            heapq.heappush(heap, (inc / (f * infos[i].costs[c]), i, c))
 
     for i, row in enumerate(curves):
         for c in row:
@@ -239,10 +243,11 @@ def _allocate(curves, infos, num_params: int) -> list[dict[str, int]]:
         if not heap:
             raise ValueError(f"`num_params` = {num_params} is more than the curves allow ({removed})")
         _, i, c = heapq.heappop(heap)
-        if removed + infos[i].costs[c] >= num_params + smallest:
-            continue  # would overshoot by more than the smallest unit: that kind is done
-        counts[i][c] += 1
-        removed += infos[i].costs[c]
+        f = infos[i].families[c]
+        if removed + f * infos[i].costs[c] >= num_params + smallest:
+            continue  # would overshoot by more than the smallest step: that kind is done
+        counts[i][c] += f
+        removed += f * infos[i].costs[c]
         push(i, c)
     return counts
 
@@ -265,6 +270,9 @@ def flap_plan(stats, infos, units: Sequence[Units], num_params: int, *, squared:
     where FLAP's code has 512/3 per 128-wide MHA head, the same ratio; a unit that would
     overshoot by more than the smallest unit is passed over, where FLAP stops at the nearest
     cumulative count, so that every method removes the same count). Returns removed sets."""
+    if any(u.families > 1 for u in units):
+        raise ValueError("flap_plan: FLAP removes whole KV groups under GQA (its GQA fork), not query heads inside "
+                         "groups: use Units without `families`")
     pool = []
     for i, (st, info) in enumerate(zip(stats, infos)):
         for u in units:
@@ -376,7 +384,7 @@ def prune_structured(
                 entry = int(np.sum(entry))
             r = prune_groups(info.kernels[c], cal, u.groups(info.kernels[c].shape, info.in_axes[c]), num_remove=int(entry), method=how,
                              intercept=intercept, rel_damping=rel_damping, in_axes=info.in_axes[c],
-                             name=f"{where} {c}")
+                             families=u.families, name=f"{where} {c}")
             a = _written(a, c, r, intercept, where)
             timings["prune"] += time.perf_counter() - t
             rem[c] = np.asarray(r.removed)
@@ -434,7 +442,7 @@ def probe_scales(blocks: Sequence[Any], inputs, units: Sequence[Units], stats, i
             info = infos[i]
             r = prune_groups(info.kernels[c], stats[i][c], u.groups(info.kernels[c].shape, info.in_axes[c]),
                              num_remove=k, method=GroupOBS(), intercept=intercept, rel_damping=rel_damping,
-                             in_axes=info.in_axes[c], name=f"{where} {c}")
+                             in_axes=info.in_axes[c], families=u.families, name=f"{where} {c}")
             a = _written(a, c, r, intercept, where)
             err += float(curves[i][c][k - 1])
         if err <= 0:

@@ -16,46 +16,62 @@ import jax.numpy as jnp
 from .._core.linalg import chol_inverse, spd_inverse
 from .._core.topk import smallest_k
 
-__all__ = ["magnitude_sp", "wanda_sp", "greedy_obs", "greedy_columns", "swap_search", "swap_search_columns", "column_swap_deltas", "objective"]
+__all__ = ["family_of", "magnitude_sp", "wanda_sp", "greedy_obs", "greedy_columns", "swap_search", "swap_search_columns", "column_swap_deltas", "objective"]
 
 
-def magnitude_sp(w: jax.Array, groups: jax.Array, k: int) -> jax.Array:
+def family_of(n: int, families: int) -> jax.Array:
+    """The family of each of ``n`` groups: ``families`` equal consecutive runs (the query heads
+    of one KV head), from each of which the same count must go."""
+    return jnp.arange(n) // (n // families)
+
+
+def _lowest(score: jax.Array, k: int, families: int) -> jax.Array:
+    if families == 1:
+        return smallest_k(score, k)
+    return smallest_k(score, jnp.full(families, k // families), family_of(score.shape[0], families))
+
+
+def magnitude_sp(w: jax.Array, groups: jax.Array, k: int, families: int = 1) -> jax.Array:
     """FLAP's magnitude-sp: a group scores the sum of its columns' ``‖W[:, j]‖₂``; the ``k``
-    lowest go (structured.md §3.2; ties by position)."""
+    lowest go (structured.md §3.2; ties by position; ``k / families`` from each family)."""
     score = jnp.sum(jnp.linalg.norm(w, axis=0)[groups], axis=1)
-    return smallest_k(score, k)
+    return _lowest(score, k, families)
 
 
-def wanda_sp(w: jax.Array, h: jax.Array, count: int, groups: jax.Array, k: int) -> jax.Array:
+def wanda_sp(w: jax.Array, h: jax.Array, count: int, groups: jax.Array, k: int, families: int = 1) -> jax.Array:
     """FLAP's Wanda-sp: column score ``mean_r |W_rj| · sqrt(a_j)`` with ``a_j`` the mean of
     ``x_j²`` (``H_jj / count``); a group scores the sum (structured.md §3.3)."""
     col = jnp.mean(jnp.abs(w), axis=0) * jnp.sqrt(jnp.maximum(jnp.diagonal(h), 0.0) / count)
-    return smallest_k(jnp.sum(col[groups], axis=1), k)
+    return _lowest(jnp.sum(col[groups], axis=1), k, families)
 
 
 def _block(g: jax.Array, groups: jax.Array) -> jax.Array:
     return g[groups[:, :, None], groups[:, None, :]]  # (n, s, s)
 
 
-def greedy_obs(w: jax.Array, hd: jax.Array, groups: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def greedy_obs(w: jax.Array, hd: jax.Array, groups: jax.Array, k: int,
+               families: int = 1) -> tuple[jax.Array, jax.Array]:
     """Greedy group OBS (ZipLM's structured step, structured.md §1.3): ``k`` times, remove the
     group of least error ``tr(W_g (G_gg)⁻¹ W_gᵀ)`` given the removals so far, then apply its OBS
     update to ``W`` and downdate ``G``. The exact score of each step, not SlimGPT's diagonal
     estimate. The (n, s, s) blocks are inverted in pure JAX (:func:`spd_inverse`).
+
+    With ``families`` > 1 a family whose ``k / families`` groups are gone takes no more.
 
     Returns the removed set and the ``k`` step errors: their running sum is the exact error
     ``E`` after 1, 2, ... removals (ZipLM's level database), used for budgets across layers."""
     n, s = groups.shape
     if k == 0:
         return jnp.zeros(n, bool), jnp.zeros(0, w.dtype)
-    if s == 1:
+    if s == 1 and families == 1:
         return greedy_columns(w, hd, groups[:, 0], k)
-    return _greedy_groups(w, hd, groups, k)
+    return _greedy_groups(w, hd, groups, k, families)
 
 
-@partial(jax.jit, static_argnames=("k",))
-def _greedy_groups(w, hd, groups, k):
+@partial(jax.jit, static_argnames=("k", "families"))
+def _greedy_groups(w, hd, groups, k, families):
     n, s = groups.shape
+    fam = family_of(n, families)
     g0 = chol_inverse(hd)
     eye = jnp.eye(s, dtype=hd.dtype)
 
@@ -64,7 +80,8 @@ def _greedy_groups(w, hd, groups, k):
         inv = spd_inverse(jnp.where(removed[:, None, None], eye, _block(g, groups)))
         wg = w[:, groups]  # (rows, n, s)
         score = jnp.einsum("rns,nst,rnt->n", wg, inv, wg)
-        j = jnp.argmin(jnp.where(removed, jnp.inf, score))
+        full = jnp.bincount(fam, weights=removed.astype(jnp.int32), length=families)[fam] >= k // families
+        j = jnp.argmin(jnp.where(removed | ((families > 1) & full), jnp.inf, score))
         idx = groups[j]
         gj = g[idx, :]  # (s, d)
         lam = w[:, idx] @ inv[j]  # (rows, s)
@@ -124,15 +141,17 @@ def objective(w: jax.Array, g: jax.Array, cols: jax.Array) -> jax.Array:
     return jnp.sum(wp * (wp @ spd_inverse(g[cols[:, None], cols[None, :]])))
 
 
-@partial(jax.jit, static_argnames=("k", "max_swaps"))
+@partial(jax.jit, static_argnames=("k", "max_swaps", "families"))
 def swap_search(w: jax.Array, hd: jax.Array, groups: jax.Array, start: jax.Array, k: int,
-                max_swaps: int) -> tuple[jax.Array, jax.Array]:
+                max_swaps: int, families: int = 1) -> tuple[jax.Array, jax.Array]:
     """CBS on groups: from ``start`` (bool (n,), ``k`` removed), swap one removed group for one
     kept group while that lowers the exact objective ``E`` (every removed/kept pair scored,
-    the best taken), at most ``max_swaps`` swaps. Never worse than ``start``. Returns the set
-    and the number of swaps. Each candidate costs one ``(k s)``-sized inverse: meant for head
-    groups and layers of up to a few hundred columns removed."""
+    the best taken; with ``families``, pairs of one family only), at most ``max_swaps`` swaps.
+    Never worse than ``start``. Returns the set and the number of swaps. Each candidate costs
+    one ``(k s)``-sized inverse: meant for head groups and layers of up to a few hundred
+    columns removed."""
     n, s = groups.shape
+    fam = family_of(n, families)
     g = chol_inverse(hd)
 
     def cols_of(removed):
@@ -147,7 +166,7 @@ def swap_search(w: jax.Array, hd: jax.Array, groups: jax.Array, start: jax.Array
 
     def body(carry):
         removed, value, swaps, _ = carry
-        valid = removed[pairs_a] & ~removed[pairs_b]
+        valid = removed[pairs_a] & ~removed[pairs_b] & (fam[pairs_a] == fam[pairs_b])
         vals = jax.vmap(lambda a, b: objective(w, g, cols_of(cand(removed, a, b))))(pairs_a, pairs_b)
         vals = jnp.where(valid, vals, jnp.inf)
         best = jnp.argmin(vals)

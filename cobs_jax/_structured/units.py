@@ -52,6 +52,9 @@ class Units:
       followers: ``{module path: entries per unit}``: modules between producer and consumer
         whose every array's last axis runs over the units (a BatchNorm's scale, bias, mean,
         var), sliced with them.
+      families: the units form this many equal consecutive runs, and every plan removes the
+        same count from each: query heads inside GQA groups (``families=num_kv_heads``; the k/v
+        rows stay, every KV head keeps as many query heads).
     """
 
     consumer: str
@@ -59,11 +62,13 @@ class Units:
     producers: Any = ()
     axis: Optional[int] = None
     followers: Any = ()
+    families: int = 1
 
     def __post_init__(self):
         if not isinstance(self.consumer, str) or not self.consumer:
             raise ValueError(f"Units: `consumer` must be a layer name, got {self.consumer!r}")
         _per_unit(self.size, f"Units({self.consumer!r}): `size`")
+        _per_unit(self.families, f"Units({self.consumer!r}): `families`")
         for field in ("producers", "followers"):
             entries = dict(getattr(self, field))
             for name, per in entries.items():
@@ -83,9 +88,9 @@ class Units:
         if axis not in axes:
             raise ValueError(f"Units({self.consumer!r}): `axis` {self.axis} is not an input axis of its kernel "
                              f"{shape} (input axes {axes})")
-        if shape[axis] % self.size:
+        if shape[axis] % (self.size * self.families):
             raise ValueError(f"Units({self.consumer!r}): its {shape[axis]} inputs along axis {axis} are not a whole "
-                             f"number of units of {self.size}")
+                             f"number of units of {self.size} in {self.families} families")
         return axis
 
     def count(self, shape: tuple, in_axes: tuple) -> int:

@@ -190,3 +190,24 @@ def test_channel_search_on_many_columns_never_loses_to_greedy():
     assert int(np.asarray(cbs.removed).sum()) == 40
     assert cbs.error <= obs.error * (1 + 1e-9)
     print(f"96 channels, 40 removed: GroupCBS {cbs.error:.4f} ({cbs.stats['swaps']} swaps) vs GroupOBS {obs.error:.4f}")
+
+
+@pytest.mark.parametrize("method", [GroupCBS(), GroupOBS(), WandaSP(), MagnitudeSP()])
+def test_families_lose_the_same_count_and_cbs_meets_the_constrained_optimum(method):
+    """Query heads inside GQA groups: 6 heads of 2 columns in 2 families, 2 removed = 1 from each."""
+    hits = 0
+    for seed in range(4):
+        x, w, groups = _layer(20 + seed, d=12, size=2)
+        x[:, :6] += 0.9 * x[:, 6:]
+        r = prune_groups(w, x.T @ x, groups, num_remove=2, method=method, families=2, rel_damping=TINY)
+        removed = np.flatnonzero(np.asarray(r.removed))
+        assert len(removed) == 2 and removed[0] < 3 <= removed[1]
+        best = min(_exact_error(x, w, groups, (a, b)) for a in range(3) for b in range(3, 6))
+        hits += _exact_error(x, w, groups, tuple(removed)) <= best * (1 + 1e-9)
+        if isinstance(method, GroupCBS):  # single swaps inside a family: never worse than greedy
+            obs = prune_groups(w, x.T @ x, groups, num_remove=2, method=GroupOBS(), families=2, rel_damping=TINY)
+            assert r.error <= obs.error * (1 + 1e-9)
+    if isinstance(method, GroupCBS):
+        assert hits >= 3, hits
+    with pytest.raises(ValueError, match="families"):
+        prune_groups(w, x.T @ x, groups, num_remove=3, method=method, families=2)

@@ -64,7 +64,7 @@ def test_shrunk_llama_equals_the_masked_one_with_exact_counts(method):
 
 def test_compensation_beats_the_uncompensated_baseline_on_the_block_outputs():
     m, tokens = _model()
-    units = llama.structured_units(CFG, attention=False)
+    units = llama.structured_units(CFG, attention=None)
     x = m.embed(tokens)
     plan = [{"mlp/down_proj": 24}] * 2
     ours = prune_structured(list(m.layers), x, units, plan, method=GroupOBS(), args=m.rope(16))
@@ -125,7 +125,7 @@ def test_bad_unit_specs_are_named():
             prune_structured(list(m.layers), x, units, [{}, {}], args=m.rope(16))
     with pytest.raises(ValueError, match="has no bias"):
         plain = llama.Llama(CFG, nnx.Rngs(0))
-        prune_structured(list(plain.layers), x, llama.structured_units(CFG, attention=False),
+        prune_structured(list(plain.layers), x, llama.structured_units(CFG, attention=None),
                          [{"mlp/down_proj": 2}] * 2, args=m.rope(16))
     with pytest.raises(ValueError, match="plan"):
         prune_structured(list(m.layers), x, llama.structured_units(CFG), [{}], args=m.rope(16))
@@ -248,7 +248,7 @@ def test_probe_scales_measure_each_blocks_loss():
     from cobs_jax.structured import probe_scales
 
     m, tokens = _model()
-    units = llama.structured_units(CFG, attention=False)
+    units = llama.structured_units(CFG, attention=None)
     x = m.embed(tokens)
     stats, infos, _ = calibrate(list(m.layers), x, units, args=m.rope(16))
     curves = error_curves(stats, infos, units)
@@ -270,3 +270,21 @@ def test_probe_scales_measure_each_blocks_loss():
         dense = b(dense, *m.rope(16))
     want = max(tail(h) - tail(dense), 0.0) / curves[0]["mlp/down_proj"][15]
     assert s[0] == pytest.approx(want, rel=1e-4)
+
+
+def test_query_heads_inside_gqa_groups_shrink_equally():
+    m, tokens = _model()
+    units = llama.structured_units(CFG, attention="heads")  # 4 query heads, 2 KV heads: families of 2
+    x = m.embed(tokens)
+    r = prune_structured(list(m.layers), x, units, [{"self_attn/o_proj": 2, "mlp/down_proj": 4}] * 2,
+                         args=m.rope(16))
+    for rem in r.removed:
+        assert rem["self_attn/o_proj"][:2].sum() == 1 and rem["self_attn/o_proj"][2:].sum() == 1
+    small = llama.shrink(m, r.blocks, r.removed, units)
+    assert small.config.layer_widths is None or small.config.layer_widths == ((2, 2, 44), (2, 2, 44))
+    np.testing.assert_allclose(np.asarray(small(tokens)), np.asarray(_with_blocks(m, r.blocks)(tokens)), atol=2e-5 * 10)
+    with pytest.raises(ValueError, match="families"):
+        prune_structured(list(m.layers), x, units, [{"self_attn/o_proj": 1}] * 2, args=m.rope(16))
+    stats, infos, _ = calibrate(list(m.layers), x, units, args=m.rope(16))
+    plan = allocate(error_curves(stats, infos, units), infos, 5000)
+    assert all(p["self_attn/o_proj"] % 2 == 0 for p in plan)
