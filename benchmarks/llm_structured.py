@@ -44,7 +44,7 @@ from lib.common import RESULTS, metadata
 from lib.text import SOURCE
 from llm_prune import SmolLM2, load_tokens, perplexity, user_tokens, with_blocks
 
-METHODS = ["magnitude-sp", "wanda-sp", "flap", "slimgpt", "cbs", "cbs-uniform", "cbs-global", "cbs-probe"]
+METHODS = ["magnitude-sp", "wanda-sp", "flap", "slimgpt", "cbs", "cbs-uniform", "cbs-global", "cbs-probe", "cbs-within"]
 MODES = {"attn+mlp": "kv", "mlp": None}
 PROMPT = "The history of the city began"
 
@@ -161,8 +161,12 @@ class Runner:
                                       chunk_size=self.batch, progress=True)
                 plan = allocate([{c: v * sc for c, v in row.items()} for row, sc in zip(curves, scales)], infos,
                                 budget)
-            else:  # each block its uniform share; the error curves choose between KV groups and channels
-                plan = allocate(error_curves(stats, infos, units, rel_damping=self.rel_damping), infos, budget, shares=np.ones(len(blocks)))
+            elif method == "cbs-within":  # each block its uniform share; the curves choose KV groups vs channels
+                plan = allocate(error_curves(stats, infos, units, rel_damping=self.rel_damping), infos, budget,
+                                shares=np.ones(len(blocks)))
+            else:  # FLAP's adaptive per-layer counts (its standardised WIFV), our selection and compensation
+                flap = flap_plan(stats, infos, units, budget, squared=("self_attn/o_proj",))
+                plan = [{c: int(v.sum()) for c, v in row.items()} for row in flap]
             res = prune_structured(blocks, self.x, units, plan, method=GroupCBS(), intercept=True, **kw)
         seconds = time.perf_counter() - t + extra
         small = llama.shrink(self.model, res.blocks, res.removed, units)
