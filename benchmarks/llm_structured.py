@@ -14,10 +14,12 @@ removes the same number of weights (to within one unit) and the model is physica
 Methods: ``magnitude-sp`` and ``wanda-sp`` (FLAP's repository: uniform per layer, KV groups by
 ratio and the rest in channels, no compensation), ``flap`` (WIFV metric from the dense model,
 adaptive global structure, bias compensation), ``slimgpt`` (SlimGPT's depth-increasing ratio and
-OBS compensation, with exact greedy group OBS in place of its estimates), ``cbs`` (ours: a
-global allocation by each layer's measured error per removed weight, GroupCBS selection, exact
-least-squares compensation with an intercept) and ``cbs-uniform`` (ours with the baselines'
-uniform allocation). ``sparsegpt-50%`` is the unstructured reference for the
+OBS compensation, with exact greedy group OBS in place of its estimates), ``cbs`` (ours:
+GroupCBS selection and exact least-squares compensation with an intercept, at FLAP's per-layer
+counts) and the allocation variants measured in docs/structured.md: ``cbs-uniform`` (the
+baselines' uniform counts), ``cbs-global`` (``allocate`` over the error curves), ``cbs-within``
+(uniform shares, the curves choosing KV groups vs channels), ``cbs-probe`` (the curves scaled by
+``probe_scales``) and ``cbs-slimgpt`` (SlimGPT's depth-increasing shares). ``sparsegpt-50%`` is the unstructured reference for the
 cost goal (prune time only matters there).
 
 Resumable: every finished cell is saved to ``benchmarks/results/llm_structured[_quick].json``
@@ -44,7 +46,7 @@ from lib.common import RESULTS, metadata
 from lib.text import SOURCE
 from llm_prune import SmolLM2, load_tokens, perplexity, user_tokens, with_blocks
 
-METHODS = ["magnitude-sp", "wanda-sp", "flap", "slimgpt", "cbs", "cbs-uniform", "cbs-global", "cbs-probe", "cbs-within"]
+METHODS = ["magnitude-sp", "wanda-sp", "flap", "slimgpt", "cbs", "cbs-uniform", "cbs-global", "cbs-probe", "cbs-within", "cbs-slimgpt"]
 MODES = {"attn+mlp": "kv", "mlp": None}
 PROMPT = "The history of the city began"
 
@@ -150,6 +152,8 @@ class Runner:
         else:
             if method == "cbs-uniform":
                 extra, plan = 0.0, share_plan(infos, budget)
+            elif method == "cbs-slimgpt":  # SlimGPT's depth-increasing shares
+                extra, plan = 0.0, share_plan(infos, budget, slimgpt_shares(len(blocks)))
             elif method == "cbs-global":
                 plan = allocate(error_curves(stats, infos, units, rel_damping=self.rel_damping), infos, budget)
             elif method == "cbs-probe":  # the curves scaled by each block's measured loss, then global
