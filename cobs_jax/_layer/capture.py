@@ -193,7 +193,8 @@ class BlockAdapter:
         return path + ("kernel",) if isinstance(d, Mapping) else path
 
     def kernel(self, name: str) -> jax.Array:
-        d = pure = self.pure()
+        pure = self.pure()
+        d: Any = pure
         for k in self._path(name, pure):
             d = d[k]
         return d

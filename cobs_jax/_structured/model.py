@@ -131,11 +131,11 @@ def share_plan(infos: Sequence[BlockInfo], num_params: int, shares: Optional[Seq
     :func:`slimgpt_shares` for SlimGPT's depth-increasing ratio). In each block every unit kind
     but the last removes ``⌊p_i · n⌋`` units (``p_i`` the block's removed fraction: heads by
     ratio), and the last kind (the MLP channels) fills the rest of the block's share, rounded up."""
-    shares = np.ones(len(infos)) if shares is None else np.asarray(shares, np.float64)
-    if shares.shape != (len(infos),) or np.any(shares < 0) or shares.sum() <= 0:
+    weights = np.ones(len(infos)) if shares is None else np.asarray(shares, np.float64)
+    if weights.shape != (len(infos),) or np.any(weights < 0) or weights.sum() <= 0:
         raise ValueError(f"`shares` must be {len(infos)} non-negative numbers, not all zero")
-    plan = []
-    for info, share in zip(infos, shares / shares.sum()):
+    plan: list[dict[str, int]] = []
+    for info, share in zip(infos, weights / weights.sum()):
         left = num_params * share
         size = sum(info.counts[c] * info.costs[c] for c in info.counts)
         *first, last = list(info.counts)
@@ -202,7 +202,9 @@ def error_curves(stats, infos, units: Sequence[Units], *, max_fraction: float = 
 
 @partial(jax.jit, static_argnames=("intercept",))
 def _output_energy(w, cal: Calibration, intercept: bool):
-    c = cal.h - cal.total[:, None] * cal.total[None, :] / cal.num_inputs if intercept else cal.h
+    c = cal.h
+    if intercept and cal.total is not None:  # calibrate always gives the sum
+        c = c - jnp.outer(cal.total, cal.total) / cal.num_inputs
     return jnp.sum((w @ c) * w)
 
 
@@ -214,10 +216,10 @@ def allocate(curves: Sequence[Mapping[str, np.ndarray]], infos: Sequence[BlockIn
     ``shares`` (as :func:`share_plan`'s) within each block for its share of ``num_params``,
     the curves then choosing only between the block's kinds of unit (heads vs channels)."""
     if shares is not None:
-        shares = np.asarray(shares, np.float64)
-        if shares.shape != (len(infos),) or np.any(shares < 0) or shares.sum() <= 0:
+        weights = np.asarray(shares, np.float64)
+        if weights.shape != (len(infos),) or np.any(weights < 0) or weights.sum() <= 0:
             raise ValueError(f"`shares` must be {len(infos)} non-negative numbers, not all zero")
-        quota = num_params * shares / shares.sum()
+        quota = num_params * weights / weights.sum()
         # each block rounds up to whole units: the total stays within one unit per block
         return [_allocate([row], [info], int(np.ceil(q)))[0] for row, info, q in zip(curves, infos, quota)]
     return _allocate(curves, infos, num_params)
@@ -256,6 +258,8 @@ def flap_scores(w_rows: jax.Array, cal: Calibration) -> jax.Array:
     """FLAP's WIFV per input column: the inputs' sample variance times ``‖W[:, j]‖²``
     (structured.md §3.4; the sample variance as the paper states, the code's running
     variant differs by a near-constant factor that standardisation removes)."""
+    if cal.total is None:
+        raise ValueError("flap_scores needs the inputs' sum (`Calibration.total`), as `calibrate` gives")
     n = cal.num_inputs
     mu = cal.total / n
     var = (jnp.diagonal(cal.h) - n * mu * mu) / (n - 1)
