@@ -21,7 +21,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -40,11 +40,12 @@ MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics
 class BasicBlock(nn.Module):
     features: int
     stride: int = 1
+    mid: Optional[int] = None  # conv1's filters (default ``features``; fewer after structured pruning)
 
     @nn.compact
     def __call__(self, x, train: bool):
         norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name)  # noqa: E731
-        y = nn.Conv(self.features, (3, 3), self.stride, padding=1, use_bias=False, name="conv1")(x)
+        y = nn.Conv(self.mid or self.features, (3, 3), self.stride, padding=1, use_bias=False, name="conv1")(x)
         y = nn.relu(norm("bn1")(y))
         y = nn.Conv(self.features, (3, 3), 1, padding=1, use_bias=False, name="conv2")(y)
         y = norm("bn2")(y)

@@ -166,29 +166,18 @@ def test_shrunk_llama_round_trips_through_a_safetensors_checkpoint(tmp_path):
 
 
 def test_shrunk_resnet_block_equals_the_masked_one():
-    """A conv block: conv1's filters (with bn1's entries) feed conv2's input channels."""
-    import flax.linen as nn
+    """ResNet20's basic block: conv1's filters (with bn1's entries) feed conv2's input channels."""
     import jax
-
-    class Block(nn.Module):
-        features: int
-        mid: int
-
-        @nn.compact
-        def __call__(self, x, train: bool):
-            y = nn.Conv(self.mid, (3, 3), padding=1, use_bias=False, name="conv1")(x)
-            y = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn1")(y))
-            y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, name="conv2")(y)
-            return nn.relu(x + nn.BatchNorm(use_running_average=not train, name="bn2")(y))
+    from resnet20 import BasicBlock  # the benchmark's ResNet20 block (conv1 width `mid` once shrunk)
 
     x = jax.random.normal(jax.random.key(0), (16, 6, 6, 8), jnp.float32)
-    v = Block(8, 8).init(jax.random.key(1), x, False)
+    v = BasicBlock(8).init(jax.random.key(1), x, False)
     rng = np.random.default_rng(0)
     v = jax.tree.map(lambda a: jnp.asarray(a + 0.3 * rng.normal(size=a.shape), a.dtype), v)  # non-trivial BN
     v["batch_stats"]["bn1"]["var"] = jnp.abs(v["batch_stats"]["bn1"]["var"]) + 0.5
     v["batch_stats"]["bn2"]["var"] = jnp.abs(v["batch_stats"]["bn2"]["var"]) + 0.5
     units = [Units("conv2", 1, {"conv1": 1}, followers={"bn1": 1})]
-    r = prune_structured([(Block(8, 8), v)], x, units, [{"conv2": 3}], method=GroupOBS(), intercept=False,
+    r = prune_structured([(BasicBlock(8), v)], x, units, [{"conv2": 3}], method=GroupOBS(), intercept=False,
                          args=(False,))
     removed = r.removed[0]["conv2"]
     assert removed.sum() == 3 and r.removed_params == 3 * (9 * 8) * 2  # conv2 inputs + conv1 filters
@@ -197,8 +186,8 @@ def test_shrunk_resnet_block_equals_the_masked_one():
     assert small["params"]["conv1"]["kernel"].shape == (3, 3, 8, 5)
     assert small["params"]["conv2"]["kernel"].shape == (3, 3, 5, 8)
     assert small["batch_stats"]["bn1"]["mean"].shape == (5,) and small["params"]["bn1"]["scale"].shape == (5,)
-    want = np.asarray(Block(8, 8).apply(masked[1], x, False))
-    got = np.asarray(Block(8, 5).apply(small, x, False))
+    want = np.asarray(BasicBlock(8).apply(masked[1], x, False))
+    got = np.asarray(BasicBlock(8, mid=5).apply(small, x, False))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # the compensated consumer: conv2's kept input channels re-solved, removed ones exactly 0
     k2 = np.asarray(masked[1]["params"]["conv2"]["kernel"])
