@@ -20,6 +20,7 @@ import argparse
 import re
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,9 +57,11 @@ class BasicBlock(nn.Module):
 
 
 class ResNet20(nn.Module):
-    """CIFAR ResNet20; input (n, 32, 32, 1) in [0, 1]."""
+    """CIFAR ResNet20; input (n, 32, 32, 1) in [0, 1]. ``mids``: the nine blocks' conv1 widths
+    (after filter pruning; default the stage widths)."""
 
     num_classes: int = 10
+    mids: Optional[tuple[int, ...]] = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -68,7 +71,8 @@ class ResNet20(nn.Module):
         for stage, features in enumerate((16, 32, 64)):
             for b in range(3):
                 stride = 2 if stage > 0 and b == 0 else 1
-                x = BasicBlock(features, stride, name=f"layer{stage + 1}_{b}")(x, train)
+                mid = self.mids[3 * stage + b] if self.mids else None
+                x = BasicBlock(features, stride, mid, name=f"layer{stage + 1}_{b}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="fc")(x)
 
@@ -93,7 +97,7 @@ def loss_fn(variables, batch):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
 
-def batchnorm_refresh(x, momentum: float = 0.9):
+def batchnorm_refresh(x, momentum: float = 0.9, model: ResNet20 = MODEL):
     """``refresh`` for :func:`cobs_jax.prune_gradual`: every BatchNorm's running statistics replaced
     by the batch statistics of the images ``x`` (train-mode forward, no gradient step).
 
@@ -102,7 +106,7 @@ def batchnorm_refresh(x, momentum: float = 0.9):
     """
 
     def refresh(variables):
-        _, upd = MODEL.apply(variables, x, train=True, mutable=["batch_stats"])
+        _, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
         fresh = jax.tree.map(lambda new, old: (new - momentum * old) / (1.0 - momentum),
                              upd["batch_stats"], variables["batch_stats"])
         return {**variables, "batch_stats": fresh}
@@ -110,12 +114,12 @@ def batchnorm_refresh(x, momentum: float = 0.9):
     return refresh
 
 
-@jax.jit
-def _correct(variables, x, y):
-    return jnp.sum(jnp.argmax(MODEL.apply(variables, x, train=False), -1) == y)
+@partial(jax.jit, static_argnums=0)
+def _correct(model, variables, x, y):
+    return jnp.sum(jnp.argmax(model.apply(variables, x, train=False), -1) == y)
 
 
-def evaluate(variables, x, y, batch_size: int = 1000) -> float:
+def evaluate(variables, x, y, batch_size: int = 1000, model: ResNet20 = MODEL) -> float:
     """Test accuracy in eval mode, in compiled batches of ``batch_size`` (the last one padded)."""
     n = len(x)
     correct = 0
@@ -125,7 +129,7 @@ def evaluate(variables, x, y, batch_size: int = 1000) -> float:
         if pad:  # keep one compiled shape; padded rows get label -1 and never count
             xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
             yb = np.concatenate([yb, -np.ones(pad, yb.dtype)])
-        correct += int(_correct(variables, jnp.asarray(xb), jnp.asarray(yb)))
+        correct += int(_correct(model, variables, jnp.asarray(xb), jnp.asarray(yb)))
     return correct / n
 
 

@@ -23,7 +23,7 @@ from .._layer.base import positive_int
 from .._layer.hessian import accumulate_dtype
 from .._layer.kernels import as_rows, from_rows
 from .compensate import Calibration, check_groups, compensate, damped, group_error
-from .select import greedy_obs, magnitude_sp, swap_search, swap_search_columns, wanda_sp
+from .select import greedy_obs, magnitude_sp, swap_search, wanda_sp
 
 __all__ = ["GroupPruner", "MagnitudeSP", "WandaSP", "GroupOBS", "GroupCBS", "GroupResult", "prune_groups"]
 
@@ -79,9 +79,9 @@ class GroupCBS(GroupPruner):
     """The Combinatorial Brain Surgeon on groups: from greedy group OBS's set, a joint swap
     search on the exact error after compensation (every removed/kept pair scored, the best
     improving swap taken), so the set is chosen jointly. Never worse than :class:`GroupOBS`.
-    Groups of one column (MLP channels) are scored all at once with rank-1 downdates
-    (:func:`~cobs_jax._structured.select.swap_search_columns`); larger groups (heads) by one
-    small inverse per pair.
+    Every pair's change of the objective comes in closed form from one downdate of the removed
+    set's inverse (:func:`~cobs_jax._structured.select.swap_search`): rank 1 for channels,
+    ``s × s`` blocks for heads and filters of ``s`` columns.
 
     Args:
       max_swaps: at most this many swaps.
@@ -96,10 +96,7 @@ class GroupCBS(GroupPruner):
         start, steps = greedy_obs(w, hd, groups, k, families)
         if k == 0:
             return start, {"swaps": 0, "step_errors": steps}
-        if groups.shape[1] == 1 and families == 1:
-            removed, swaps = swap_search_columns(w, hd, groups[:, 0], start, k, self.max_swaps)
-        else:
-            removed, swaps = swap_search(w, hd, groups, start, k, self.max_swaps, families)
+        removed, swaps = swap_search(w, hd, groups, start, k, self.max_swaps, families)
         return removed, {"swaps": int(swaps), "step_errors": steps}
 
 

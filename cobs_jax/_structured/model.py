@@ -130,11 +130,15 @@ def share_plan(infos: Sequence[BlockInfo], num_params: int, shares: Optional[Seq
     block ``i`` loses ``num_params · shares[i] / Σ shares`` weights (uniform shares by default;
     :func:`slimgpt_shares` for SlimGPT's depth-increasing ratio). In each block every unit kind
     but the last removes ``⌊p_i · n⌋`` units (``p_i`` the block's removed fraction: heads by
-    ratio), and the last kind (the MLP channels) fills the rest of the block's share, rounded up."""
+    ratio), and the last kind (the MLP channels) fills the rest of the block's share, rounded
+    down; then the blocks with the largest remainders take one more unit each until
+    ``num_params`` is reached (the total overshoots by less than one unit)."""
     weights = np.ones(len(infos)) if shares is None else np.asarray(shares, np.float64)
     if weights.shape != (len(infos),) or np.any(weights < 0) or weights.sum() <= 0:
         raise ValueError(f"`shares` must be {len(infos)} non-negative numbers, not all zero")
     plan: list[dict[str, int]] = []
+    rest = []
+    removed = 0
     for info, share in zip(infos, weights / weights.sum()):
         left = num_params * share
         size = sum(info.counts[c] * info.costs[c] for c in info.counts)
@@ -145,10 +149,21 @@ def share_plan(infos: Sequence[BlockInfo], num_params: int, shares: Optional[Seq
             row[c] = int(np.floor(left / size * info.counts[c] / f + 1e-9)) * f
             left -= row[c] * info.costs[c]
         f = info.families[last]
-        row[last] = int(np.ceil(max(left, 0.0) / info.costs[last] / f - 1e-9)) * f
-        if row[last] >= info.counts[last]:
-            raise ValueError(f"`num_params` = {num_params}: block {len(plan)} would lose every unit of {last!r}")
+        exact = max(left, 0.0) / info.costs[last] / f
+        row[last] = int(np.floor(exact + 1e-9)) * f
+        rest.append(exact - row[last] / f)
+        removed += sum(row[c] * info.costs[c] for c in row)
         plan.append(row)
+    for i in np.argsort(-np.asarray(rest), kind="stable"):
+        if removed >= num_params:
+            break
+        last = list(infos[i].counts)[-1]
+        plan[i][last] += infos[i].families[last]
+        removed += infos[i].families[last] * infos[i].costs[last]
+    for i, (row, info) in enumerate(zip(plan, infos)):
+        last = list(info.counts)[-1]
+        if row[last] >= info.counts[last]:
+            raise ValueError(f"`num_params` = {num_params}: block {i} would lose every unit of {last!r}")
     return plan
 
 
@@ -347,8 +362,9 @@ def prune_structured(
       plan: per block, ``{consumer: how many units to remove}`` (chosen by ``method``) or
         ``{consumer: bool (n_units,)}`` (a set chosen before, e.g. :func:`flap_plan`).
       method: :class:`GroupCBS` (default), :class:`GroupOBS`, :class:`WandaSP`, :class:`MagnitudeSP`.
-      intercept: re-solve the consumer's bias too (it must have one; FLAP's bias compensation
-        for the methods that do not compensate).
+      intercept: re-solve the consumer's bias too (it must have one, or name a BatchNorm after
+        it in ``Units(bias_into=...)``; FLAP's bias compensation for the methods that do not
+        compensate).
       rel_damping: relative damping of the scatter.
       args, kwargs: the blocks' other call arguments.
       chunk_size: examples per forward chunk.
@@ -389,7 +405,7 @@ def prune_structured(
             r = prune_groups(info.kernels[c], cal, u.groups(info.kernels[c].shape, info.in_axes[c]), num_remove=int(entry), method=how,
                              intercept=intercept, rel_damping=rel_damping, in_axes=info.in_axes[c],
                              families=u.families, name=f"{where} {c}")
-            a = _written(a, c, r, intercept, where)
+            a = _written(a, u, r, intercept, where)
             timings["prune"] += time.perf_counter() - t
             rem[c] = np.asarray(r.removed)
             err[c] = r.error
@@ -404,16 +420,27 @@ def prune_structured(
                             time.perf_counter() - t0, timings)
 
 
-def _written(a: BlockAdapter, c: str, r, intercept: bool, where: str) -> BlockAdapter:
-    """The block with consumer ``c``'s kernel (and, with ``intercept``, bias) from ``r``."""
+def _written(a: BlockAdapter, u: Units, r, intercept: bool, where: str) -> BlockAdapter:
+    """The block with consumer ``u.consumer``'s kernel from ``r`` and, with ``intercept``, the
+    bias shift in its bias (or in the running mean of ``u.bias_into``)."""
+    c = u.consumer
     pure = a.pure()
     layer, key = a.layer_dict(pure, c)
     layer[key] = r.kernel
     if intercept:
-        if layer.get("bias") is None:
-            raise ValueError(f"{where}: layer {c!r} has no bias; the intercept moves the removed inputs' "
-                             "mean into the bias: give the layer a (zero) bias, or pass intercept=False")
-        layer["bias"] = (layer["bias"] + r.bias_delta).astype(layer["bias"].dtype)
+        if layer.get("bias") is not None:
+            layer["bias"] = (layer["bias"] + r.bias_delta).astype(layer["bias"].dtype)
+        elif u.bias_into is not None:
+            stats = [d for d in _modules(pure, u.bias_into, a.kind) if "mean" in d]
+            if not stats or np.shape(stats[0]["mean"]) != np.shape(r.bias_delta):
+                raise ValueError(f"{where}: `bias_into` {u.bias_into!r} of {c!r} must be a BatchNorm with a running "
+                                 f"`mean` of shape {np.shape(r.bias_delta)}")
+            m = stats[0]["mean"]
+            stats[0]["mean"] = (m - r.bias_delta).astype(m.dtype)
+        else:
+            raise ValueError(f"{where}: layer {c!r} has no bias; the intercept moves the removed inputs' mean into "
+                             "the bias: give the layer a (zero) bias, name the BatchNorm after it in "
+                             "`Units(bias_into=...)`, or pass intercept=False")
     return BlockAdapter(a.rebuild(a.from_pure(pure)), where)
 
 
@@ -447,7 +474,7 @@ def probe_scales(blocks: Sequence[Any], inputs, units: Sequence[Units], stats, i
             r = prune_groups(info.kernels[c], stats[i][c], u.groups(info.kernels[c].shape, info.in_axes[c]),
                              num_remove=k, method=GroupOBS(), intercept=intercept, rel_damping=rel_damping,
                              in_axes=info.in_axes[c], families=u.families, name=f"{where} {c}")
-            a = _written(a, c, r, intercept, where)
+            a = _written(a, u, r, intercept, where)
             err += float(curves[i][c][k - 1])
         if err <= 0:
             continue

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from .._core.linalg import chol_inverse, spd_inverse
 from .._core.topk import smallest_k
 
-__all__ = ["family_of", "magnitude_sp", "wanda_sp", "greedy_obs", "greedy_columns", "swap_search", "swap_search_columns", "column_swap_deltas", "objective"]
+__all__ = ["family_of", "magnitude_sp", "wanda_sp", "greedy_obs", "greedy_columns", "swap_search", "column_swap_deltas", "group_swap_deltas", "objective"]
 
 
 def family_of(n: int, families: int) -> jax.Array:
@@ -141,44 +141,6 @@ def objective(w: jax.Array, g: jax.Array, cols: jax.Array) -> jax.Array:
     return jnp.sum(wp * (wp @ spd_inverse(g[cols[:, None], cols[None, :]])))
 
 
-@partial(jax.jit, static_argnames=("k", "max_swaps", "families"))
-def swap_search(w: jax.Array, hd: jax.Array, groups: jax.Array, start: jax.Array, k: int,
-                max_swaps: int, families: int = 1) -> tuple[jax.Array, jax.Array]:
-    """CBS on groups: from ``start`` (bool (n,), ``k`` removed), swap one removed group for one
-    kept group while that lowers the exact objective ``E`` (every removed/kept pair scored,
-    the best taken; with ``families``, pairs of one family only), at most ``max_swaps`` swaps.
-    Never worse than ``start``. Returns the set and the number of swaps. Each candidate costs
-    one ``(k s)``-sized inverse: meant for head groups and layers of up to a few hundred
-    columns removed."""
-    n, s = groups.shape
-    fam = family_of(n, families)
-    g = chol_inverse(hd)
-
-    def cols_of(removed):
-        order = jnp.argsort(~removed, stable=True)[:k]  # the k removed groups, in index order
-        return groups[order].reshape(-1)
-
-    def cand(removed, a, b):  # a removed, b kept: the set after the swap
-        return removed.at[a].set(False).at[b].set(True)
-
-    pairs_a, pairs_b = jnp.meshgrid(jnp.arange(n), jnp.arange(n), indexing="ij")
-    pairs_a, pairs_b = pairs_a.ravel(), pairs_b.ravel()
-
-    def body(carry):
-        removed, value, swaps, _ = carry
-        valid = removed[pairs_a] & ~removed[pairs_b] & (fam[pairs_a] == fam[pairs_b])
-        vals = jax.vmap(lambda a, b: objective(w, g, cols_of(cand(removed, a, b))))(pairs_a, pairs_b)
-        vals = jnp.where(valid, vals, jnp.inf)
-        best = jnp.argmin(vals)
-        better = vals[best] < value * (1 - 1e-12)
-        new = jnp.where(better, cand(removed, pairs_a[best], pairs_b[best]), removed)
-        return new, jnp.where(better, vals[best], value), swaps + better.astype(jnp.int32), better
-
-    init = (start, objective(w, g, cols_of(start)), jnp.int32(0), jnp.bool_(True))
-    removed, _, swaps, _ = jax.lax.while_loop(lambda c: c[3] & (c[2] < max_swaps), body, init)
-    return removed, swaps
-
-
 def column_swap_deltas(wc: jax.Array, g: jax.Array, removed: jax.Array, k: int):
     """Every swap's exact change of ``E`` for groups of one column.
 
@@ -212,36 +174,86 @@ def column_swap_deltas(wc: jax.Array, g: jax.Array, removed: jax.Array, k: int):
     return p, q, delta, jnp.sum(lam * wc[:, p])
 
 
-_BUCKET = 128  # removed-set sizes are padded to multiples of this: one program per few hundred counts
+def group_swap_deltas(wc: jax.Array, g: jax.Array, removed: jax.Array, k: int, s: int):
+    """Every swap's exact change of ``E`` for groups of ``s`` contiguous columns: the block form
+    of :func:`column_swap_deltas` (``wc`` (rows, n s), ``g`` (n s, n s), group ``j`` the columns
+    ``j s … j s + s − 1``).
+
+    With ``V = (G_PP)⁻¹``, ``Λ = W_P V``, ``C = V G_PK``, ``ρ = W_K − W_P C`` and the Schur
+    complements ``S_b = G_bb − G_bP C_b`` as before, and for removed ``a``: ``U_a = (V_aa)⁻¹``
+    (s × s), ``M_ab = U_a C_ab``; removing ``a`` lowers ``E`` by ``tr(U_a Λ_aᵀ Λ_a)``; after
+    its block downdate of ``V``, kept ``b`` has the residual ``ρ_b + Λ_a M_ab`` and the Schur
+    complement ``S_b + C_abᵀ M_ab``, and adding it raises ``E`` by ``tr(S'⁻¹ ρ'ᵀ ρ')``. All
+    pairs cost ``k (n − k)`` inverses of ``s × s``, where recomputing ``E`` costs one of
+    ``k s × k s`` per pair.
+
+    Returns ``(p, q, Δ, E)`` as :func:`column_swap_deltas` does, over groups."""
+    n = removed.shape[0]
+    m = n - k
+    order = jnp.argsort(~removed, stable=True)
+    p, q = order[:k], order[k:]
+    span = jnp.arange(s)
+    pc, qc = (p[:, None] * s + span[None, :]).ravel(), (q[:, None] * s + span[None, :]).ravel()
+    v = chol_inverse(g[pc[:, None], pc[None, :]])
+    lam = wc[:, pc] @ v
+    gpq = g[pc[:, None], qc[None, :]]
+    c = v @ gpq
+    rho = (wc[:, qc] - wc[:, pc] @ c).reshape(-1, m, s)
+    gqq = g[qc[:, None], qc[None, :]].reshape(m, s, m, s)
+    schur = jnp.einsum("bibj->bij", gqq) - jnp.einsum("pbi,pbj->bij", gpq.reshape(k * s, m, s), c.reshape(k * s, m, s))
+    u = spd_inverse(jnp.einsum("aiaj->aij", v.reshape(k, s, k, s)))
+    lam3 = lam.reshape(-1, k, s)
+    ll = jnp.einsum("rai,raj->aij", lam3, lam3)
+    gain = jnp.einsum("aij,aji->a", u, ll)
+    cab = c.reshape(k, s, m, s).transpose(0, 2, 1, 3)  # (a, b, i in a, j in b)
+    mab = jnp.einsum("aij,abjl->abil", u, cab)
+    x = jnp.einsum("rai,rbj->abij", lam3, rho)
+    cross = jnp.einsum("abji,abjl->abil", x, mab)
+    gram = (jnp.einsum("rbi,rbj->bij", rho, rho)[None] + cross + jnp.swapaxes(cross, -1, -2)
+            + jnp.einsum("abji,ajk,abkl->abil", mab, ll, mab))
+    sp = schur[None] + jnp.einsum("abji,abjl->abil", cab, mab)
+    delta = -gain[:, None] + jnp.einsum("abij,abji->ab", spd_inverse(sp), gram)
+    return p, q, delta, jnp.sum(lam * wc[:, pc])
 
 
-def swap_search_columns(w: jax.Array, hd: jax.Array, columns: jax.Array, start: jax.Array, k: int,
-                        max_swaps: int) -> tuple[jax.Array, jax.Array]:
-    """:func:`swap_search` for groups of one column (MLP channels): every removed/kept pair
-    scored at once by :func:`column_swap_deltas`, a few ``k × n`` matrix products per step
-    instead of ``k (n − k)`` inverses, so thousands of channels are searched exactly.
+_BUCKET = 128  # removed-set columns are padded to multiples of this: one program per few hundred counts
 
-    The removed set is padded to a multiple of 128 with dummy columns (zero weights, unit
-    Hessian, no coupling: they add no error, and swapping one out never helps), so layers with
-    different counts share one compiled program."""
-    n = columns.shape[0]
-    kp = -(-k // _BUCKET) * _BUCKET
-    g = chol_inverse(hd)[columns[:, None], columns[None, :]]
-    gp = jnp.eye(n + _BUCKET, dtype=g.dtype).at[:n, :n].set(g)
-    wp = jnp.pad(w[:, columns], ((0, 0), (0, _BUCKET)))
-    dummies = jnp.arange(_BUCKET) < kp - k
-    removed, swaps = _swap_columns(wp, gp, jnp.concatenate([start, dummies]), n, kp, max_swaps)
+
+def swap_search(w: jax.Array, hd: jax.Array, groups: jax.Array, start: jax.Array, k: int,
+                max_swaps: int, families: int = 1) -> tuple[jax.Array, jax.Array]:
+    """CBS on groups: from ``start`` (bool (n,), ``k`` removed), swap one removed group for one
+    kept group while that lowers the exact objective ``E`` (every removed/kept pair scored at
+    once by :func:`column_swap_deltas` or :func:`group_swap_deltas`, the best taken; with
+    ``families``, pairs of one family only), at most ``max_swaps`` swaps. Never worse than
+    ``start``. Returns the set and the number of swaps.
+
+    The removed set is padded with dummy groups (zero weights, unit Hessian, no coupling: they
+    add no error and never swap) to a multiple of about 128 columns, so layers with different
+    counts share one compiled program."""
+    n, s = groups.shape
+    bucket = max(1, _BUCKET // s)
+    kp = -(-k // bucket) * bucket
+    cols = groups.reshape(-1)
+    g = chol_inverse(hd)[cols[:, None], cols[None, :]]
+    gp = jnp.eye((n + bucket) * s, dtype=g.dtype).at[: n * s, : n * s].set(g)
+    wp = jnp.pad(w[:, cols], ((0, 0), (0, bucket * s)))
+    fam = jnp.concatenate([family_of(n, families), jnp.full(bucket, -1)])
+    dummies = jnp.arange(bucket) < kp - k
+    removed, swaps = _swap(wp, gp, jnp.concatenate([start, dummies]), fam, n, kp, s, max_swaps)
     return removed[:n], swaps
 
 
-@partial(jax.jit, static_argnames=("n", "k", "max_swaps"))
-def _swap_columns(wc, g, start, n, k, max_swaps):
-    total = wc.shape[1]
+@partial(jax.jit, static_argnames=("n", "k", "s", "max_swaps"))
+def _swap(wc, g, start, fam, n, k, s, max_swaps):
+    total = start.shape[0]
 
     def body(carry):
         removed, swaps, _ = carry
-        p, q, delta, value = column_swap_deltas(wc, g, removed, k)
-        delta = jnp.where((q < n)[None, :], delta, jnp.inf)  # a dummy never joins the removed set
+        if s == 1:
+            p, q, delta, value = column_swap_deltas(wc, g, removed, k)
+        else:
+            p, q, delta, value = group_swap_deltas(wc, g, removed, k, s)
+        delta = jnp.where((fam[p][:, None] == fam[q][None, :]) & (fam[q] >= 0)[None, :], delta, jnp.inf)
         best = jnp.argmin(delta)
         a, b = p[best // (total - k)], q[best % (total - k)]
         better = delta.reshape(-1)[best] < -1e-9 * value

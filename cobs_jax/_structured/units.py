@@ -11,8 +11,9 @@ deleted with the unit and cost no error (structured.md §2.1). Examples::
     # Llama block: MLP channels, and GQA KV groups (3 query heads of 64 per KV head)
     Units("mlp/down_proj", 1, {"mlp/gate_proj": 1, "mlp/up_proj": 1})
     Units("self_attn/o_proj", 3 * 64, {"self_attn/q_proj": 3 * 64, "self_attn/k_proj": 64, "self_attn/v_proj": 64})
-    # ResNet basic block: conv1's filters, with their BatchNorm, feed conv2's input channels
-    Units("conv2", 1, {"conv1": 1}, followers={"bn1": 1})
+    # ResNet basic block: conv1's filters, with their BatchNorm, feed conv2's input channels;
+    # conv2 has no bias, the intercept goes into bn2's running mean
+    Units("conv2", 1, {"conv1": 1}, followers={"bn1": 1}, bias_into="bn2")
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class Units:
       families: the units form this many equal consecutive runs, and every plan removes the
         same count from each: query heads inside GQA groups (``families=num_kv_heads``; the k/v
         rows stay, every KV head keeps as many query heads).
+      bias_into: for a consumer without a bias, the BatchNorm (module path) right after it
+        that takes the intercept instead: in inference mode adding ``Δb`` before it equals
+        subtracting ``Δb`` from its running ``mean`` (conv2 -> bn2 of a ResNet block).
     """
 
     consumer: str
@@ -63,12 +67,15 @@ class Units:
     axis: Optional[int] = None
     followers: Any = ()
     families: int = 1
+    bias_into: Optional[str] = None
 
     def __post_init__(self):
         if not isinstance(self.consumer, str) or not self.consumer:
             raise ValueError(f"Units: `consumer` must be a layer name, got {self.consumer!r}")
         _per_unit(self.size, f"Units({self.consumer!r}): `size`")
         _per_unit(self.families, f"Units({self.consumer!r}): `families`")
+        if self.bias_into is not None and (not isinstance(self.bias_into, str) or not self.bias_into):
+            raise ValueError(f"Units({self.consumer!r}): `bias_into` must be a module path, got {self.bias_into!r}")
         for field in ("producers", "followers"):
             entries = dict(getattr(self, field))
             for name, per in entries.items():

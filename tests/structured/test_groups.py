@@ -2,6 +2,7 @@
 least squares (with and without an intercept), the selections meet the enumerated optimum."""
 
 import itertools
+from functools import partial
 
 import numpy as np
 import pytest
@@ -155,26 +156,30 @@ def test_head_groups_follow_the_head_major_layout():
             head_groups(**kw)
 
 
-def test_every_column_swap_delta_equals_the_recomputed_objective():
-    """The all-pairs formula of the single-column search against E recomputed per swap."""
+@pytest.mark.parametrize("s", [1, 3])
+def test_every_swap_delta_equals_the_recomputed_objective(s):
+    """The all-pairs formulas (single columns; blocks of ``s`` columns) against E recomputed per swap."""
     import jax.numpy as jnp
 
-    from cobs_jax._structured.select import column_swap_deltas, objective
+    from cobs_jax._structured.select import column_swap_deltas, group_swap_deltas, objective
 
-    x, w, _ = _layer(7, d=10, size=1)
-    x[:, :5] += 0.8 * x[:, 5:]
-    g = np.linalg.inv(x.T @ x + 1e-3 * np.eye(10))
-    wr = w.T  # rows layout
-    removed = np.zeros(10, bool)
+    n = 10
+    d = n * s
+    x, w, _ = _layer(7, d=d, size=1)
+    x[:, : d // 2] += 0.8 * x[:, d - d // 2:]
+    g = np.linalg.inv(x.T @ x + 1e-3 * np.eye(d))
+    wr = jnp.asarray(w.T)  # rows layout
+    removed = np.zeros(n, bool)
     removed[[1, 4, 6, 8]] = True
-    p, q, delta, value = column_swap_deltas(jnp.asarray(wr), jnp.asarray(g), jnp.asarray(removed), 4)
+    deltas = column_swap_deltas if s == 1 else partial(group_swap_deltas, s=s)
+    p, q, delta, value = deltas(wr, jnp.asarray(g), jnp.asarray(removed), 4)
     p, q = np.asarray(p), np.asarray(q)
-    base = float(objective(jnp.asarray(wr), jnp.asarray(g), jnp.asarray(p)))
+    cols = lambda groups: jnp.asarray((np.sort(groups)[:, None] * s + np.arange(s)).ravel())  # noqa: E731
+    base = float(objective(wr, jnp.asarray(g), cols(p)))
     assert float(value) == pytest.approx(base, rel=1e-10)
     for i, a in enumerate(p):
         for j, b in enumerate(q):
-            cols = np.sort(np.append(p[p != a], b))
-            want = float(objective(jnp.asarray(wr), jnp.asarray(g), jnp.asarray(cols))) - base
+            want = float(objective(wr, jnp.asarray(g), cols(np.append(p[p != a], b)))) - base
             assert float(delta[i, j]) == pytest.approx(want, rel=1e-7, abs=1e-9 * base)
 
 

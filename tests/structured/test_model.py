@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cobs_jax.structured import (Calibration, GroupCBS, GroupOBS, MagnitudeSP, Units, WandaSP, allocate, calibrate,
+from cobs_jax.structured import (Calibration, Given, GroupCBS, GroupOBS, MagnitudeSP, Units, WandaSP, allocate, calibrate,
                                  error_curves, flap_plan, flap_scores, prune_structured, share_plan, shrunk_params,
                                  slimgpt_shares)
 
@@ -79,13 +79,20 @@ def test_budgets_add_up_exactly():
     assert infos[0].counts == {"self_attn/o_proj": 2, "mlp/down_proj": 48}
     assert infos[0].costs == {"self_attn/o_proj": 16 * 32 + 16 * 32 + 2 * 8 * 32,  # o cols, q, k, v rows
                               "mlp/down_proj": 3 * 32}
-    # uniform shares: 1536 weights per block -> no KV group (0.2 of 2), ceil(1536 / 96) = 16 channels
+    # uniform shares: 1536 weights per block -> no KV group (0.2 of 2), 1536 / 96 = 16 channels
     assert share_plan(infos, 3072) == [{"self_attn/o_proj": 0, "mlp/down_proj": 16}] * 2
+    # 1550 per block = 16.15 channels: 16 each, then one more where the remainder is largest (block 0 on a tie)
+    assert share_plan(infos, 3100) == [{"self_attn/o_proj": 0, "mlp/down_proj": 17}, {"self_attn/o_proj": 0, "mlp/down_proj": 16}]
     # half the layer: one KV group (1536) and the rest, 3840 - 1536 = 2304, in 24 channels
     assert share_plan(infos, 7680) == [{"self_attn/o_proj": 1, "mlp/down_proj": 24}] * 2
     np.testing.assert_allclose(slimgpt_shares(32, 4.0)[[0, 31]], [1.0, 4.0])
     deep = share_plan(infos, 3072, slimgpt_shares(2, 3.0))  # shares 1 : 3
     assert deep[0]["mlp/down_proj"] == 8 and deep[1]["mlp/down_proj"] == 24
+    rng = np.random.default_rng(0)
+    for budget in rng.integers(100, 7000, size=20):  # the total: at least the budget, less than one unit beyond
+        got = sum(n * infos[i].costs[c] for i, row in enumerate(share_plan(infos, int(budget), rng.random(2) + 0.1))
+                  for c, n in row.items())
+        assert budget <= got < budget + infos[0].costs["mlp/down_proj"]
     curves = error_curves(stats, infos, units, energy=energy)
     assert len(curves[0]["mlp/down_proj"]) == int(0.9 * 48) and len(curves[0]["self_attn/o_proj"]) == 1
     assert np.all(np.diff(curves[0]["mlp/down_proj"]) >= 0)
@@ -192,6 +199,46 @@ def test_shrunk_resnet_block_equals_the_masked_one():
     # the compensated consumer: conv2's kept input channels re-solved, removed ones exactly 0
     k2 = np.asarray(masked[1]["params"]["conv2"]["kernel"])
     assert np.all(k2[:, :, removed] == 0) and not np.allclose(k2[:, :, ~removed], np.asarray(v["params"]["conv2"]["kernel"])[:, :, ~removed])
+
+
+def test_intercept_goes_into_the_following_batchnorm():
+    """conv2 has no bias: with ``bias_into="bn2"`` the intercept moves bn2's running mean (and
+    nothing else of it), so that bn2's output error has mean zero over the calibration data
+    (the least-squares intercept's normal equation), which it has not without the intercept;
+    the shrunk block still equals the masked one."""
+    import jax
+    from resnet20 import BasicBlock
+
+    x = jax.random.normal(jax.random.key(0), (32, 6, 6, 8), jnp.float32)
+    v = BasicBlock(8).init(jax.random.key(1), x, False)
+    v["params"]["bn1"]["bias"] = v["params"]["bn1"]["bias"] + 2.0  # conv2's inputs have a large mean
+    runs = {}
+    for into in (None, "bn2"):
+        units = [Units("conv2", 1, {"conv1": 1}, followers={"bn1": 1}, bias_into=into)]
+        runs[into] = prune_structured([(BasicBlock(8), v)], x, units, [{"conv2": 4}], method=Given(np.arange(8) < 4),
+                                      intercept=into is not None, args=(False,))
+    got = runs["bn2"].blocks[0][1]
+    stats0, stats1 = v["batch_stats"]["bn2"], got["batch_stats"]["bn2"]
+    assert not np.allclose(stats1["mean"], stats0["mean"]) and np.array_equal(stats1["var"], stats0["var"])
+    np.testing.assert_array_equal(got["params"]["bn2"]["bias"], v["params"]["bn2"]["bias"])
+
+    def bn2_out(variables):
+        _, inter = BasicBlock(8).apply(variables, x, False, capture_intermediates=True)
+        return np.asarray(inter["intermediates"]["bn2"]["__call__"][0], np.float64)
+
+    dense = bn2_out(v)
+    bias = {k: np.abs((bn2_out(r.blocks[0][1]) - dense).mean(axis=(0, 1, 2))).max() for k, r in runs.items()}
+    assert bias["bn2"] < 1e-4 * np.abs(dense).mean() and bias[None] > 1e-2 * np.abs(dense).mean()
+    units = [Units("conv2", 1, {"conv1": 1}, followers={"bn1": 1}, bias_into="bn2")]
+    small = shrunk_params(runs["bn2"].blocks[0], units, runs["bn2"].removed[0], x[:1], args=(False,))
+    np.testing.assert_allclose(np.asarray(BasicBlock(8, mid=4).apply(small, x, False)),
+                               np.asarray(BasicBlock(8).apply(got, x, False)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="`bias_into` 'conv1' of 'conv2' must be a BatchNorm"):
+        prune_structured([(BasicBlock(8), v)], x, [Units("conv2", 1, {"conv1": 1}, bias_into="conv1")], [{"conv2": 2}],
+                         method=GroupOBS(), args=(False,))
+    with pytest.raises(ValueError, match="has no bias"):
+        prune_structured([(BasicBlock(8), v)], x, [Units("conv2", 1, {"conv1": 1})], [{"conv2": 2}],
+                         method=GroupOBS(), args=(False,))
 
 
 def test_shrunk_gemma_block_equals_the_masked_one():
