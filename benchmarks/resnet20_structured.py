@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cobs_jax.structured import (GroupCBS, GroupOBS, MagnitudeSP, Units, WandaSP, allocate, calibrate,  # noqa: E402
                                  error_curves, flap_plan, prune_structured, share_plan, shrunk_params)
 from lib.common import RESULTS, metadata, write  # noqa: E402
-from resnet20 import MODEL, BasicBlock, ResNet20, batchnorm_refresh, cached_model_and_data, evaluate, pad32  # noqa: E402
+from resnet20 import MODEL, ResNet20, batchnorm_refresh, cached_model_and_data, evaluate, pad32  # noqa: E402
 from resnet20_fashion import fisher_sample  # noqa: E402
 from resnet20_layerwise import BLOCKS, blocks_of, stem  # noqa: E402
 

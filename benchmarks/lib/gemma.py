@@ -24,6 +24,7 @@ types.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import os
@@ -61,21 +62,35 @@ class GemmaConfig:
     eps: float = 1e-6
     bos_id: int = 2
     eos_id: int = 1
+    # after structured pruning: (query heads, MLP channels) per block, and zero-initialised
+    # biases on attn_vec_einsum and the MLP's linear (where the compensation's intercept goes)
+    layer_widths: Optional[tuple[tuple[int, int], ...]] = None
+    proj_bias: bool = False
 
     def is_global(self, i: int) -> bool:
         return (i + 1) % self.global_every == 0
 
+    def layer(self, i: int) -> "GemmaConfig":
+        """Block ``i``'s config (its own head count and MLP width)."""
+        if self.layer_widths is None:
+            return self
+        heads, hidden = self.layer_widths[i]
+        return dataclasses.replace(self, num_heads=heads, hidden_dim=hidden, layer_widths=None)
+
 
 class Einsum(nn.Module):
-    """gemma's ``_layers.Einsum``: a parameter named ``weight_name`` and ``jnp.einsum(eqn, x, w)``."""
+    """gemma's ``_layers.Einsum``: a parameter named ``weight_name`` and ``jnp.einsum(eqn, x, w)``
+    (plus a ``bias`` of shape ``bias`` where given: not gemma's, the structured intercept's)."""
 
     shape: tuple
     weight_name: str = "w"
+    bias: Optional[tuple] = None
 
     @nn.compact
     def __call__(self, eqn: str, x):
         w = self.param(self.weight_name, nn.initializers.normal(), self.shape)
-        return jnp.einsum(eqn, x, w)
+        y = jnp.einsum(eqn, x, w)
+        return y if self.bias is None else y + self.param("bias", nn.initializers.zeros_init(), self.bias)
 
 
 # One line makes cobs_jax capture and prune gemma-style Einsum kernels:
@@ -127,7 +142,8 @@ class Attention(nn.Module):
         logits = jnp.where(mask[None, :, None, None, :], logits, K_MASK)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         enc = jnp.einsum("BTKGS,BSKH->BTKGH", probs, v).reshape(b, t, c.num_heads, c.head_dim)
-        return Einsum((c.num_heads, c.head_dim, c.dim), name="attn_vec_einsum")("BTNH,NHD->BTD", enc)
+        return Einsum((c.num_heads, c.head_dim, c.dim), bias=(c.dim,) if c.proj_bias else None,
+                      name="attn_vec_einsum")("BTNH,NHD->BTD", enc)
 
 
 class FeedForward(nn.Module):
@@ -139,6 +155,8 @@ class FeedForward(nn.Module):
         nn.share_scope(self, gating)
         gate = gating("...F,NHF->...NH", x)
         act = nn.gelu(gate[..., 0, :]) * gate[..., 1, :]
+        if self.c.proj_bias:  # its own scope: mlp/linear/{linear, bias}
+            return Einsum((self.c.hidden_dim, self.c.dim), "linear", (self.c.dim,), name="linear")("...H,HF->...F", act)
         linear = Einsum((self.c.hidden_dim, self.c.dim), weight_name="linear")
         nn.share_scope(self, linear)
         return linear("...H,HF->...F", act)
@@ -165,7 +183,7 @@ class Gemma3:
 
     def __init__(self, c: GemmaConfig, params: dict):
         self.config, self.params = c, params
-        self.modules = [Block(c, c.is_global(i)) for i in range(c.num_layers)]
+        self.modules = [Block(c.layer(i), c.is_global(i)) for i in range(c.num_layers)]
 
     @property
     def blocks(self) -> list:
@@ -204,8 +222,64 @@ def init_params(c: GemmaConfig, key, seq: int = 8) -> dict:
     params: dict = {"embedder": {"input_embedding": jax.random.normal(keys[0], (c.vocab_size, c.dim)) * 0.1},
                     "final_norm": {"scale": jnp.zeros((c.dim,))}}
     for i in range(c.num_layers):
-        params[f"layer_{i}"] = Block(c, c.is_global(i)).init(keys[i + 1], jnp.zeros((1, seq, c.dim)))["params"]
+        params[f"layer_{i}"] = Block(c.layer(i), c.is_global(i)).init(keys[i + 1], jnp.zeros((1, seq, c.dim)))["params"]
     return params
+
+
+# ----------------------------------------------------------------------------------------------
+# Structured pruning: units, biases for the intercept, the shrunk model
+
+
+def structured_units(c: GemmaConfig, attention: bool = True):
+    """The removable units of a block: query heads (axis 0 of attn_vec_einsum (N, H, D) and of
+    q_einsum (N, D, H); with one KV head there are no KV groups to remove) and MLP channels
+    (axis 0 of the linear (F, D), axis 1 of gating_einsum (2, F, D)); ``attention=False``: the
+    MLP only. The layer names of the model with :func:`with_proj_bias`'s biases or without."""
+    from cobs_jax.structured import Units
+
+    linear = "mlp/linear/linear" if c.proj_bias else "mlp/linear"
+    mlp = Units(linear, 1, {"mlp/gating_einsum": (1, 1)})
+    if not attention:
+        return (mlp,)
+    return (Units("attn/attn_vec_einsum/w", 1, {"attn/q_einsum/w": 1}, axis=0), mlp)
+
+
+def with_proj_bias(model: Gemma3) -> Gemma3:
+    """The same model with zero biases on attn_vec_einsum and the MLP's linear (for the intercept)."""
+    c = model.config
+    if c.proj_bias:
+        return model
+    params = dict(model.params)
+    for i in range(c.num_layers):
+        layer = jax.tree.map(lambda a: a, params[f"layer_{i}"])
+        layer["attn"]["attn_vec_einsum"]["bias"] = jnp.zeros(c.dim, jnp.float32)
+        layer["mlp"]["linear"] = {"linear": layer["mlp"]["linear"], "bias": jnp.zeros(c.dim, jnp.float32)}
+        params[f"layer_{i}"] = layer
+    return Gemma3(dataclasses.replace(c, proj_bias=True), params)
+
+
+def shrink(model: Gemma3, blocks, removed, units) -> Gemma3:
+    """The physically smaller model: ``blocks`` (structured-pruned, masked) with the ``removed``
+    units (``StructuredResult.removed``) sliced away, per-block widths in its config."""
+    from cobs_jax.structured import shrunk_params
+
+    x = jnp.zeros((1, 8, model.config.dim), jnp.float32)
+    pures = [shrunk_params(b, units, r, x)["params"] for b, r in zip(blocks, removed)]
+    widths = tuple((int(p["attn"]["q_einsum"]["w"].shape[0]), int(p["mlp"]["gating_einsum"].shape[1])) for p in pures)
+    params = dict(model.params, **{f"layer_{i}": p for i, p in enumerate(pures)})
+    return Gemma3(dataclasses.replace(model.config, layer_widths=widths), params)
+
+
+def decoder_params(model: Gemma3) -> int:
+    """Weights of the blocks' einsum kernels (what structured pruning removes; norms and biases not counted)."""
+    total = 0
+    for i in range(model.config.num_layers):
+        p = model.params[f"layer_{i}"]
+        linear = p["mlp"]["linear"]
+        total += sum(int(np.size(a)) for a in (p["attn"]["q_einsum"]["w"], p["attn"]["kv_einsum"]["w"],
+                                               p["attn"]["attn_vec_einsum"]["w"], p["mlp"]["gating_einsum"],
+                                               linear["linear"] if isinstance(linear, dict) else linear))
+    return total
 
 
 @jax.jit

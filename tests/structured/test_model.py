@@ -268,6 +268,29 @@ def test_shrunk_gemma_block_equals_the_masked_one():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_shrunk_gemma_model_with_biases_equals_the_masked_one():
+    """The Gemma port end to end: zero biases added for the intercept, query heads and channels
+    removed by GroupCBS with the intercept, the model shrunk to per-block widths: its NLL is the
+    masked model's and its einsum weights are the dense count minus ``removed_params``."""
+    import jax
+
+    from lib import gemma
+
+    c = gemma.GemmaConfig(vocab_size=64, dim=16, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=8, hidden_dim=24,
+                          window=4, global_every=2)
+    model = gemma.with_proj_bias(gemma.Gemma3(c, gemma.init_params(c, jax.random.key(0))))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(6, 12)), jnp.int32)
+    units = gemma.structured_units(model.config)
+    r = prune_structured(model.blocks, model.embed(tokens), units, [{"attn/attn_vec_einsum/w": 1, "mlp/linear/linear": 5},
+                                                                    {"attn/attn_vec_einsum/w": 2, "mlp/linear/linear": 9}],
+                         method=GroupCBS(), intercept=True)
+    assert any(np.any(b[1]["params"]["mlp"]["linear"]["bias"] != 0) for b in r.blocks)  # the intercept landed
+    small = gemma.shrink(model, r.blocks, r.removed, units)
+    assert small.config.layer_widths == ((3, 19), (2, 15))
+    assert gemma.decoder_params(small) == gemma.decoder_params(model) - r.removed_params
+    np.testing.assert_allclose(small.nll(tokens), model.with_blocks(r.blocks).nll(tokens), rtol=1e-5)
+
+
 def test_docs_example(capsys):
     """docs/structured.md's whole-model example runs and prints what the page says."""
     import re
