@@ -1,4 +1,4 @@
-"""Structured pruning of SmolLM2-135M: whole KV groups and MLP channels removed, the model shrunk.
+"""Structured pruning of SmolLM2-135M (or Gemma 3 270M): whole KV groups (query heads) and MLP channels removed, the model shrunk.
 
 For each budget (a share of the decoder's linear weights removed: 20 %, 30 %, 50 %) and each
 mode (``attn+mlp``: GQA KV groups and MLP channels; ``mlp``: MLP channels only), every method
@@ -8,7 +8,7 @@ removes the same number of weights (to within one unit) and the model is physica
 * perplexity of the **shrunk** model on held-out Brown-corpus windows (same split as
   ``llm_prune.py``; or ``--calib-tokens/--eval-tokens``);
 * prune seconds (calibration passes included);
-* forward seconds of the 30 decoder blocks, dense vs shrunk (the blocks alone: the embedding
+* forward seconds of the decoder blocks, dense vs shrunk (the blocks alone: the embedding
   and LM head do not shrink), of the whole model, and greedy generation tokens/s.
 
 Methods: ``magnitude-sp`` and ``wanda-sp`` (FLAP's repository: uniform per layer, KV groups by
@@ -22,7 +22,11 @@ baselines' uniform counts), ``cbs-global`` (``allocate`` over the error curves),
 ``probe_scales``) and ``cbs-slimgpt`` (SlimGPT's depth-increasing shares). ``sparsegpt-50%`` is the unstructured reference for the
 cost goal (prune time only matters there).
 
-Resumable: every finished cell is saved to ``benchmarks/results/llm_structured[_quick].json``
+``--model gemma3-270m``: Gemma 3 270M (``lib/gemma.py``, gemma's einsum kernels). It has one KV
+head, so its ``attn+mlp`` units are query heads (``attn_vec_einsum`` / ``q_einsum`` along the
+head axis) and MLP channels; results in ``results/llm_structured_gemma3*``.
+
+Resumable: every finished cell is saved to ``benchmarks/results/llm_structured[_gemma3][_quick].json``
 (with ``.md`` and ``.png``); a rerun computes only the missing cells.
 """
 
@@ -41,13 +45,12 @@ from flax import nnx
 import cobs_jax
 from cobs_jax.structured import (GroupCBS, GroupOBS, MagnitudeSP, WandaSP, allocate, calibrate, error_curves,
                                  flap_plan, probe_scales, prune_structured, share_plan, slimgpt_shares)
-from lib import llama
+from lib import gemma, llama
 from lib.common import RESULTS, metadata
 from lib.text import SOURCE
-from llm_prune import SmolLM2, load_tokens, perplexity, user_tokens, with_blocks
+from llm_prune import Gemma3_270M, SmolLM2, load_tokens, perplexity, user_tokens, with_blocks
 
 METHODS = ["magnitude-sp", "wanda-sp", "flap", "slimgpt", "cbs", "cbs-uniform", "cbs-global", "cbs-probe", "cbs-within", "cbs-slimgpt"]
-MODES = {"attn+mlp": "kv", "mlp": None}
 PROMPT = "The history of the city began"
 
 
@@ -82,64 +85,170 @@ def _best(f, reps: int = 3) -> float:
     return min(times)
 
 
-def speed(model, tokenizer, x, tokens) -> dict:
-    """Best-of-3 seconds of the decoder blocks and of the whole model on one batch, and greedy
-    generation tokens/s (32 new tokens, 128-token buffer)."""
-    cos, sin = model.rope(x.shape[1])
-    blocks = _best(lambda: _blocks(model, x, cos, sin))
-    whole = _best(lambda: _nll(model, tokens))
-    llama.greedy(model, tokenizer, PROMPT, 2)  # compile
+def _generation(greedy, model, tokenizer) -> dict:
+    greedy(model, tokenizer, PROMPT, 2)  # compile
     t = time.perf_counter()
-    out = llama.greedy(model, tokenizer, PROMPT, 32)
-    n = len(tokenizer.encode(out).ids)
-    return dict(blocks_seconds=blocks, model_seconds=whole, tokens_per_second=32 / (time.perf_counter() - t),
-                generated_tokens=n)
+    greedy(model, tokenizer, PROMPT, 32)
+    return dict(tokens_per_second=32 / (time.perf_counter() - t))
+
+
+class SmolLM2Port:
+    """SmolLM2-135M (nnx Llama port) as the benchmark sees a model: blocks and their arguments,
+    units, shrinking, NLL, speed; ``o_proj`` / ``down_proj`` with zero biases for the intercept."""
+
+    name, file = SmolLM2.name, "llm_structured"
+    modes = {"attn+mlp": "kv", "mlp": None}  # attn: GQA KV groups with their query heads
+
+    def __init__(self):
+        self.lm = SmolLM2()
+        self.tokenizer, self.prepare = self.lm.tokenizer, self.lm.prepare
+        self.model = llama.with_proj_bias(self.lm.model)
+
+    def blocks(self, model=None) -> list:
+        return list((model or self.model).layers)
+
+    def args(self, seq: int):
+        return self.model.rope(seq)
+
+    def embed(self, tokens):
+        return self.model.embed(jnp.asarray(tokens))
+
+    def units(self, mode: str):
+        return llama.structured_units(self.model.config, self.modes[mode])
+
+    def shrink(self, blocks, removed, units):
+        return llama.shrink(self.model, blocks, removed, units)
+
+    def with_blocks(self, blocks):
+        return with_blocks(self.lm.model, blocks)
+
+    def decoder_params(self, model) -> int:
+        return llama.decoder_params(model)
+
+    def widths(self, model) -> list:
+        return list(model.config.layer_widths)
+
+    def nll(self, model, windows) -> np.ndarray:
+        return np.concatenate([np.asarray(_nll(model, jnp.asarray(windows[s : s + 4]))) for s in range(0, len(windows), 4)])
+
+    def tail_nll(self, h, tokens):
+        return _tail_nll(self.model, h, tokens)
+
+    def speed(self, model, tokens) -> dict:
+        """Best-of-3 seconds of the decoder blocks and of the whole model on ``tokens``, and greedy
+        generation tokens/s (32 new tokens, 128-token buffer)."""
+        cos, sin = model.rope(tokens.shape[1])
+        x = model.embed(tokens)
+        return dict(blocks_seconds=_best(lambda: _blocks(model, x, cos, sin)), model_seconds=_best(lambda: _nll(model, tokens)),
+                    **_generation(llama.greedy, model, self.tokenizer))
+
+    def sample(self, model) -> str:
+        return llama.greedy(model, self.tokenizer, PROMPT, 30)
+
+
+class Gemma3Port(SmolLM2Port):
+    """Gemma 3 270M (linen port, gemma's einsum tree): one KV head, so the attention's units are
+    query heads; ``attn_vec_einsum`` and the MLP's ``linear`` with zero biases for the intercept."""
+
+    name, file = Gemma3_270M.name, "llm_structured_gemma3"
+    modes = {"attn+mlp": True, "mlp": False}
+
+    def __init__(self):
+        self.lm = Gemma3_270M()
+        self.tokenizer, self.prepare = self.lm.tokenizer, self.lm.prepare
+        self.model = gemma.with_proj_bias(self.lm.model)
+
+    def blocks(self, model=None) -> list:
+        return (model or self.model).blocks
+
+    def args(self, seq: int):
+        return ()
+
+    def embed(self, tokens):
+        return self.model.embed(tokens)
+
+    def units(self, mode: str):
+        return gemma.structured_units(self.model.config, self.modes[mode])
+
+    def shrink(self, blocks, removed, units):
+        return gemma.shrink(self.model, blocks, removed, units)
+
+    def with_blocks(self, blocks):
+        return self.lm.model.with_blocks(blocks)
+
+    def decoder_params(self, model) -> int:
+        return gemma.decoder_params(model)
+
+    def nll(self, model, windows) -> np.ndarray:
+        return np.concatenate([model.nll(windows[s : s + 4]) for s in range(0, len(windows), 4)])
+
+    def tail_nll(self, h, tokens):
+        p = self.model.params
+        nll = gemma._nll(h, tokens, p["final_norm"]["scale"], p["embedder"]["input_embedding"])
+        return jnp.sum(nll) / (tokens.shape[0] * (tokens.shape[1] - 1))
+
+    def speed(self, model, tokens) -> dict:
+        modules, params = model.modules, [v["params"] for _, v in model.blocks]
+        run = jax.jit(lambda ps, x: _gemma_blocks(modules, ps, x))
+        x = model.embed(tokens)
+        return dict(blocks_seconds=_best(lambda: run(params, x)), model_seconds=_best(lambda: model.nll(tokens)),
+                    **_generation(gemma.greedy, model, self.tokenizer))
+
+    def sample(self, model) -> str:
+        return gemma.greedy(model, self.tokenizer, PROMPT, 30)
+
+
+def _gemma_blocks(modules, params, x):
+    for m, p in zip(modules, params):
+        x = m.apply({"params": p}, x)
+    return x
+
+
+PORTS = {"smollm2-135m": SmolLM2Port, "gemma3-270m": Gemma3Port}
+MODES = list(SmolLM2Port.modes)
 
 
 class Runner:
     def __init__(self, a):
-        self.lm = SmolLM2()
-        self.model = llama.with_proj_bias(self.lm.model)
-        self.calib, self.ev, self.split = load_tokens(a, self.lm)
-        self.x = self.lm.embed(self.calib)
-        self.args = self.model.rope(self.calib.shape[1])
+        self.port = PORTS[a.model]()
+        self.model = self.port.model
+        self.calib, self.ev, self.split = load_tokens(a, self.port)
+        self.x = self.port.embed(self.calib)
+        self.args = self.port.args(self.calib.shape[1])
         self.batch = a.batch
         self.rel_damping = a.rel_damping
-        self.total = llama.decoder_params(self.model)
+        self.total = self.port.decoder_params(self.model)
         self.dense_stats: dict = {}
 
     def ppl(self, model) -> float:
-        w = self.ev
-        nll = np.concatenate([np.asarray(_nll(model, jnp.asarray(w[s : s + 4]))) for s in range(0, len(w), 4)])
-        return perplexity(nll, w)
+        return perplexity(self.port.nll(model, self.ev), self.ev)
 
     def speed(self, model) -> dict:
-        tokens = jnp.asarray(self.ev[: self.batch])
-        return speed(model, self.lm.tokenizer, self.model.embed(tokens), tokens)
+        return self.port.speed(model, jnp.asarray(self.ev[: self.batch]))
 
     def dense(self) -> dict:
         return dict(ppl=self.ppl(self.model), decoder_params=self.total, **self.speed(self.model),
-                    sample=llama.greedy(self.model, self.lm.tokenizer, PROMPT, 30))
+                    sample=self.port.sample(self.model))
 
     def stats(self, mode):
         """Dense-model statistics of a mode (shared by flap and ours; their time is charged to
         each method that uses them)."""
         if mode not in self.dense_stats:
-            units = llama.structured_units(self.model.config, MODES[mode])
             t = time.perf_counter()
-            st = calibrate(list(self.model.layers), self.x, units, args=self.args, chunk_size=self.batch,
+            st = calibrate(self.port.blocks(), self.x, self.port.units(mode), args=self.args, chunk_size=self.batch,
                            progress=True)
             self.dense_stats[mode] = (st, time.perf_counter() - t)
         return self.dense_stats[mode]
 
     def cell(self, method: str, mode: str, frac: float) -> dict:
-        units = llama.structured_units(self.model.config, MODES[mode])
+        units = self.port.units(mode)
+        attn = tuple(u.consumer for u in units[:-1])  # FLAP squares the attention's metric
         budget = int(round(frac * self.total))
         (stats, infos, energy), t_cal = self.stats(mode)
         t = time.perf_counter()
         extra = t_cal
         kw: dict = dict(args=self.args, chunk_size=self.batch, progress=True, rel_damping=self.rel_damping)
-        blocks = list(self.model.layers)
+        blocks = self.port.blocks()
         if method in ("magnitude-sp", "wanda-sp", "slimgpt"):
             extra = 0.0  # no dense pass: the plan needs only the shapes
             shares = slimgpt_shares(len(blocks)) if method == "slimgpt" else None
@@ -147,7 +256,7 @@ class Runner:
             res = prune_structured(blocks, self.x, units, share_plan(infos, budget, shares), method=how,
                                    intercept=False, **kw)
         elif method == "flap":
-            plan = flap_plan(stats, infos, units, budget, squared=("self_attn/o_proj",))
+            plan = flap_plan(stats, infos, units, budget, squared=attn)
             res = prune_structured(blocks, self.x, units, plan, method=WandaSP(), intercept=True, **kw)
         else:
             if method == "cbs-uniform":
@@ -161,7 +270,7 @@ class Runner:
                 n = min(4, len(self.calib))
                 toks = jnp.asarray(self.calib[:n])
                 scales = probe_scales(blocks, self.x[:n], units, stats, infos, curves, share_plan(infos, budget),
-                                      lambda h: _tail_nll(self.model, h, toks), args=self.args, rel_damping=self.rel_damping,
+                                      lambda h: self.port.tail_nll(h, toks), args=self.args, rel_damping=self.rel_damping,
                                       chunk_size=self.batch, progress=True)
                 plan = allocate([{c: v * sc for c, v in row.items()} for row, sc in zip(curves, scales)], infos,
                                 budget)
@@ -169,34 +278,36 @@ class Runner:
                 plan = allocate(error_curves(stats, infos, units, rel_damping=self.rel_damping), infos, budget,
                                 shares=np.ones(len(blocks)))
             else:  # FLAP's adaptive per-layer counts (its standardised WIFV), our selection and compensation
-                flap = flap_plan(stats, infos, units, budget, squared=("self_attn/o_proj",))
+                flap = flap_plan(stats, infos, units, budget, squared=attn)
                 plan = [{c: int(v.sum()) for c, v in row.items()} for row in flap]
             res = prune_structured(blocks, self.x, units, plan, method=GroupCBS(), intercept=True, **kw)
         seconds = time.perf_counter() - t + extra
-        small = llama.shrink(self.model, res.blocks, res.removed, units)
+        small = self.port.shrink(res.blocks, res.removed, units)
         dense_speed = self.speed(self.model)  # in this process, next to the shrunk model's
-        kept = llama.decoder_params(small)
+        kept = self.port.decoder_params(small)
         assert kept == self.total - res.removed_params, (kept, self.total, res.removed_params)
         return dict(method=method, mode=mode, budget=frac, removed_params=res.removed_params, kept_params=kept,
                     kept_fraction=kept / self.total, ppl=self.ppl(small), prune_seconds=seconds,
-                    dense_stats_seconds=extra, timings=res.timings, widths=list(small.config.layer_widths),
+                    dense_stats_seconds=extra, timings=res.timings, widths=self.port.widths(small),
                     errors=[{k: float(v) for k, v in e.items()} for e in res.errors],
                     dense_blocks_seconds=dense_speed["blocks_seconds"], dense_model_seconds=dense_speed["model_seconds"],
                     dense_tokens_per_second=dense_speed["tokens_per_second"],
-                    **self.speed(small), **({"sample": llama.greedy(small, self.lm.tokenizer, PROMPT, 30)}
+                    **self.speed(small), **({"sample": self.port.sample(small)}
                                             if frac >= 0.5 else {}))
 
     def sparsegpt(self) -> dict:
         t = time.perf_counter()
-        res = cobs_jax.prune_layerwise(list(self.lm.model.layers), self.x, method="sparsegpt", sparsity=0.5,
+        res = cobs_jax.prune_layerwise(self.port.blocks(self.port.lm.model), self.x, method="sparsegpt", sparsity=0.5,
                                        args=self.args, chunk_size=self.batch, progress=True)
         seconds = time.perf_counter() - t
-        return dict(method="sparsegpt (unstructured)", ppl=self.ppl(with_blocks(self.lm.model, res.blocks)),
+        return dict(method="sparsegpt (unstructured)", ppl=self.ppl(self.port.with_blocks(res.blocks)),
                     prune_seconds=seconds)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", choices=list(PORTS),
+                    help="smollm2-135m (results/llm_structured*) or gemma3-270m (results/llm_structured_gemma3*)")
     ap.add_argument("--calib-tokens", default=None, help="int tokens .npy (n, seq) to calibrate on, instead of Brown")
     ap.add_argument("--eval-tokens", default=None, help="int tokens .npy (n, seq) to evaluate on, instead of Brown")
     ap.add_argument("--out", default=None, help="also write one JSON record per cell to this file")
@@ -218,7 +329,8 @@ def main():
         raise SystemExit("give both --calib-tokens and --eval-tokens")
     if a.quick:
         a.calib, a.eval, a.budgets, a.modes = 8, 8, "20,50", "attn+mlp"
-    name = a.name or ("llm_structured_quick" if a.quick else "llm_structured")
+    stem = PORTS[a.model].file
+    name = a.name or (f"{stem}_quick" if a.quick else stem)
     path = RESULTS / f"{name}.json"
     RESULTS.mkdir(exist_ok=True)
     setup = dict(calib=a.calib, seq=a.seq, eval=a.eval, batch=a.batch)
@@ -230,7 +342,7 @@ def main():
                      eval_tokens=os.path.abspath(a.eval_tokens))
     saved = json.loads(path.read_text()) if path.exists() and not a.fresh else {}
     cells = saved.get("cells", {}) if saved.get("setup") == setup else {}
-    meta = metadata(model=SmolLM2.name, text="user tokens" if a.calib_tokens else SOURCE, setup=setup)
+    meta = metadata(model=PORTS[a.model].name, text="user tokens" if a.calib_tokens else SOURCE, setup=setup)
     methods, modes = a.methods.split(","), a.modes.split(",")
     budgets = [float(b) / 100 for b in a.budgets.split(",")]
     bad = [m for m in methods if m not in METHODS + ["sparsegpt"]] + [m for m in modes if m not in MODES]
@@ -307,7 +419,7 @@ def write_tables(meta, name):
                 row.append(f"{v['ppl']:.2f} ({v['kept_fraction']:.3f})" if v else "")
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         lines.append("")
-    lines += ["Speed of the shrunk model in the same process as the dense one (best of 3; blocks = the 30 decoder "
+    lines += ["Speed of the shrunk model in the same process as the dense one (best of 3; blocks = the decoder "
               f"blocks on {s['batch']} x {s['seq']} tokens; goal: blocks ratio <= 1.1 x kept fraction; the ratio is "
               "against the dense blocks timed in the cell's own process where the cell has them (dense s), "
               "else against the dense row), prune time:", "",
@@ -329,10 +441,10 @@ def write_tables(meta, name):
     lines += ["", f"Greedy continuations (30 tokens) of {PROMPT!r}:", "", f"* dense: {dense['sample']!r}"]
     lines += [f"* {k}: {v['sample']!r}" for k, v in cells.items() if "sample" in v and k != "dense"]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    _plot(runs, dense, RESULTS / f"{name}.png")
+    _plot(runs, dense, RESULTS / f"{name}.png", meta["model"].split(" (")[0])
 
 
-def _plot(runs, dense, out):
+def _plot(runs, dense, out, model):
     try:
         import matplotlib
 
@@ -353,7 +465,7 @@ def _plot(runs, dense, out):
         ax.set_yscale("log")
         ax.set_xlabel("share of decoder linear weights removed")
         ax.set_ylabel("perplexity (log)")
-        ax.set_title(f"SmolLM2-135M, structured ({mode})")
+        ax.set_title(f"{model}, structured ({mode})")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
