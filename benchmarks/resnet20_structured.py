@@ -46,7 +46,10 @@ from resnet20 import MODEL, ResNet20, batchnorm_refresh, cached_model_and_data, 
 from resnet20_fashion import fisher_sample  # noqa: E402
 from resnet20_layerwise import BLOCKS, blocks_of, stem  # noqa: E402
 
-UNITS = [Units("conv2", 1, {"conv1": 1}, followers={"bn1": 1}, bias_into="bn2")]
+def units(multiple: int = 1) -> list:
+    """conv1's filters (with bn1's entries) as conv2's input channels; plans remove ``multiple`` at a time."""
+    return [Units("conv2", 1, {"conv1": 1}, followers={"bn1": 1}, bias_into="bn2", multiple=multiple)]
+
 METHODS = {  # name: (plan, selection, intercept)
     "magnitude-sp": ("uniform", MagnitudeSP(), False),
     "wanda-sp": ("uniform", WandaSP(), False),
@@ -88,7 +91,7 @@ def shrunk_model(variables, masked_blocks, removed, x1):
     """The smaller ``ResNet20(mids=...)`` and its variables (the removed filters sliced away)."""
     small, mids, x = [], [], stem(variables, x1)
     for (module, v), rem in zip(masked_blocks, removed):
-        pure = shrunk_params((module, v), UNITS, rem, x, args=(False,))
+        pure = shrunk_params((module, v), units(), rem, x, args=(False,))
         mids.append(int(pure["params"]["conv1"]["kernel"].shape[-1]))
         small.append((module, pure))
         x = module.apply(v, x, False)
@@ -179,7 +182,7 @@ def main(argv=None):
     x_te, y_te = pad32(ds.x_test), ds.y_test
     x_tr, y_tr = pad32(ds.x_train), ds.y_train
     settings = {k: v for k, v in vars(args).items() if k not in ("budgets", "methods", "name")}
-    m = args.multiple
+    spec = units(args.multiple)
     partial = RESULTS / f"{args.name}.partial.json"
     state = json.loads(partial.read_text()) if partial.exists() else {"settings": settings, "rows": []}
     if state["settings"] != settings:
@@ -191,11 +194,10 @@ def main(argv=None):
     dense = {"accuracy": evaluate(variables, x_te, y_te), "flops": flops(MODEL, variables, (1, 32, 32, 1)),
              "params": sum(int(np.size(a)) for a in jax.tree.leaves(variables["params"]))}
     t = time.perf_counter()
-    stats, infos, _ = calibrate(blocks, x0, UNITS, args=(False,), chunk_size=args.batch_size)
+    stats, infos, _ = calibrate(blocks, x0, spec, args=(False,), chunk_size=args.batch_size)
     costs = unit_flops(blocks, x0)
     dense_stats_seconds = time.perf_counter() - t
-    # budgets in FLOPs, planned in whole runs of `multiple` filters (every block's width stays a multiple)
-    infos = [info._replace(costs={"conv2": c * m}, counts={"conv2": info.counts["conv2"] // m}) for info, c in zip(infos, costs)]
+    infos = [info._replace(costs={"conv2": c}) for info, c in zip(infos, costs)]  # budgets in FLOPs
     x500, x1 = jnp.asarray(x_te[:500]), jnp.asarray(x_te[:1])
     print(f"dense: {100 * dense['accuracy']:.2f} %, {dense['flops'] / 1e6:.2f} MFLOPs; FLOPs per filter by block: "
           + ", ".join(f"{c / 1e3:.0f}k" for c in costs), flush=True)
@@ -210,13 +212,10 @@ def main(argv=None):
             if kind == "uniform":
                 plan = share_plan(infos, target)
             elif kind == "flap":
-                plan = flap_plan(stats, infos, UNITS, target)
+                plan = flap_plan(stats, infos, spec, target)
             else:
-                curves = error_curves(stats, [i._replace(counts={"conv2": i.counts["conv2"] * m}) for i in infos], UNITS,
-                                      rel_damping=args.damping)
-                plan = allocate([{"conv2": c["conv2"][m - 1 :: m]} for c in curves], infos, target)
-            plan = [{"conv2": int(r["conv2"]) * m} if kind != "flap" else r for r in plan]
-            res = prune_structured(blocks, x0, UNITS, plan, method=how, intercept=intercept,
+                plan = allocate(error_curves(stats, infos, spec, rel_damping=args.damping), infos, target)
+            res = prune_structured(blocks, x0, spec, plan, method=how, intercept=intercept,
                                    rel_damping=args.damping, args=(False,), chunk_size=args.batch_size)
             seconds = time.perf_counter() - t + (0.0 if kind == "uniform" else dense_stats_seconds)
             masked = assemble(variables, res.blocks)
@@ -239,7 +238,7 @@ def main(argv=None):
                   f"{seconds:.0f} s; forward {small_b500 / dense_b500:.2f}x dense (batch 500), "
                   f"{small_b1 / dense_b1:.2f}x (batch 1); shrunk-vs-masked logit gap {gap:.1e}", flush=True)
     rows = state["rows"]
-    md = table(rows, sorted({r["budget"] for r in rows}), dense, m)
+    md = table(rows, sorted({r["budget"] for r in rows}), dense, args.multiple)
     print("\n" + md)
     plot(rows, dense, RESULTS / f"{args.name}.png")
     write(args.name, md, metadata(dense=dense, rows=rows, args=vars(args)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import time
 from functools import partial
 from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
@@ -58,14 +59,15 @@ class Given(GroupPruner):
 
 class BlockInfo(NamedTuple):
     """One block's layers as the structured driver sees them: ``kernels`` and ``in_axes`` by
-    layer name, and each :class:`Units` kind's unit count, weights per unit and families (a
-    plan removes a multiple of ``families`` units)."""
+    layer name, and each :class:`Units` kind's unit count, weights per unit and step (a plan
+    removes a multiple of ``steps`` units: the least common multiple of the kind's ``families``
+    and ``multiple``)."""
 
     kernels: dict
     in_axes: dict
     counts: dict
     costs: dict
-    families: dict
+    steps: dict
 
 
 def _info(adapter: BlockAdapter, x, args, kwargs, units: Sequence[Units], where: str) -> BlockInfo:
@@ -94,7 +96,13 @@ def _info(adapter: BlockAdapter, x, args, kwargs, units: Sequence[Units], where:
             if d_out != per * counts[u.consumer]:
                 raise ValueError(f"{where}: producer {name!r} has {d_out} outputs on its unit axis, not {per} per "
                                  f"unit x {counts[u.consumer]} units of {u.consumer!r}")
-    return BlockInfo(kernels, in_axes, counts, costs, {u.consumer: u.families for u in units})
+    steps = {}
+    for u in units:
+        steps[u.consumer] = math.lcm(u.families, u.multiple)
+        if counts[u.consumer] % steps[u.consumer]:
+            raise ValueError(f"{where}: Units({u.consumer!r}): its {counts[u.consumer]} units are not a multiple of "
+                             f"`multiple` = {u.multiple} (with {u.families} families)")
+    return BlockInfo(kernels, in_axes, counts, costs, steps)
 
 
 def _check_units(units) -> tuple[Units, ...]:
@@ -145,10 +153,10 @@ def share_plan(infos: Sequence[BlockInfo], num_params: int, shares: Optional[Seq
         *first, last = list(info.counts)
         row = {}
         for c in first:
-            f = info.families[c]
+            f = info.steps[c]
             row[c] = int(np.floor(left / size * info.counts[c] / f + 1e-9)) * f
             left -= row[c] * info.costs[c]
-        f = info.families[last]
+        f = info.steps[last]
         exact = max(left, 0.0) / info.costs[last] / f
         row[last] = int(np.floor(exact + 1e-9)) * f
         rest.append(exact - row[last] / f)
@@ -158,8 +166,8 @@ def share_plan(infos: Sequence[BlockInfo], num_params: int, shares: Optional[Seq
         if removed >= num_params:
             break
         last = list(infos[i].counts)[-1]
-        plan[i][last] += infos[i].families[last]
-        removed += infos[i].families[last] * infos[i].costs[last]
+        plan[i][last] += infos[i].steps[last]
+        removed += infos[i].steps[last] * infos[i].costs[last]
     for i, (row, info) in enumerate(zip(plan, infos)):
         last = list(info.counts)[-1]
         if row[last] >= info.counts[last]:
@@ -199,15 +207,15 @@ def error_curves(stats, infos, units: Sequence[Units], *, max_fraction: float = 
             w, _ = as_rows(jnp.asarray(kern), ax)
             dt = cal.h.dtype
             hd, _ = damped(Calibration(cal.h, cal.total, cal.num_inputs), rel_damping, intercept)
-            n, f = info.counts[c], u.families
+            n, f = info.counts[c], info.steps[c]
             k = min(int(max_fraction * n) // f, n // f - 1) * f
             groups = jnp.asarray(u.groups(kern.shape, ax))
             if not k:
                 steps = jnp.zeros(0)
-            elif u.size == 1 and f == 1:
+            elif u.size == 1 and u.families == 1:
                 steps = greedy_columns(w.astype(dt), hd, groups[:, 0], k, batch)[1]
             else:
-                steps = greedy_obs(w.astype(dt), hd, groups, k, f)[1]
+                steps = greedy_obs(w.astype(dt), hd, groups, k, u.families)[1]
             row[c] = np.cumsum(np.maximum(np.asarray(steps, np.float64), 0.0))
             scale += float(_output_energy(w.astype(dt), cal, intercept))
         div = energy[i] if energy is not None else scale
@@ -243,10 +251,10 @@ def allocate(curves: Sequence[Mapping[str, np.ndarray]], infos: Sequence[BlockIn
 def _allocate(curves, infos, num_params: int) -> list[dict[str, int]]:
     counts = [{c: 0 for c in row} for row in curves]
     heap: list = []
-    smallest = min(infos[i].costs[c] * infos[i].families[c] for i, row in enumerate(curves) for c in row)
+    smallest = min(infos[i].costs[c] * infos[i].steps[c] for i, row in enumerate(curves) for c in row)
 
-    def push(i, c):  # the next step of a kind: `families` units at once
-        j, f = counts[i][c], infos[i].families[c]
+    def push(i, c):  # the next step of a kind: `steps` units at once
+        j, f = counts[i][c], infos[i].steps[c]
         curve = curves[i][c]
         if j + f <= len(curve):
             inc = curve[j + f - 1] - (curve[j - 1] if j else 0.0)
@@ -260,7 +268,7 @@ def _allocate(curves, infos, num_params: int) -> list[dict[str, int]]:
         if not heap:
             raise ValueError(f"`num_params` = {num_params} is more than the curves allow ({removed})")
         _, i, c = heapq.heappop(heap)
-        f = infos[i].families[c]
+        f = infos[i].steps[c]
         if removed + f * infos[i].costs[c] >= num_params + smallest:
             continue  # would overshoot by more than the smallest step: that kind is done
         counts[i][c] += f
@@ -292,6 +300,9 @@ def flap_plan(stats, infos, units: Sequence[Units], num_params: int, *, squared:
     if any(u.families > 1 for u in units):
         raise ValueError("flap_plan: FLAP removes whole KV groups under GQA (its GQA fork), not query heads inside "
                          "groups: use Units without `families`")
+    if any(u.multiple > 1 for u in units):
+        raise ValueError("flap_plan: FLAP picks single units from a global ranking; it cannot keep widths a multiple "
+                         "of `Units(multiple=...)`")
     pool = []
     for i, (st, info) in enumerate(zip(stats, infos)):
         for u in units:

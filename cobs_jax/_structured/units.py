@@ -56,6 +56,9 @@ class Units:
       families: the units form this many equal consecutive runs, and every plan removes the
         same count from each: query heads inside GQA groups (``families=num_kv_heads``; the k/v
         rows stay, every KV head keeps as many query heads).
+      multiple: every plan removes a multiple of this many units, so widths that are multiples
+        of it stay so (8 or 16 channels: XLA's CPU convolutions and GPU matmuls are slow on odd
+        widths); the selection still picks single units.
       bias_into: for a consumer without a bias, the BatchNorm (module path) right after it
         that takes the intercept instead: in inference mode adding ``Δb`` before it equals
         subtracting ``Δb`` from its running ``mean`` (conv2 -> bn2 of a ResNet block).
@@ -67,6 +70,7 @@ class Units:
     axis: Optional[int] = None
     followers: Any = ()
     families: int = 1
+    multiple: int = 1
     bias_into: Optional[str] = None
 
     def __post_init__(self):
@@ -74,6 +78,7 @@ class Units:
             raise ValueError(f"Units: `consumer` must be a layer name, got {self.consumer!r}")
         _per_unit(self.size, f"Units({self.consumer!r}): `size`")
         _per_unit(self.families, f"Units({self.consumer!r}): `families`")
+        _per_unit(self.multiple, f"Units({self.consumer!r}): `multiple`")
         if self.bias_into is not None and (not isinstance(self.bias_into, str) or not self.bias_into):
             raise ValueError(f"Units({self.consumer!r}): `bias_into` must be a module path, got {self.bias_into!r}")
         for field in ("producers", "followers"):

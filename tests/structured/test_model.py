@@ -1,6 +1,7 @@
 """Structured pruning of whole models: the shrunk model computes what the masked one does, the
 counts are exact, the budgets add up, FLAP's metric is its formula, bad specs are named."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -88,6 +89,17 @@ def test_budgets_add_up_exactly():
     np.testing.assert_allclose(slimgpt_shares(32, 4.0)[[0, 31]], [1.0, 4.0])
     deep = share_plan(infos, 3072, slimgpt_shares(2, 3.0))  # shares 1 : 3
     assert deep[0]["mlp/down_proj"] == 8 and deep[1]["mlp/down_proj"] == 24
+    # Units(multiple=8): counts in steps of 8 channels, the total within one step
+    units8 = (units[0], dataclasses.replace(units[1], multiple=8))
+    infos8 = calibrate(list(m.layers), m.embed(tokens), units8, args=m.rope(16))[1]
+    for plan in (share_plan(infos8, 3100), allocate(error_curves(stats, infos8, units8, energy=energy), infos8, 3100)):
+        assert all(row["mlp/down_proj"] % 8 == 0 for row in plan)
+        got = sum(n * infos8[i].costs[c] for i, row in enumerate(plan) for c, n in row.items())
+        assert 3100 <= got < 3100 + 8 * infos8[0].costs["mlp/down_proj"]
+    with pytest.raises(ValueError, match="multiple"):
+        flap_plan(stats, infos8, units8, 3100)
+    with pytest.raises(ValueError, match="not a multiple of `multiple` = 5"):
+        calibrate(list(m.layers), m.embed(tokens), (dataclasses.replace(units[1], multiple=5),), args=m.rope(16))
     rng = np.random.default_rng(0)
     for budget in rng.integers(100, 7000, size=20):  # the total: at least the budget, less than one unit beyond
         got = sum(n * infos[i].costs[c] for i, row in enumerate(share_plan(infos, int(budget), rng.random(2) + 0.1))
