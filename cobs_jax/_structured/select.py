@@ -193,14 +193,14 @@ def group_swap_deltas(wc: jax.Array, g: jax.Array, removed: jax.Array, k: int, s
     order = jnp.argsort(~removed, stable=True)
     p, q = order[:k], order[k:]
     span = jnp.arange(s)
-    pc, qc = (p[:, None] * s + span[None, :]).ravel(), (q[:, None] * s + span[None, :]).ravel()
+    pb, qb = p[:, None] * s + span[None, :], q[:, None] * s + span[None, :]  # (groups, s) columns
+    pc, qc = pb.ravel(), qb.ravel()
     v = chol_inverse(g[pc[:, None], pc[None, :]])
     lam = wc[:, pc] @ v
     gpq = g[pc[:, None], qc[None, :]]
     c = v @ gpq
     rho = (wc[:, qc] - wc[:, pc] @ c).reshape(-1, m, s)
-    gqq = g[qc[:, None], qc[None, :]].reshape(m, s, m, s)
-    schur = jnp.einsum("bibj->bij", gqq) - jnp.einsum("pbi,pbj->bij", gpq.reshape(k * s, m, s), c.reshape(k * s, m, s))
+    schur = g[qb[:, :, None], qb[:, None, :]] - jnp.einsum("pbi,pbj->bij", gpq.reshape(k * s, m, s), c.reshape(k * s, m, s))
     u = spd_inverse(jnp.einsum("aiaj->aij", v.reshape(k, s, k, s)))
     lam3 = lam.reshape(-1, k, s)
     ll = jnp.einsum("rai,raj->aij", lam3, lam3)
