@@ -19,7 +19,8 @@ masked model's), evaluated with the saved BatchNorm statistics and with them re-
 (compiled forward, batch 500 and batch 1, the median of alternating runs).
 
     python benchmarks/resnet20.py              # once (about 30 min, resumable): the dense model
-    python benchmarks/resnet20_structured.py   # 12 cells; each is saved as it finishes
+    python benchmarks/resnet20_structured.py   # 12 cells of 10-40 s; each is saved as it finishes
+    python benchmarks/resnet20_structured.py --multiple 8   # widths kept multiples of 8 (no flap)
 
 Writes ``results/<name>.{md,json,png}`` (``--name``, default ``resnet20_structured``); an
 interrupted run resumes from ``results/<name>.partial.json``.
