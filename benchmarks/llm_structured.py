@@ -26,6 +26,9 @@ cost goal (prune time only matters there).
 head, so its ``attn+mlp`` units are query heads (``attn_vec_einsum`` / ``q_einsum`` along the
 head axis) and MLP channels; results in ``results/llm_structured_gemma3*``.
 
+``--multiple N``: every MLP width kept a multiple of ``N`` (``Units(multiple=N)``; results in
+``<name>_xN``), to measure what round widths buy on this CPU.
+
 Resumable: every finished cell is saved to ``benchmarks/results/llm_structured[_gemma3][_quick].json``
 (with ``.md`` and ``.png``); a rerun computes only the missing cells.
 """
@@ -33,6 +36,7 @@ Resumable: every finished cell is saved to ``benchmarks/results/llm_structured[_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -211,6 +215,7 @@ MODES = list(SmolLM2Port.modes)
 class Runner:
     def __init__(self, a):
         self.port = PORTS[a.model]()
+        self.multiple = a.multiple
         self.model = self.port.model
         self.calib, self.ev, self.split = load_tokens(a, self.port)
         self.x = self.port.embed(self.calib)
@@ -230,18 +235,23 @@ class Runner:
         return dict(ppl=self.ppl(self.model), decoder_params=self.total, **self.speed(self.model),
                     sample=self.port.sample(self.model))
 
+    def units(self, mode):
+        """The port's units, the MLP channels kept in multiples of ``--multiple``."""
+        *attn, mlp = self.port.units(mode)
+        return (*attn, dataclasses.replace(mlp, multiple=self.multiple))
+
     def stats(self, mode):
         """Dense-model statistics of a mode (shared by flap and ours; their time is charged to
         each method that uses them)."""
         if mode not in self.dense_stats:
             t = time.perf_counter()
-            st = calibrate(self.port.blocks(), self.x, self.port.units(mode), args=self.args, chunk_size=self.batch,
+            st = calibrate(self.port.blocks(), self.x, self.units(mode), args=self.args, chunk_size=self.batch,
                            progress=True)
             self.dense_stats[mode] = (st, time.perf_counter() - t)
         return self.dense_stats[mode]
 
     def cell(self, method: str, mode: str, frac: float) -> dict:
-        units = self.port.units(mode)
+        units = self.units(mode)
         attn = tuple(u.consumer for u in units[:-1])  # FLAP squares the attention's metric
         budget = int(round(frac * self.total))
         (stats, infos, energy), t_cal = self.stats(mode)
@@ -319,6 +329,8 @@ def main():
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated, of " + ",".join(MODES))
     ap.add_argument("--rel-damping", type=float, default=0.01,
                     help="relative damping of the compensating methods' least squares (ridge)")
+    ap.add_argument("--multiple", type=int, default=1,
+                    help="keep every MLP width a multiple of this (results in <name>_x<multiple>; flap refuses it)")
     ap.add_argument("--budgets", default="20,30,50", help="percent of decoder linear weights removed")
     ap.add_argument("--quick", action="store_true", help="8 calibration and 8 eval windows, 20 and 50 %%, attn+mlp")
     ap.add_argument("--fresh", action="store_true", help="ignore saved results")
@@ -331,11 +343,15 @@ def main():
         a.calib, a.eval, a.budgets, a.modes = 8, 8, "20,50", "attn+mlp"
     stem = PORTS[a.model].file
     name = a.name or (f"{stem}_quick" if a.quick else stem)
+    if a.multiple > 1:
+        name += f"_x{a.multiple}"
     path = RESULTS / f"{name}.json"
     RESULTS.mkdir(exist_ok=True)
     setup = dict(calib=a.calib, seq=a.seq, eval=a.eval, batch=a.batch)
     if a.rel_damping != 0.01:
         setup["rel_damping"] = a.rel_damping
+    if a.multiple > 1:
+        setup["multiple"] = a.multiple
     if a.calib_tokens:
         (a.calib, a.seq), a.eval = user_tokens(a.calib_tokens).shape, len(user_tokens(a.eval_tokens))
         setup.update(calib=a.calib, seq=a.seq, eval=a.eval, calib_tokens=os.path.abspath(a.calib_tokens),
