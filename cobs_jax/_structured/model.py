@@ -133,6 +133,14 @@ def calibrate(blocks: Sequence[Any], inputs, units: Sequence[Units], *, args=(),
     return stats, infos, energy
 
 
+def _weights(shares: Optional[Sequence[float]], num_blocks: int) -> np.ndarray:
+    """Checked per-block ``shares`` (uniform for None)."""
+    weights = np.ones(num_blocks) if shares is None else np.asarray(shares, np.float64)
+    if weights.shape != (num_blocks,) or np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError(f"`shares` must be {num_blocks} non-negative numbers, not all zero")
+    return weights
+
+
 def share_plan(infos: Sequence[BlockInfo], num_params: int, shares: Optional[Sequence[float]] = None) -> list[dict[str, int]]:
     """A per-block budget (FLAP's uniform rule with the weight count made exact, its UL-MM):
     block ``i`` loses ``num_params · shares[i] / Σ shares`` weights (uniform shares by default;
@@ -141,9 +149,7 @@ def share_plan(infos: Sequence[BlockInfo], num_params: int, shares: Optional[Seq
     ratio), and the last kind (the MLP channels) fills the rest of the block's share, rounded
     down; then the blocks with the largest remainders take one more unit each until
     ``num_params`` is reached (the total overshoots by less than one unit)."""
-    weights = np.ones(len(infos)) if shares is None else np.asarray(shares, np.float64)
-    if weights.shape != (len(infos),) or np.any(weights < 0) or weights.sum() <= 0:
-        raise ValueError(f"`shares` must be {len(infos)} non-negative numbers, not all zero")
+    weights = _weights(shares, len(infos))
     plan: list[dict[str, int]] = []
     rest = []
     removed = 0
@@ -239,9 +245,7 @@ def allocate(curves: Sequence[Mapping[str, np.ndarray]], infos: Sequence[BlockIn
     ``shares`` (as :func:`share_plan`'s) within each block for its share of ``num_params``,
     the curves then choosing only between the block's kinds of unit (heads vs channels)."""
     if shares is not None:
-        weights = np.asarray(shares, np.float64)
-        if weights.shape != (len(infos),) or np.any(weights < 0) or weights.sum() <= 0:
-            raise ValueError(f"`shares` must be {len(infos)} non-negative numbers, not all zero")
+        weights = _weights(shares, len(infos))
         quota = num_params * weights / weights.sum()
         # each block rounds up to whole units: the total stays within one unit per block
         return [_allocate([row], [info], int(np.ceil(q)))[0] for row, info, q in zip(curves, infos, quota)]
