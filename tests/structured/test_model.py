@@ -98,6 +98,11 @@ def test_budgets_add_up_exactly():
         assert 3100 <= got < 3100 + 8 * infos8[0].costs["mlp/down_proj"]
     with pytest.raises(ValueError, match="multiple"):
         flap_plan(stats, infos8, units8, 3100)
+    for bad in ([1.0], [-1.0, 2.0], [0.0, 0.0]):
+        with pytest.raises(ValueError, match="`shares` must be 2 non-negative numbers"):
+            share_plan(infos, 3100, bad)
+        with pytest.raises(ValueError, match="`shares` must be 2 non-negative numbers"):
+            allocate(error_curves(stats, infos, units, energy=energy), infos, 3100, shares=bad)
     with pytest.raises(ValueError, match="not a multiple of `multiple` = 5"):
         calibrate(list(m.layers), m.embed(tokens), (dataclasses.replace(units[1], multiple=5),), args=m.rope(16))
     rng = np.random.default_rng(0)
